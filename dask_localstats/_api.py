@@ -1,0 +1,218 @@
+"""The public functions, with ClearMap's signatures.
+
+Each function validates its arguments once, builds the two-stage lazy
+pipeline of :mod:`dask_localstats._engine` and, for NumPy input, computes it
+with dask's threaded scheduler so that NumPy in gives NumPy out.
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+
+from ._engine import DEFAULT_BLOCK_BYTES, coarse_stage, resample_stage
+from ._grid import make_grid
+from ._interpolate import ALIGNS
+from ._io import open_source
+from ._kernels import Function, Histogram, Percentile
+
+def _check_interpolate(interpolate):
+    if interpolate is None:
+        return None
+    if isinstance(interpolate, bool) or not isinstance(interpolate, int | np.integer):
+        msg = f"`interpolate` must be None or an int in 0..5, got {interpolate!r}"
+        raise TypeError(msg)
+    if not 0 <= interpolate <= 5:
+        msg = f"`interpolate` must be None or an int in 0..5, got {interpolate!r}"
+        raise ValueError(msg)
+    return int(interpolate)
+
+
+def _local_statistic(source, statistic, selem, spacing, step, interpolate, mask,
+                     dtype, return_centers, align, chunks, block_bytes):
+    source, lazy = open_source(source)
+    if source.ndim == 0:
+        msg = f"`source` must have at least one dimension, got shape {source.shape}"
+        raise ValueError(msg)
+    if getattr(statistic, "check_source", None):
+        statistic.check_source(np.dtype(source.dtype))
+    grid = make_grid(source.shape, selem, spacing, step)
+    interpolate = _check_interpolate(interpolate)
+    if align not in ALIGNS:
+        msg = f"`align` must be one of {ALIGNS}, got {align!r}"
+        raise ValueError(msg)
+    if mask is not None:
+        mask, mask_lazy = open_source(mask, "mask")
+        lazy = lazy or mask_lazy
+        if mask.shape != source.shape:
+            msg = f"`mask` must have the shape of `source` {source.shape}, got {mask.shape}"
+            raise ValueError(msg)
+    dtype = statistic.default_dtype(np.dtype(source.dtype)) if dtype is None else dtype
+    dtype = np.dtype(dtype)
+    result = coarse_stage(source, grid, statistic, dtype, mask, block_bytes)
+    if interpolate is not None:
+        if chunks is None:
+            chunks = getattr(source, "chunks", None) if lazy else None
+        chunks = da.core.normalize_chunks(
+            chunks if chunks is not None else "auto", grid.shape,
+            limit=block_bytes or DEFAULT_BLOCK_BYTES,
+            dtype=np.float64,
+        )
+        result = resample_stage(result, grid, interpolate, align, chunks)
+    if not lazy:
+        result = result.compute(scheduler="threads")
+    if return_centers:
+        return result, grid.center_coordinates()
+    return result
+
+
+def local_percentile(source, percentile, selem=(50, 50), spacing=None, step=None,
+                     interpolate=1, mask=None, dtype=None, return_centers=False, *,
+                     align="corners", chunks=None, block_bytes=None):
+    """Local percentiles on a sub-grid, resampled to the source's shape.
+
+    Parameters
+    ----------
+    source : array_like, dask array, zarr array or path
+        The image (any number of dimensions). A NumPy array gives NumPy
+        results; anything else gives lazy dask arrays.
+    percentile : float or sequence of float
+        Fraction(s) in ``[0, 1]``; a sequence adds a trailing axis.
+    selem, spacing, step
+        Sampling geometry, see Notes.
+    interpolate : int or None
+        B-spline order 0..5 to resample to full resolution (0 is nearest
+        neighbour), or None for the coarse grid.
+    mask : array_like, dask array, zarr array, path or None
+        Only voxels where the mask is true are used.
+    dtype : dtype or None
+        Result dtype; defaults to the source's.
+    return_centers : bool
+        Also return the ``(*m, ndim)`` array of center coordinates.
+    align : {'corners', 'centers'}
+        ``'corners'`` stretches the coarse grid from the first to the last
+        voxel (ClearMap); ``'centers'`` puts each sample on its center.
+    chunks : tuple or None
+        Chunks of the full-resolution result; default: the source's.
+    block_bytes : int or None
+        Memory budget of the source region read by one task.
+
+    Returns
+    -------
+    result : ndarray or dask array
+        Shape ``source.shape`` (``m`` for the coarse grid), plus a trailing
+        axis for a sequence of percentiles.
+    centers : ndarray, optional
+        Center coordinates, with `return_centers`.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For bad arguments, before anything is computed.
+
+    Notes
+    -----
+    There are ``m = S // spacing`` centers per axis, centered in the image;
+    a center's window ``[c - E // 2, c + E - E // 2)`` is clipped to the
+    image. The value is ``numpy.percentile(kept, 100 * p)`` over the kept
+    voxels, 0 for an empty window.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.arange(64, dtype=float).reshape(8, 8)
+    >>> local_percentile(image, 0.5, selem=(4, 4), interpolate=None)
+    array([[13.5, 17.5],
+           [45.5, 49.5]])
+    >>> local_percentile(image, [0.0, 1.0], selem=(4, 4)).shape
+    (8, 8, 2)
+    """
+    return _local_statistic(source, Percentile(percentile), selem, spacing, step,
+                            interpolate, mask, dtype, return_centers, align, chunks,
+                            block_bytes)
+
+
+def local_histogram(source, max_bin=4096, selem=(50, 50), spacing=None, step=None,
+                    interpolate=None, mask=None, dtype=None, return_centers=False, *,
+                    align="corners", chunks=None, block_bytes=None):
+    """Local histograms on a sub-grid.
+
+    Parameters
+    ----------
+    source : array_like, dask array, zarr array or path
+        Integer image with values in ``[0, max_bin)``.
+    max_bin : int
+        Number of bins; bin ``v`` counts the voxels of value ``v``.
+    selem, spacing, step, interpolate, mask, return_centers, align, chunks,
+    block_bytes
+        As in :func:`local_percentile`; `interpolate` defaults to None.
+    dtype : dtype or None
+        Dtype of the counts; defaults to int64.
+
+    Returns
+    -------
+    result : ndarray or dask array
+        Shape ``m + (max_bin,)`` (``source.shape + (max_bin,)`` when
+        interpolated).
+    centers : ndarray, optional
+        Center coordinates, with `return_centers`.
+
+    Raises
+    ------
+    TypeError
+        For a float source.
+    ValueError
+        For bad arguments, or (when computing) a value outside ``[0, max_bin)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.array([0, 1, 1, 2, 2, 2, 3, 3])
+    >>> local_histogram(image, max_bin=4, selem=4)
+    array([[1, 2, 1, 0],
+           [0, 0, 2, 2]])
+    """
+    return _local_statistic(source, Histogram(max_bin), selem, spacing, step,
+                            interpolate, mask, dtype, return_centers, align, chunks,
+                            block_bytes)
+
+
+def apply_local_function(source, function, selem=(50, 50), spacing=None, step=None,
+                         interpolate=2, mask=None, fshape=None, dtype=None,
+                         return_centers=False, *, align="corners", chunks=None,
+                         block_bytes=None):
+    """Apply a function to the voxels of each window of a sub-grid.
+
+    Parameters
+    ----------
+    source : array_like, dask array, zarr array or path
+        The image.
+    function : callable
+        ``function(kept)``, with ``kept`` the window's kept voxels as a 1-D
+        array in C order, returns a scalar or an array of shape `fshape`.
+    selem, spacing, step, mask, return_centers, align, chunks, block_bytes
+        As in :func:`local_percentile`.
+    interpolate : int or None
+        B-spline order 0..5 (default 2), or None for the coarse grid.
+    fshape : tuple of int or None
+        Shape of the function's output; None for a scalar.
+    dtype : dtype or None
+        Result dtype; defaults to the source's.
+
+    Returns
+    -------
+    result : ndarray or dask array
+        Shape ``source.shape + fshape`` (``m + fshape`` for the coarse grid).
+    centers : ndarray, optional
+        Center coordinates, with `return_centers`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.arange(12.0)
+    >>> apply_local_function(image, np.ptp, selem=4, interpolate=None)
+    array([3., 3., 3.])
+    """
+    return _local_statistic(source, Function(function, fshape), selem, spacing, step,
+                            interpolate, mask, dtype, return_centers, align, chunks,
+                            block_bytes)

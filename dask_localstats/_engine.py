@@ -1,0 +1,223 @@
+"""The chunked engine: builds the dask graphs of the two stages.
+
+Stage 1, coarse samples. The grid of centers is cut into rectangular
+*processing blocks* of centers, sized so that the source region their windows
+cover (the block's centers plus the window's overhang, the "overlap") fits a
+memory budget (:func:`plan_blocks`). Each block is one task: it reads its
+region, and the kernels of :mod:`dask_localstats._kernels` reduce it to that
+block of the coarse grid. Where the source is an array that can be sliced
+(a NumPy or zarr array) the task reads its region itself, so the graph holds
+only a reference to the array (a zarr array opens its store inside the task)
+and no volume data; a dask array source is assembled from the chunks that
+intersect the region. Centers are owned by exactly one block and every
+window is read whole, so the coarse grid does not depend on the chunking.
+
+Stage 2, full resolution. Each output chunk is one task that evaluates the
+B-spline (:mod:`dask_localstats._interpolate`) from the few coarse
+coefficients under it. For orders 0 and 1 the coefficients are the coarse
+samples themselves, so an output chunk depends only on the coarse blocks
+near it and, through them, on the source region near it. Higher orders
+prefilter the (small) coarse grid once, in one task.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from ._interpolate import coordinates, prefilter, resample_block, taps_range
+from ._kernels import reduce_block
+
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+def plan_blocks(grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES):
+    """Number of centers per processing block on each axis.
+
+    Halves the axis whose region is longest until the region read by one
+    block fits in `block_bytes` (or every axis holds a single center).
+    """
+    per_block = list(grid.counts)
+
+    def extent(d):
+        return min((per_block[d] - 1) * grid.spacing[d] + grid.extent[d], grid.shape[d])
+
+    while math.prod(extent(d) for d in range(grid.ndim)) * itemsize > block_bytes:
+        d = max((d for d in range(grid.ndim) if per_block[d] > 1), key=extent, default=None)
+        if d is None:
+            break
+        per_block[d] = -(-per_block[d] // 2)
+    return tuple(per_block)
+
+
+def _split(total, size):
+    return tuple(min(size, total - i) for i in range(0, total, size))
+
+
+def _read(array, slices):
+    return np.asarray(array[slices])
+
+
+def _assemble(shape, dtype, parts):
+    """A region pasted together from pieces of chunks: [dst, src, chunk]."""
+    if len(parts) == 1:
+        piece = parts[0][2][parts[0][1]]
+        if piece.shape == tuple(shape):
+            return piece
+    out = np.empty(shape, dtype=dtype)
+    for dst, src, chunk in parts:
+        out[dst] = chunk[src]
+    return out
+
+
+def _region_task(array, region, ndim=None):
+    """A task producing ``array[region]`` (region: a (lo, hi) pair per axis).
+
+    `array` is either a dask array, whose intersecting chunks become
+    dependencies, or a graph key naming a sliceable array.
+    """
+    slices = tuple(slice(lo, hi) for lo, hi in region)
+    if not isinstance(array, da.Array):
+        return (_read, array, slices)
+    shape = tuple(hi - lo for lo, hi in region)
+    per_axis = []
+    for (lo, hi), chunks in zip(region, array.chunks, strict=False):
+        bounds = np.cumsum((0, *chunks))
+        first = np.searchsorted(bounds, lo, side="right") - 1
+        last = np.searchsorted(bounds, hi, side="left")
+        pieces = []
+        for i in range(first, last):
+            a, b = max(lo, bounds[i]), min(hi, bounds[i + 1])
+            src = slice(int(a - bounds[i]), int(b - bounds[i]))
+            pieces.append((i, src, slice(int(a - lo), int(b - lo))))
+        per_axis.append(pieces)
+    # trailing axes not covered by `region` are taken whole (single chunk)
+    extra = array.ndim - len(region)
+    parts = []
+    for combo in itertools.product(*per_axis):
+        key = (array.name, *(i for i, _, _ in combo), *(0,) * extra)
+        src = tuple(s for _, s, _ in combo)
+        dst = tuple(d for _, _, d in combo)
+        parts.append([dst, src, key])
+    full = shape + tuple(array.shape[len(region) :])
+    return (_assemble, full, array.dtype, parts)
+
+
+def _source_layer(source, name):
+    """Graph pieces to read `source`: (reference, layer dict, dependencies)."""
+    if isinstance(source, da.Array):
+        return source, {}, [source]
+    key = f"source-{name}"
+    return key, {key: source}, []
+
+
+def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
+    """The coarse grid as a lazy dask array, one task per processing block.
+
+    Parameters
+    ----------
+    source, mask : ndarray, zarr array or dask array
+        Same shape; `mask` may be None.
+    grid : Grid
+    statistic : Percentile, Histogram or Function
+    dtype : numpy dtype
+        Output dtype.
+    block_bytes : int or None
+        Memory budget of one block's source region.
+
+    Returns
+    -------
+    dask array of shape ``grid.counts + statistic.fshape``
+    """
+    itemsize = np.dtype(source.dtype).itemsize + (mask is not None)
+    per_block = plan_blocks(grid, itemsize, block_bytes or DEFAULT_BLOCK_BYTES)
+    token = tokenize(source, grid.shape, grid.extent, grid.spacing, grid.step,
+                     grid.footprint, statistic, dtype, mask, per_block)
+    name = f"localstats-coarse-{token}"
+    src_ref, layer, deps = _source_layer(source, name)
+    mask_ref = None
+    if mask is not None:
+        mask_ref, mask_layer, mask_deps = _source_layer(mask, f"mask-{name}")
+        layer.update(mask_layer)
+        deps += mask_deps
+    chunks = tuple(_split(m, k) for m, k in zip(grid.counts, per_block, strict=True))
+    for index in itertools.product(*(range(len(c)) for c in chunks)):
+        start = tuple(i * k for i, k in zip(index, per_block, strict=True))
+        stop = tuple(
+            s + c[i] for s, c, i in zip(start, chunks, index, strict=True)
+        )
+        region = [grid.region(d, start[d], stop[d]) for d in range(grid.ndim)]
+        origin = tuple(lo for lo, _ in region)
+        mask_task = None if mask is None else _region_task(mask_ref, region)
+        layer[(name, *index, *(0,) * len(statistic.fshape))] = (
+            reduce_block, _region_task(src_ref, region), origin, grid, start, stop,
+            statistic, dtype, mask_task,
+        )
+    chunks += tuple((f,) for f in statistic.fshape)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
+    return da.Array(graph, name, chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype))
+
+
+def _resample(coefficients, offset, grid, order, align, start, stop, dtype):
+    coords = [
+        coordinates(grid.shape[d], grid.counts[d], grid.first[d], grid.spacing[d],
+                    align, start[d], stop[d])
+        for d in range(grid.ndim)
+    ]
+    return resample_block(coefficients, offset, coords, grid.counts, order, dtype)
+
+
+def resample_stage(coarse, grid, order, align, chunks):
+    """Lazy full-resolution B-spline resampling of the coarse grid.
+
+    Parameters
+    ----------
+    coarse : dask array
+        Output of :func:`coarse_stage`.
+    grid : Grid
+    order : int
+        Spline order, 0 to 5.
+    align : {'corners', 'centers'}
+    chunks : tuple of tuple of int
+        Chunks of the spatial axes of the output.
+
+    Returns
+    -------
+    dask array of shape ``grid.shape + fshape`` and the dtype of `coarse`
+    """
+    ndim, fshape = grid.ndim, coarse.shape[grid.ndim :]
+    if order > 1:
+        coefficients = coarse.rechunk(-1).map_blocks(
+            prefilter, order, ndim, dtype=np.float64
+        )
+    else:
+        coefficients = coarse
+    token = tokenize(coefficients, grid.shape, grid.spacing, order, align, chunks)
+    name = f"localstats-resample-{token}"
+    layer = {}
+    bounds = [np.cumsum((0, *c)) for c in chunks]
+    for index in itertools.product(*(range(len(c)) for c in chunks)):
+        start = tuple(int(bounds[d][i]) for d, i in enumerate(index))
+        stop = tuple(int(bounds[d][i + 1]) for d, i in enumerate(index))
+        region = [
+            taps_range(
+                coordinates(grid.shape[d], grid.counts[d], grid.first[d],
+                            grid.spacing[d], align, start[d], stop[d]),
+                grid.counts[d], order,
+            )
+            for d in range(ndim)
+        ]
+        offset = tuple(lo for lo, _ in region)
+        layer[(name, *index, *(0,) * len(fshape))] = (
+            _resample, _region_task(coefficients, region), offset, grid, order,
+            align, start, stop, coarse.dtype,
+        )
+    out_chunks = tuple(chunks) + tuple((f,) for f in fshape)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[coefficients])
+    meta = np.empty((0,) * len(out_chunks), coarse.dtype)
+    return da.Array(graph, name, out_chunks, dtype=coarse.dtype, meta=meta)

@@ -1,0 +1,143 @@
+"""Resampling the coarse grid to full resolution with B-splines.
+
+``scipy.ndimage.zoom(coarse, S / m, order=k)`` evaluates, at coarse
+coordinate ``x = i * (m - 1) / (S - 1)`` of every output voxel ``i``, the
+B-spline of order ``k`` whose coefficients are the coarse samples
+prefiltered with mirror boundaries (for ``k >= 2``). B-splines are separable,
+so the value at an output voxel is a tensor product of ``k + 1`` taps per
+axis. We split the work the same way:
+
+1. :func:`prefilter` runs scipy's recursive spline filter once, on the whole
+   (small) coarse grid. Orders 0 and 1 need no prefilter, so their output
+   depends only on nearby coarse samples.
+2. :func:`resample_block` evaluates any rectangular block of the output: for
+   each axis it builds the taps and weights of the block's coordinates
+   (:func:`_taps`) and contracts the coefficients axis after axis, the
+   largest axis last. Cost: about ``k + 1`` multiply-adds per output voxel
+   for the last axis, much less for the others.
+
+Coordinates come from :func:`coordinates`: ``align="corners"`` is zoom's
+(and ClearMap's) convention, the first coarse sample on voxel 0 and the last
+on voxel ``S - 1``; ``align="centers"`` puts every coarse sample on its own
+center voxel and holds the value beyond the outermost centers.
+Integer outputs are rounded half away from zero and clipped, as scipy does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+ALIGNS = ("corners", "centers")
+
+
+def coordinates(size, count, first, spacing, align, start=0, stop=None):
+    """Coarse coordinates of the output voxels ``start:stop`` on one axis."""
+    stop = size if stop is None else stop
+    x = np.arange(start, stop, dtype=np.float64)
+    if align == "centers":
+        return np.clip((x - first) / spacing, 0, count - 1)
+    zoom = (count - 1) / (size - 1) if size > 1 else 1.0
+    return x * zoom
+
+
+def prefilter(coarse, order, ndim):
+    """Spline coefficients of `coarse` along its first `ndim` axes (float64)."""
+    coefficients = np.asarray(coarse, dtype=np.float64)
+    if order > 1:
+        for axis in range(ndim):
+            coefficients = ndimage.spline_filter1d(
+                coefficients, order, axis=axis, mode="mirror", output=np.float64
+            )
+    return coefficients
+
+
+def _bspline(t, order):
+    """The centered B-spline of `order` at `t` (any shape)."""
+    if order == 0:
+        return (np.abs(t) < 0.5).astype(np.float64)
+    total = np.zeros_like(t)
+    half = (order + 1) / 2
+    for j in range(order + 2):
+        term = np.maximum(t + half - j, 0) ** order
+        total += (-1) ** j * math.comb(order + 1, j) * term
+    return total / math.factorial(order)
+
+
+def _taps(x, count, order):
+    """Mirror-folded tap indices and weights, both of shape (len(x), order+1)."""
+    if order % 2:
+        start = np.floor(x).astype(np.intp) - order // 2
+    else:
+        start = np.floor(x + 0.5).astype(np.intp) - order // 2
+    index = start[:, None] + np.arange(order + 1)
+    if order == 0:
+        weights = np.ones(index.shape)
+    else:
+        weights = _bspline(x[:, None] - index, order)
+    if count == 1:
+        return np.zeros_like(index), weights
+    period = 2 * (count - 1)
+    index = np.abs(index) % period
+    index = np.where(index >= count, period - index, index)
+    return index, weights
+
+
+def taps_range(x, count, order):
+    """The range ``(lo, hi)`` of coarse indices that coordinates `x` touch."""
+    index, _ = _taps(x, count, order)
+    return int(index.min()), int(index.max()) + 1
+
+
+def resample_block(coefficients, offset, coords, counts, order, dtype):
+    """Evaluate the spline on the tensor grid of `coords`.
+
+    Parameters
+    ----------
+    coefficients : ndarray
+        Spline coefficients (see :func:`prefilter`) of coarse indices
+        ``offset[d]:`` onwards on each spatial axis, followed by any trailing
+        (component) axes.
+    offset : tuple of int
+        Coarse index of ``coefficients[0, ..., 0]``.
+    coords : list of 1-D float arrays
+        Coarse coordinates of the output voxels, per spatial axis.
+    counts : tuple of int
+        Size of the full coarse grid per axis (for the mirror boundary).
+    order : int
+        Spline order, 0 to 5.
+    dtype : numpy dtype
+        Output dtype.
+
+    Returns
+    -------
+    ndarray
+        Shape ``tuple(map(len, coords)) + coefficients.shape[len(coords):]``.
+    """
+    values = coefficients
+    for axis in reversed(range(len(coords))):
+        index, weights = _taps(coords[axis], counts[axis], order)
+        index = index - offset[axis]
+        shape = [1] * values.ndim
+        shape[axis] = len(coords[axis])
+        result = None
+        for j in range(order + 1):
+            term = np.take(values, index[:, j], axis=axis)
+            term *= weights[:, j].reshape(shape)
+            result = term if result is None else np.add(result, term, out=result)
+        values = result
+    return cast(values, dtype)
+
+
+def cast(values, dtype):
+    """Cast float values to `dtype`, rounding and clipping integers like scipy."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        values = np.trunc(values + np.copysign(0.5, values))
+        values = np.clip(values, info.min, info.max)
+    elif dtype.kind == "b":
+        values = values != 0
+    return values.astype(dtype, copy=False)

@@ -1,0 +1,193 @@
+"""The public functions against the brute-force reference of SPEC.md."""
+
+import numpy as np
+import pytest
+import reference
+import scipy.ndimage as ndi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import geometries, images, masks, orders, percentiles
+
+import dask_localstats as dls
+
+SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def assert_matches(result, expected, interpolated):
+    """Coarse results are bit-exact; interpolated ones within float rounding."""
+    assert result.shape == expected.shape
+    assert result.dtype == expected.dtype
+    if not interpolated:
+        np.testing.assert_array_equal(result, expected, strict=True)
+    elif result.dtype.kind == "f":
+        np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6 * (
+            np.nanmax(np.abs(expected)) if expected.size else 0))
+    else:
+        diff = np.abs(result.astype(np.int64) - expected.astype(np.int64))
+        assert diff.max(initial=0) <= 1
+
+
+@SETTINGS
+@given(data=st.data(), geometry=geometries(), percentile=percentiles, order=orders)
+def test_percentile_matches_reference(data, geometry, percentile, order):
+    shape, selem, spacing, step = geometry
+    source = data.draw(images(shape, nans=order is None))
+    mask = data.draw(masks(shape))
+    dtype = data.draw(st.sampled_from([None, np.float64, np.float32, np.int32]))
+    if dtype is np.int32 and source.dtype.kind == "f" and np.isnan(source).any():
+        dtype = None
+    kwargs = dict(selem=selem, spacing=spacing, step=step, interpolate=order,
+                  mask=mask, dtype=dtype, return_centers=True)
+    original = source.copy()
+    result, centers = dls.local_percentile(source, percentile, **kwargs)
+    expected, expected_centers = reference.local_percentile(source, percentile, **kwargs)
+    assert_matches(result, expected, order is not None)
+    np.testing.assert_array_equal(centers, expected_centers, strict=True)
+    np.testing.assert_array_equal(source, original)
+
+
+@SETTINGS
+@given(data=st.data(), geometry=geometries(), max_bin=st.integers(301, 320))
+def test_histogram_matches_reference(data, geometry, max_bin):
+    shape, selem, spacing, step = geometry
+    source = data.draw(images(shape, dtypes=["uint8", "uint16"]))
+    mask = data.draw(masks(shape))
+    dtype = data.draw(st.sampled_from([None, np.int32, np.float32]))
+    order = data.draw(st.sampled_from([None, None, 0, 1]))
+    kwargs = dict(selem=selem, spacing=spacing, step=step, mask=mask, dtype=dtype,
+                  interpolate=order)
+    result = dls.local_histogram(source, max_bin, **kwargs)
+    expected = reference.local_histogram(source, max_bin, **kwargs)
+    assert_matches(result, expected, order is not None)
+
+
+def _summary(kept):
+    # order-sensitive (C order of the window) and shape (2,)
+    if kept.size == 0:
+        return np.zeros(2)
+    return np.array([kept.sum(), (kept * np.arange(kept.size)).sum()])
+
+
+@SETTINGS
+@given(data=st.data(), geometry=geometries(), order=orders)
+def test_function_matches_reference(data, geometry, order):
+    shape, selem, spacing, step = geometry
+    source = data.draw(images(shape, dtypes=["float64", "int16"]))
+    mask = data.draw(masks(shape))
+    kwargs = dict(selem=selem, spacing=spacing, step=step, mask=mask,
+                  interpolate=order, fshape=(2,), dtype=np.float64)
+    result = dls.apply_local_function(source, _summary, **kwargs)
+    expected = reference.apply_local_function(source, _summary, **kwargs)
+    assert_matches(result, expected, order is not None)
+
+
+@SETTINGS
+@given(data=st.data(), geometry=geometries(max_ndim=3), order=st.integers(0, 5))
+def test_centers_alignment_matches_reference(data, geometry, order):
+    shape, selem, spacing, step = geometry
+    source = data.draw(images(shape, dtypes=["float64"]))
+    kwargs = dict(selem=selem, spacing=spacing, step=step, interpolate=order,
+                  align="centers")
+    result = dls.local_percentile(source, 0.3, **kwargs)
+    expected = reference.local_percentile(source, 0.3, **kwargs)
+    assert_matches(result, expected, True)
+
+
+def test_scalar_function_default_interpolation_is_quadratic():
+    rng = np.random.default_rng(0)
+    source = rng.random((30, 40))
+    result = dls.apply_local_function(source, np.mean, selem=(10, 10))
+    coarse = source.reshape(3, 10, 4, 10).mean(axis=(1, 3))
+    np.testing.assert_allclose(result, ndi.zoom(coarse, (10, 10), order=2))
+
+
+def test_empty_windows_give_zero():
+    source = np.full((10, 10), 7.0)
+    mask = np.zeros((10, 10), bool)
+    mask[:5] = True
+    result = dls.local_percentile(source, 0.5, selem=(5, 5), mask=mask,
+                                  interpolate=None)
+    np.testing.assert_array_equal(result, [[7.0, 7.0], [0.0, 0.0]])
+
+
+def test_nan_propagates_like_numpy():
+    source = np.arange(16.0).reshape(4, 4)
+    source[0, 0] = np.nan
+    result = dls.local_percentile(source, 0.5, selem=(2, 2), interpolate=None)
+    assert np.isnan(result[0, 0])
+    assert np.isfinite(result.ravel()[1:]).all()
+
+
+def test_histogram_counts_do_not_wrap():
+    source = np.zeros((32, 32), np.uint8)
+    result = dls.local_histogram(source, max_bin=2, selem=(32, 32))
+    assert result.dtype == np.int64
+    assert result[0, 0, 0] == 1024
+
+
+BAD_INPUT = [
+    (dict(selem=(5, 5, 5)), ValueError, r"`selem` must have one entry per source"),
+    (dict(selem=(0, 5)), ValueError, r"`selem` must be positive on every axis"),
+    (dict(selem=(2.5, 5)), TypeError, r"`selem` must be made of integers"),
+    (dict(spacing=(-1, 5)), ValueError, r"`spacing` must be positive"),
+    (dict(step=(0, None)), ValueError, r"`step` must be positive"),
+    (dict(spacing=(50, 5)), ValueError, r"smaller than `spacing` on axis 0: size 20"),
+    (dict(mask=np.ones((3, 3), bool)), ValueError, r"`mask` must have the shape"),
+    (dict(interpolate=6), ValueError, r"`interpolate` must be None or an int in 0\.\.5, got 6"),
+    (dict(interpolate=1.5), TypeError, r"`interpolate` .* got 1\.5"),
+    (dict(interpolate=True), TypeError, r"`interpolate` .* got True"),
+    (dict(align="middle"), ValueError, r"`align` must be one of .* got 'middle'"),
+    (dict(selem=np.ones((3, 3), int)), TypeError, r"`selem` as an array must be boolean"),
+    (dict(selem=np.ones((3, 3, 3), bool)), ValueError, r"`selem` must have 2 dimensions"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_INPUT)
+def test_bad_input_is_rejected_before_computing(kwargs, error, match):
+    source = np.zeros((20, 30), np.uint16)
+    arguments = dict(selem=(5, 5)) | kwargs
+    with pytest.raises(error, match=match):
+        dls.local_percentile(source, 0.5, **arguments)
+
+
+@pytest.mark.parametrize(
+    ("percentile", "match"),
+    [(1.5, r"fraction in \[0, 1\], got 1\.5"), ([0.1, -0.2], r"got \[0\.1, -0\.2\]"),
+     ([[0.1]], r"number or a 1-D sequence")],
+)
+def test_bad_percentile(percentile, match):
+    with pytest.raises(ValueError, match=match):
+        dls.local_percentile(np.zeros((8, 8)), percentile, selem=(4, 4))
+
+
+def test_histogram_rejects_float_source():
+    with pytest.raises(TypeError, match=r"integer dtype for local_histogram, got float64"):
+        dls.local_histogram(np.zeros((8, 8)), 16, selem=(4, 4))
+
+
+@pytest.mark.parametrize(("value", "shown"), [(16, "16"), (-1, "-1")])
+def test_histogram_rejects_values_outside_bins(value, shown):
+    source = np.zeros((8, 8), np.int16)
+    source[3, 3] = value
+    with pytest.raises(ValueError, match=rf"value {shown}, outside \[0, max_bin\) with max_bin=16"):
+        dls.local_histogram(source, 16, selem=(4, 4))
+
+
+@pytest.mark.parametrize(("max_bin", "error"), [(0, ValueError), (2.0, TypeError)])
+def test_histogram_rejects_bad_max_bin(max_bin, error):
+    with pytest.raises(error, match=r"`max_bin` must be"):
+        dls.local_histogram(np.zeros((8, 8), np.uint8), max_bin, selem=(4, 4))
+
+
+def test_function_checks():
+    with pytest.raises(TypeError, match=r"`function` must be callable, got 3"):
+        dls.apply_local_function(np.zeros((8, 8)), 3, selem=(4, 4))
+    with pytest.raises(ValueError, match=r"`fshape` must be a tuple of positive ints"):
+        dls.apply_local_function(np.zeros((8, 8)), np.sum, selem=(4, 4), fshape=(0,))
+
+
+def test_zero_dimensional_source():
+    with pytest.raises(ValueError, match=r"at least one dimension, got shape \(\)"):
+        dls.local_percentile(np.float64(3), 0.5, selem=())

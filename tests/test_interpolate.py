@@ -1,0 +1,119 @@
+"""B-spline resampling against scipy.ndimage."""
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dask_localstats._interpolate import (
+    cast,
+    coordinates,
+    prefilter,
+    resample_block,
+    taps_range,
+)
+
+
+@st.composite
+def coarse_grids(draw):
+    ndim = draw(st.integers(1, 3))
+    counts = tuple(draw(st.integers(1, 6)) for _ in range(ndim))
+    shape = tuple(draw(st.integers(1, 25)) for _ in range(ndim))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return np.random.default_rng(seed).normal(size=counts), shape
+
+
+def _resample(coarse, shape, order, align="corners", first=None, spacing=None):
+    first = first or (0,) * coarse.ndim
+    spacing = spacing or (1,) * coarse.ndim
+    coords = [
+        coordinates(s, m, f, h, align)
+        for s, m, f, h in zip(shape, coarse.shape, first, spacing, strict=True)
+    ]
+    coefficients = prefilter(coarse, order, coarse.ndim)
+    return resample_block(
+        coefficients, (0,) * coarse.ndim, coords, coarse.shape, order, coarse.dtype
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(grid=coarse_grids(), order=st.integers(0, 5))
+def test_corners_reproduce_zoom(grid, order):
+    coarse, shape = grid
+    zoom = [s / m for s, m in zip(shape, coarse.shape, strict=True)]
+    expected = ndi.zoom(coarse, zoom, order=order)
+    np.testing.assert_allclose(
+        _resample(coarse, shape, order), expected, rtol=1e-9, atol=1e-9
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(grid=coarse_grids(), order=st.integers(0, 5), data=st.data())
+def test_centers_reproduce_clamped_map_coordinates(grid, order, data):
+    coarse, _ = grid
+    spacing = tuple(data.draw(st.integers(1, 5)) for _ in coarse.shape)
+    first = tuple(data.draw(st.integers(0, h)) for h in spacing)
+    shape = tuple(
+        f + (m - 1) * h + data.draw(st.integers(1, h))
+        for f, m, h in zip(first, coarse.shape, spacing, strict=True)
+    )
+    axes = [
+        np.clip((np.arange(s) - f) / h, 0, m - 1)
+        for s, f, h, m in zip(shape, first, spacing, coarse.shape, strict=True)
+    ]
+    points = np.meshgrid(*axes, indexing="ij")
+    expected = ndi.map_coordinates(coarse, points, order=order, mode="mirror")
+    result = _resample(coarse, shape, order, "centers", first, spacing)
+    np.testing.assert_allclose(result, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_centers_hold_values_on_centers_and_beyond():
+    coarse = np.array([1.0, 5.0, 2.0])
+    result = _resample(coarse, (12,), 1, "centers", first=(2,), spacing=(4,))
+    np.testing.assert_array_equal(result[[0, 1, 2, 6, 10, 11]], [1, 1, 1, 5, 2, 2])
+
+
+def test_blocks_agree_with_whole():
+    rng = np.random.default_rng(3)
+    coarse = rng.normal(size=(4, 5))
+    coefficients = prefilter(coarse, 3, 2)
+    whole = _resample(coarse, (30, 31), 3)
+    coords = [
+        coordinates(30, 4, 0, 1, "corners", 17, 29),
+        coordinates(31, 5, 0, 1, "corners", 20, 31),
+    ]
+    (lo0, hi0), (lo1, hi1) = (taps_range(c, m, 3) for c, m in zip(coords, (4, 5)))
+    assert (lo0, lo1) != (0, 0)
+    block = resample_block(
+        coefficients[lo0:hi0, lo1:hi1], (lo0, lo1), coords, (4, 5), 3, np.float64
+    )
+    np.testing.assert_allclose(block, whole[17:29, 20:31], rtol=1e-12)
+
+
+def test_trailing_components_are_resampled_independently():
+    rng = np.random.default_rng(4)
+    coarse = rng.normal(size=(3, 4, 2))
+    coefficients = prefilter(coarse, 2, 2)
+    coords = [coordinates(9, 3, 0, 1, "corners"), coordinates(13, 4, 0, 1, "corners")]
+    result = resample_block(coefficients, (0, 0), coords, (3, 4), 2, np.float64)
+    for k in range(2):
+        expected = ndi.zoom(coarse[..., k], (3, 13 / 4), order=2)
+        np.testing.assert_allclose(result[..., k], expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16])
+def test_integer_outputs_round_and_clip_like_scipy(dtype):
+    rng = np.random.default_rng(5)
+    info = np.iinfo(dtype)
+    coarse = rng.integers(info.min, info.max, size=(5,), endpoint=True).astype(dtype)
+    expected = ndi.zoom(coarse, 31 / 5, order=3)
+    result = _resample(coarse, (31,), 3)
+    assert result.dtype == dtype
+    assert np.abs(result.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_cast_rounds_half_away_from_zero():
+    values = np.array([-2.5, -0.4, 0.5, 1.49, 300.0])
+    np.testing.assert_array_equal(cast(values, np.int16), [-3, 0, 1, 1, 300])
+    np.testing.assert_array_equal(cast(values, np.uint8), [0, 0, 1, 1, 255])
