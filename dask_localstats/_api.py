@@ -16,6 +16,7 @@ from ._interpolate import ALIGNS
 from ._io import open_source
 from ._kernels import Function, Histogram, Percentile
 
+
 def _check_interpolate(interpolate):
     if interpolate is None:
         return None
@@ -28,8 +29,20 @@ def _check_interpolate(interpolate):
     return int(interpolate)
 
 
-def _local_statistic(source, statistic, selem, spacing, step, interpolate, mask,
-                     dtype, return_centers, align, chunks, block_bytes):
+def _local_statistic(
+    source,
+    statistic,
+    selem,
+    spacing,
+    step,
+    interpolate,
+    mask,
+    dtype,
+    return_centers,
+    align,
+    chunks,
+    block_bytes,
+):
     source, lazy = open_source(source)
     if source.ndim == 0:
         msg = f"`source` must have at least one dimension, got shape {source.shape}"
@@ -54,7 +67,8 @@ def _local_statistic(source, statistic, selem, spacing, step, interpolate, mask,
         if chunks is None:
             chunks = getattr(source, "chunks", None) if lazy else None
         chunks = da.core.normalize_chunks(
-            chunks if chunks is not None else "auto", grid.shape,
+            chunks if chunks is not None else "auto",
+            grid.shape,
             limit=block_bytes or DEFAULT_BLOCK_BYTES,
             dtype=np.float64,
         )
@@ -66,9 +80,21 @@ def _local_statistic(source, statistic, selem, spacing, step, interpolate, mask,
     return result
 
 
-def local_percentile(source, percentile, selem=(50, 50), spacing=None, step=None,
-                     interpolate=1, mask=None, dtype=None, return_centers=False, *,
-                     align="corners", chunks=None, block_bytes=None):
+def local_percentile(
+    source,
+    percentile,
+    selem=(50, 50),
+    spacing=None,
+    step=None,
+    interpolate=1,
+    mask=None,
+    dtype=None,
+    return_centers=False,
+    *,
+    align="corners",
+    chunks=None,
+    block_bytes=None,
+):
     """Local percentiles on a sub-grid, resampled to the source's shape.
 
     Parameters
@@ -127,14 +153,37 @@ def local_percentile(source, percentile, selem=(50, 50), spacing=None, step=None
     >>> local_percentile(image, [0.0, 1.0], selem=(4, 4)).shape
     (8, 8, 2)
     """
-    return _local_statistic(source, Percentile(percentile), selem, spacing, step,
-                            interpolate, mask, dtype, return_centers, align, chunks,
-                            block_bytes)
+    return _local_statistic(
+        source,
+        Percentile(percentile),
+        selem,
+        spacing,
+        step,
+        interpolate,
+        mask,
+        dtype,
+        return_centers,
+        align,
+        chunks,
+        block_bytes,
+    )
 
 
-def local_histogram(source, max_bin=4096, selem=(50, 50), spacing=None, step=None,
-                    interpolate=None, mask=None, dtype=None, return_centers=False, *,
-                    align="corners", chunks=None, block_bytes=None):
+def local_histogram(
+    source,
+    max_bin=4096,
+    selem=(50, 50),
+    spacing=None,
+    step=None,
+    interpolate=None,
+    mask=None,
+    dtype=None,
+    return_centers=False,
+    *,
+    align="corners",
+    chunks=None,
+    block_bytes=None,
+):
     """Local histograms on a sub-grid.
 
     Parameters
@@ -172,15 +221,38 @@ def local_histogram(source, max_bin=4096, selem=(50, 50), spacing=None, step=Non
     array([[1, 2, 1, 0],
            [0, 0, 2, 2]])
     """
-    return _local_statistic(source, Histogram(max_bin), selem, spacing, step,
-                            interpolate, mask, dtype, return_centers, align, chunks,
-                            block_bytes)
+    return _local_statistic(
+        source,
+        Histogram(max_bin),
+        selem,
+        spacing,
+        step,
+        interpolate,
+        mask,
+        dtype,
+        return_centers,
+        align,
+        chunks,
+        block_bytes,
+    )
 
 
-def apply_local_function(source, function, selem=(50, 50), spacing=None, step=None,
-                         interpolate=2, mask=None, fshape=None, dtype=None,
-                         return_centers=False, *, align="corners", chunks=None,
-                         block_bytes=None):
+def apply_local_function(
+    source,
+    function,
+    selem=(50, 50),
+    spacing=None,
+    step=None,
+    interpolate=2,
+    mask=None,
+    fshape=None,
+    dtype=None,
+    return_centers=False,
+    *,
+    align="corners",
+    chunks=None,
+    block_bytes=None,
+):
     """Apply a function to the voxels of each window of a sub-grid.
 
     Parameters
@@ -213,6 +285,17 @@ def apply_local_function(source, function, selem=(50, 50), spacing=None, step=No
     >>> apply_local_function(image, np.ptp, selem=4, interpolate=None)
     array([3., 3., 3.])
     """
-    return _local_statistic(source, Function(function, fshape), selem, spacing, step,
-                            interpolate, mask, dtype, return_centers, align, chunks,
-                            block_bytes)
+    return _local_statistic(
+        source,
+        Function(function, fshape),
+        selem,
+        spacing,
+        step,
+        interpolate,
+        mask,
+        dtype,
+        return_centers,
+        align,
+        chunks,
+        block_bytes,
+    )

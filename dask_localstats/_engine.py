@@ -48,7 +48,9 @@ def plan_blocks(grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES):
         return min((per_block[d] - 1) * grid.spacing[d] + grid.extent[d], grid.shape[d])
 
     while math.prod(extent(d) for d in range(grid.ndim)) * itemsize > block_bytes:
-        d = max((d for d in range(grid.ndim) if per_block[d] > 1), key=extent, default=None)
+        d = max(
+            (d for d in range(grid.ndim) if per_block[d] > 1), key=extent, default=None
+        )
         if d is None:
             break
         per_block[d] = -(-per_block[d] // 2)
@@ -136,8 +138,18 @@ def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
     """
     itemsize = np.dtype(source.dtype).itemsize + (mask is not None)
     per_block = plan_blocks(grid, itemsize, block_bytes or DEFAULT_BLOCK_BYTES)
-    token = tokenize(source, grid.shape, grid.extent, grid.spacing, grid.step,
-                     grid.footprint, statistic, dtype, mask, per_block)
+    token = tokenize(
+        source,
+        grid.shape,
+        grid.extent,
+        grid.spacing,
+        grid.step,
+        grid.footprint,
+        statistic,
+        dtype,
+        mask,
+        per_block,
+    )
     name = f"localstats-coarse-{token}"
     src_ref, layer, deps = _source_layer(source, name)
     mask_ref = None
@@ -148,25 +160,39 @@ def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
     chunks = tuple(_split(m, k) for m, k in zip(grid.counts, per_block, strict=True))
     for index in itertools.product(*(range(len(c)) for c in chunks)):
         start = tuple(i * k for i, k in zip(index, per_block, strict=True))
-        stop = tuple(
-            s + c[i] for s, c, i in zip(start, chunks, index, strict=True)
-        )
+        stop = tuple(s + c[i] for s, c, i in zip(start, chunks, index, strict=True))
         region = [grid.region(d, start[d], stop[d]) for d in range(grid.ndim)]
         origin = tuple(lo for lo, _ in region)
         mask_task = None if mask is None else _region_task(mask_ref, region)
         layer[(name, *index, *(0,) * len(statistic.fshape))] = (
-            reduce_block, _region_task(src_ref, region), origin, grid, start, stop,
-            statistic, dtype, mask_task,
+            reduce_block,
+            _region_task(src_ref, region),
+            origin,
+            grid,
+            start,
+            stop,
+            statistic,
+            dtype,
+            mask_task,
         )
     chunks += tuple((f,) for f in statistic.fshape)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
-    return da.Array(graph, name, chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype))
+    return da.Array(
+        graph, name, chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype)
+    )
 
 
 def _resample(coefficients, offset, grid, order, align, start, stop, dtype):
     coords = [
-        coordinates(grid.shape[d], grid.counts[d], grid.first[d], grid.spacing[d],
-                    align, start[d], stop[d])
+        coordinates(
+            grid.shape[d],
+            grid.counts[d],
+            grid.first[d],
+            grid.spacing[d],
+            align,
+            start[d],
+            stop[d],
+        )
         for d in range(grid.ndim)
     ]
     return resample_block(coefficients, offset, coords, grid.counts, order, dtype)
@@ -206,16 +232,31 @@ def resample_stage(coarse, grid, order, align, chunks):
         stop = tuple(int(bounds[d][i + 1]) for d, i in enumerate(index))
         region = [
             taps_range(
-                coordinates(grid.shape[d], grid.counts[d], grid.first[d],
-                            grid.spacing[d], align, start[d], stop[d]),
-                grid.counts[d], order,
+                coordinates(
+                    grid.shape[d],
+                    grid.counts[d],
+                    grid.first[d],
+                    grid.spacing[d],
+                    align,
+                    start[d],
+                    stop[d],
+                ),
+                grid.counts[d],
+                order,
             )
             for d in range(ndim)
         ]
         offset = tuple(lo for lo, _ in region)
         layer[(name, *index, *(0,) * len(fshape))] = (
-            _resample, _region_task(coefficients, region), offset, grid, order,
-            align, start, stop, coarse.dtype,
+            _resample,
+            _region_task(coefficients, region),
+            offset,
+            grid,
+            order,
+            align,
+            start,
+            stop,
+            coarse.dtype,
         )
     out_chunks = tuple(chunks) + tuple((f,) for f in fshape)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=[coefficients])

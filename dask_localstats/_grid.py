@@ -38,8 +38,7 @@ def _as_tuple(name, value, ndim, *, allow_none=False):
     value = tuple(value)
     if len(value) != ndim:
         msg = (
-            f"`{name}` must have one entry per source dimension ({ndim}), "
-            f"got {value!r}"
+            f"`{name}` must have one entry per source dimension ({ndim}), got {value!r}"
         )
         raise ValueError(msg)
     out = []
@@ -209,7 +208,9 @@ def make_grid(shape, selem, spacing=None, step=None):
             raise TypeError(msg)
         extent = _as_tuple("selem", selem, ndim)
     spacing = extent if spacing is None else _as_tuple("spacing", spacing, ndim)
-    step = (1,) * ndim if step is None else _as_tuple("step", step, ndim, allow_none=True)
+    step = (
+        (1,) * ndim if step is None else _as_tuple("step", step, ndim, allow_none=True)
+    )
     for d, (s, h) in enumerate(zip(shape, spacing, strict=True)):
         if s < h:
             msg = (

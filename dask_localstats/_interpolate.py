@@ -116,7 +116,7 @@ def resample_block(coefficients, offset, coords, counts, order, dtype):
     ndarray
         Shape ``tuple(map(len, coords)) + coefficients.shape[len(coords):]``.
     """
-    values = coefficients
+    values = np.asarray(coefficients, dtype=np.float64)
     for axis in reversed(range(len(coords))):
         index, weights = _taps(coords[axis], counts[axis], order)
         index = index - offset[axis]

@@ -32,8 +32,9 @@ def _ome_level(group, level=0):
 
 def _open_zarr(path, name, level=0):
     try:
-        node = zarr.open(store=os.fspath(path) if isinstance(path, os.PathLike) else path,
-                         mode="r")
+        node = zarr.open(
+            store=os.fspath(path) if isinstance(path, os.PathLike) else path, mode="r"
+        )
     except FileNotFoundError:
         msg = f"`{name}`: no zarr array or group at {path!r}"
         raise FileNotFoundError(msg) from None
@@ -92,8 +93,9 @@ def open_source(source, name="source"):
     return array, False
 
 
-def to_zarr(array, store, *, chunks=None, compressors="auto", overwrite=False,
-            attributes=None):
+def to_zarr(
+    array, store, *, chunks=None, compressors="auto", overwrite=False, attributes=None
+):
     """Store a (lazy) array into a new compressed zarr v3 array, chunk by chunk.
 
     Parameters
@@ -128,8 +130,13 @@ def to_zarr(array, store, *, chunks=None, compressors="auto", overwrite=False,
     if chunks is None:
         chunks = tuple(c[0] for c in array.chunks)
     target = zarr.create_array(
-        store, shape=array.shape, chunks=chunks, dtype=array.dtype,
-        compressors=compressors, overwrite=overwrite, attributes=attributes or {},
+        store,
+        shape=array.shape,
+        chunks=chunks,
+        dtype=array.dtype,
+        compressors=compressors,
+        overwrite=overwrite,
+        attributes=attributes or {},
         zarr_format=3,
     )
     array.rechunk(chunks).store(target, lock=False)

@@ -44,10 +44,14 @@ class Percentile:
 
     def __init__(self, percentile):
         self.scalar = np.ndim(percentile) == 0
-        values = [float(p) for p in np.atleast_1d(percentile)]
-        if np.ndim(percentile) > 1 or not values:
+        if np.ndim(percentile) > 1 or np.size(percentile) == 0:
             msg = f"`percentile` must be a number or a 1-D sequence, got {percentile!r}"
             raise ValueError(msg)
+        try:
+            values = [float(p) for p in np.atleast_1d(percentile)]
+        except (TypeError, ValueError):
+            msg = f"`percentile` must be made of numbers, got {percentile!r}"
+            raise TypeError(msg) from None
         if not all(0 <= p <= 1 for p in values):
             msg = f"`percentile` must be a fraction in [0, 1], got {percentile!r}"
             raise ValueError(msg)
@@ -67,7 +71,9 @@ class Percentile:
             kth = {0, values.shape[1] - 1}
             for q in self._quantiles():
                 vi = (values.shape[1] - 1) * q
-                kth.update({math.floor(vi), min(math.floor(vi) + 1, values.shape[1] - 1)})
+                kth.update(
+                    {math.floor(vi), min(math.floor(vi) + 1, values.shape[1] - 1)}
+                )
             ordered = np.partition(values, sorted(kth), axis=1)
             has_nan = np.isnan(ordered[:, -1]) if values.dtype.kind == "f" else None
         else:
@@ -79,7 +85,8 @@ class Percentile:
                 has_nan = None
                 sentinel = np.iinfo(values.dtype).max
             ordered = np.sort(np.where(valid, values, sentinel), axis=1)
-        results = [self._lerp(ordered, n, q) for q in self._quantiles()]
+        with np.errstate(invalid="ignore"):  # inf - inf, as in numpy.percentile
+            results = [self._lerp(ordered, n, q) for q in self._quantiles()]
         result = np.stack(results, axis=-1) if not self.scalar else results[0]
         if has_nan is not None:
             result[has_nan] = np.nan
@@ -143,7 +150,9 @@ class Histogram:
 
     def check_source(self, dtype):
         if dtype.kind not in "biu":
-            msg = f"`source` must have an integer dtype for local_histogram, got {dtype}"
+            msg = (
+                f"`source` must have an integer dtype for local_histogram, got {dtype}"
+            )
             raise TypeError(msg)
 
     def reduce(self, values, valid):
@@ -158,7 +167,9 @@ class Histogram:
                 )
                 raise ValueError(msg)
         rows = np.arange(len(values))[:, None] * self.max_bin
-        keys = (rows + values.astype(np.intp)) if valid is None else (rows + values)[valid]
+        keys = (
+            (rows + values.astype(np.intp)) if valid is None else (rows + values)[valid]
+        )
         counts = np.bincount(keys.ravel(), minlength=len(values) * self.max_bin)
         return counts.reshape(len(values), self.max_bin)
 
@@ -196,7 +207,11 @@ class Function:
         return source_dtype
 
     def reduce(self, values, valid):
-        rows = values if valid is None else (row[v] for row, v in zip(values, valid))
+        rows = (
+            values
+            if valid is None
+            else (row[v] for row, v in zip(values, valid, strict=False))
+        )
         return np.asarray([self.function(row) for row in rows])
 
 
@@ -233,7 +248,9 @@ def reduce_block(block, origin, grid, start, stop, statistic, dtype, mask=None):
     for combo in itertools.product(*axes):
         for part in _batches(combo, math.prod(p.shape[1] for _, p, _ in combo)):
             rows = [r for r, _, _ in part]
-            index = _broadcast([p - o for (_, p, _), o in zip(part, origin, strict=True)])
+            index = _broadcast(
+                [p - o for (_, p, _), o in zip(part, origin, strict=True)]
+            )
             values = block[index]
             valid = None
             if grid.footprint is not None:

@@ -13,9 +13,7 @@ def geometries(draw, max_ndim=4, footprints=True):
     ndim = draw(st.integers(1, max_ndim))
     shape = tuple(draw(st.integers(1, MAX_SIZE[ndim])) for _ in range(ndim))
     extent = tuple(draw(st.integers(1, s + 2)) for s in shape)
-    spacing = draw(
-        st.one_of(st.none(), st.tuples(*(st.integers(1, s) for s in shape)))
-    )
+    spacing = draw(st.one_of(st.none(), st.tuples(*(st.integers(1, s) for s in shape))))
     if spacing is None and any(e > s for e, s in zip(extent, shape, strict=True)):
         spacing = tuple(min(e, s) for e, s in zip(extent, shape, strict=True))
     step = draw(

@@ -22,8 +22,12 @@ def assert_matches(result, expected, interpolated):
     if not interpolated:
         np.testing.assert_array_equal(result, expected, strict=True)
     elif result.dtype.kind == "f":
-        np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6 * (
-            np.nanmax(np.abs(expected)) if expected.size else 0))
+        np.testing.assert_allclose(
+            result,
+            expected,
+            rtol=1e-6,
+            atol=1e-6 * (np.nanmax(np.abs(expected)) if expected.size else 0),
+        )
     else:
         diff = np.abs(result.astype(np.int64) - expected.astype(np.int64))
         assert diff.max(initial=0) <= 1
@@ -38,11 +42,20 @@ def test_percentile_matches_reference(data, geometry, percentile, order):
     dtype = data.draw(st.sampled_from([None, np.float64, np.float32, np.int32]))
     if dtype is np.int32 and source.dtype.kind == "f" and np.isnan(source).any():
         dtype = None
-    kwargs = dict(selem=selem, spacing=spacing, step=step, interpolate=order,
-                  mask=mask, dtype=dtype, return_centers=True)
+    kwargs = dict(
+        selem=selem,
+        spacing=spacing,
+        step=step,
+        interpolate=order,
+        mask=mask,
+        dtype=dtype,
+        return_centers=True,
+    )
     original = source.copy()
     result, centers = dls.local_percentile(source, percentile, **kwargs)
-    expected, expected_centers = reference.local_percentile(source, percentile, **kwargs)
+    expected, expected_centers = reference.local_percentile(
+        source, percentile, **kwargs
+    )
     assert_matches(result, expected, order is not None)
     np.testing.assert_array_equal(centers, expected_centers, strict=True)
     np.testing.assert_array_equal(source, original)
@@ -56,8 +69,14 @@ def test_histogram_matches_reference(data, geometry, max_bin):
     mask = data.draw(masks(shape))
     dtype = data.draw(st.sampled_from([None, np.int32, np.float32]))
     order = data.draw(st.sampled_from([None, None, 0, 1]))
-    kwargs = dict(selem=selem, spacing=spacing, step=step, mask=mask, dtype=dtype,
-                  interpolate=order)
+    kwargs = dict(
+        selem=selem,
+        spacing=spacing,
+        step=step,
+        mask=mask,
+        dtype=dtype,
+        interpolate=order,
+    )
     result = dls.local_histogram(source, max_bin, **kwargs)
     expected = reference.local_histogram(source, max_bin, **kwargs)
     assert_matches(result, expected, order is not None)
@@ -76,8 +95,15 @@ def test_function_matches_reference(data, geometry, order):
     shape, selem, spacing, step = geometry
     source = data.draw(images(shape, dtypes=["float64", "int16"]))
     mask = data.draw(masks(shape))
-    kwargs = dict(selem=selem, spacing=spacing, step=step, mask=mask,
-                  interpolate=order, fshape=(2,), dtype=np.float64)
+    kwargs = dict(
+        selem=selem,
+        spacing=spacing,
+        step=step,
+        mask=mask,
+        interpolate=order,
+        fshape=(2,),
+        dtype=np.float64,
+    )
     result = dls.apply_local_function(source, _summary, **kwargs)
     expected = reference.apply_local_function(source, _summary, **kwargs)
     assert_matches(result, expected, order is not None)
@@ -88,8 +114,9 @@ def test_function_matches_reference(data, geometry, order):
 def test_centers_alignment_matches_reference(data, geometry, order):
     shape, selem, spacing, step = geometry
     source = data.draw(images(shape, dtypes=["float64"]))
-    kwargs = dict(selem=selem, spacing=spacing, step=step, interpolate=order,
-                  align="centers")
+    kwargs = dict(
+        selem=selem, spacing=spacing, step=step, interpolate=order, align="centers"
+    )
     result = dls.local_percentile(source, 0.3, **kwargs)
     expected = reference.local_percentile(source, 0.3, **kwargs)
     assert_matches(result, expected, True)
@@ -107,8 +134,9 @@ def test_empty_windows_give_zero():
     source = np.full((10, 10), 7.0)
     mask = np.zeros((10, 10), bool)
     mask[:5] = True
-    result = dls.local_percentile(source, 0.5, selem=(5, 5), mask=mask,
-                                  interpolate=None)
+    result = dls.local_percentile(
+        source, 0.5, selem=(5, 5), mask=mask, interpolate=None
+    )
     np.testing.assert_array_equal(result, [[7.0, 7.0], [0.0, 0.0]])
 
 
@@ -135,12 +163,24 @@ BAD_INPUT = [
     (dict(step=(0, None)), ValueError, r"`step` must be positive"),
     (dict(spacing=(50, 5)), ValueError, r"smaller than `spacing` on axis 0: size 20"),
     (dict(mask=np.ones((3, 3), bool)), ValueError, r"`mask` must have the shape"),
-    (dict(interpolate=6), ValueError, r"`interpolate` must be None or an int in 0\.\.5, got 6"),
+    (
+        dict(interpolate=6),
+        ValueError,
+        r"`interpolate` must be None or an int in 0\.\.5, got 6",
+    ),
     (dict(interpolate=1.5), TypeError, r"`interpolate` .* got 1\.5"),
     (dict(interpolate=True), TypeError, r"`interpolate` .* got True"),
     (dict(align="middle"), ValueError, r"`align` must be one of .* got 'middle'"),
-    (dict(selem=np.ones((3, 3), int)), TypeError, r"`selem` as an array must be boolean"),
-    (dict(selem=np.ones((3, 3, 3), bool)), ValueError, r"`selem` must have 2 dimensions"),
+    (
+        dict(selem=np.ones((3, 3), int)),
+        TypeError,
+        r"`selem` as an array must be boolean",
+    ),
+    (
+        dict(selem=np.ones((3, 3, 3), bool)),
+        ValueError,
+        r"`selem` must have 2 dimensions",
+    ),
 ]
 
 
@@ -154,8 +194,11 @@ def test_bad_input_is_rejected_before_computing(kwargs, error, match):
 
 @pytest.mark.parametrize(
     ("percentile", "match"),
-    [(1.5, r"fraction in \[0, 1\], got 1\.5"), ([0.1, -0.2], r"got \[0\.1, -0\.2\]"),
-     ([[0.1]], r"number or a 1-D sequence")],
+    [
+        (1.5, r"fraction in \[0, 1\], got 1\.5"),
+        ([0.1, -0.2], r"got \[0\.1, -0\.2\]"),
+        ([[0.1]], r"number or a 1-D sequence"),
+    ],
 )
 def test_bad_percentile(percentile, match):
     with pytest.raises(ValueError, match=match):
@@ -163,7 +206,9 @@ def test_bad_percentile(percentile, match):
 
 
 def test_histogram_rejects_float_source():
-    with pytest.raises(TypeError, match=r"integer dtype for local_histogram, got float64"):
+    with pytest.raises(
+        TypeError, match=r"integer dtype for local_histogram, got float64"
+    ):
         dls.local_histogram(np.zeros((8, 8)), 16, selem=(4, 4))
 
 
@@ -171,7 +216,9 @@ def test_histogram_rejects_float_source():
 def test_histogram_rejects_values_outside_bins(value, shown):
     source = np.zeros((8, 8), np.int16)
     source[3, 3] = value
-    with pytest.raises(ValueError, match=rf"value {shown}, outside \[0, max_bin\) with max_bin=16"):
+    with pytest.raises(
+        ValueError, match=rf"value {shown}, outside \[0, max_bin\) with max_bin=16"
+    ):
         dls.local_histogram(source, 16, selem=(4, 4))
 
 

@@ -83,7 +83,9 @@ def test_blocks_agree_with_whole():
         coordinates(30, 4, 0, 1, "corners", 17, 29),
         coordinates(31, 5, 0, 1, "corners", 20, 31),
     ]
-    (lo0, hi0), (lo1, hi1) = (taps_range(c, m, 3) for c, m in zip(coords, (4, 5)))
+    (lo0, hi0), (lo1, hi1) = (
+        taps_range(c, m, 3) for c, m in zip(coords, (4, 5), strict=False)
+    )
     assert (lo0, lo1) != (0, 0)
     block = resample_block(
         coefficients[lo0:hi0, lo1:hi1], (lo0, lo1), coords, (4, 5), 3, np.float64

@@ -1,0 +1,245 @@
+"""Brute-force reference implementation of SPEC.md.
+
+A deliberately simple, independent transcription of the contract in
+/work/shared/SPEC.md: one plain Python loop over every center, one window at a
+time, the statistic applied to the kept voxels, then `scipy.ndimage` for the
+resampling. NumPy inputs only; no dask and no input validation. The test-suite
+checks the real implementation against it voxel for voxel, and the benchmarks
+use it as "B1" (ClearMap's per-window loop).
+"""
+
+import itertools
+
+import numpy as np
+import scipy.ndimage as ndi
+
+
+def centers(shape, extent, spacing):
+    """Per-axis center positions (SPEC section 1), one 1-D int array per axis.
+
+    Only `shape` and `spacing` matter; `extent` is accepted for symmetry.
+    """
+    result = []
+    for size, spc in zip(shape, spacing, strict=True):
+        m = size // spc
+        first = (size - (m - 1) * spc) // 2
+        result.append(first + spc * np.arange(m))
+    return result
+
+
+def _per_axis(value, n, default):
+    """None -> `default`; a bare int -> the same on every axis; else a tuple."""
+    if value is None:
+        return tuple(default)
+    if np.ndim(value) == 0:
+        return (value,) * n
+    return tuple(value)
+
+
+def _local(
+    source,
+    statistic,
+    fshape,
+    dtype,
+    selem,
+    spacing,
+    step,
+    interpolate,
+    mask,
+    return_centers,
+    align,
+):
+    """Apply `statistic(kept)` on every window, then resample (shared driver)."""
+    source = np.asarray(source)
+    n = source.ndim
+    if isinstance(selem, np.ndarray):
+        footprint, extent = selem.astype(bool), selem.shape
+    else:
+        footprint, extent = None, _per_axis(selem, n, None)
+    spacing = _per_axis(spacing, n, extent)
+    step = [1 if d is None else d for d in _per_axis(step, n, (None,) * n)]
+    axes = centers(source.shape, extent, spacing)
+    m = tuple(len(a) for a in axes)
+    mask = None if mask is None else np.asarray(mask, dtype=bool)
+
+    coarse = np.zeros(m + fshape, dtype=source.dtype if dtype is None else dtype)
+    for idx in itertools.product(*(range(k) for k in m)):
+        c = [int(axes[d][i]) for d, i in enumerate(idx)]
+        starts = [c[d] - extent[d] // 2 for d in range(n)]
+        positions = [
+            np.arange(
+                max(starts[d], 0),
+                min(c[d] + extent[d] - extent[d] // 2, source.shape[d]),
+                step[d],
+            )
+            for d in range(n)
+        ]
+        window = source[np.ix_(*positions)]
+        keep = np.ones(window.shape, dtype=bool)
+        if footprint is not None:
+            keep &= footprint[
+                np.ix_(*(p - s for p, s in zip(positions, starts, strict=True)))
+            ]
+        if mask is not None:
+            keep &= mask[np.ix_(*positions)]
+        kept = window[keep]
+        coarse[idx] = statistic(kept)
+
+    result = (
+        coarse
+        if interpolate is None
+        else _resample(coarse, source.shape, axes, spacing, interpolate, align)
+    )
+    if return_centers:
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # m + (n,)
+        return result, grid.astype(np.int64)
+    return result
+
+
+def _resample(coarse, shape, axes, spacing, order, align):
+    """Resample every trailing component of `coarse` to `shape`."""
+    n = len(shape)
+    m = coarse.shape[:n]
+    out = np.empty(tuple(shape) + coarse.shape[n:], dtype=coarse.dtype)
+    for j in np.ndindex(coarse.shape[n:]):
+        component = coarse[(Ellipsis, *j)]
+        if align == "corners":
+            zoom = [s / k for s, k in zip(shape, m, strict=True)]
+            value = ndi.zoom(component, zoom=zoom, order=order)
+        else:
+            # Coarse sample i sits on its center voxel first + i * spacing;
+            # beyond the outermost centers the value is held (clipping).
+            coords = np.meshgrid(
+                *[
+                    np.clip((np.arange(s) - a[0]) / h, 0, len(a) - 1)
+                    for s, a, h in zip(shape, axes, spacing, strict=True)
+                ],
+                indexing="ij",
+            )
+            # mode="mirror": its prefilter (mirror boundary) is the one zoom's
+            # default mode="constant" uses, so inside [0, m - 1] the values are
+            # those of zoom; checked to ~1e-15 against zoom at the corner
+            # coordinates x * (m - 1) / (S - 1) for orders 0..5, including
+            # integer outputs (same rounding). mode="nearest" would not do:
+            # scipy pads by edge values before prefiltering, a different spline.
+            # Coordinates are clipped, so the out-of-grid extension never matters.
+            value = ndi.map_coordinates(
+                component,
+                np.array(coords),
+                order=order,
+                mode="mirror",
+                output=coarse.dtype,
+            )
+        assert value.shape == tuple(shape), (value.shape, shape)
+        out[(Ellipsis, *j)] = value
+    return out
+
+
+def local_percentile(
+    source,
+    percentile,
+    selem=(50, 50),
+    spacing=None,
+    step=None,
+    interpolate=1,
+    mask=None,
+    dtype=None,
+    return_centers=False,
+    *,
+    align="corners",
+):
+    """`numpy.percentile(kept, 100 * p)` per window; 0 for an empty window."""
+    scalar = np.ndim(percentile) == 0
+    fractions = [percentile] if scalar else list(np.asarray(percentile).ravel())
+
+    def statistic(kept):
+        if kept.size == 0:
+            values = [0.0] * len(fractions)
+        else:
+            values = [np.percentile(kept, 100 * float(p)) for p in fractions]
+        return values[0] if scalar else np.array(values)
+
+    fshape = () if scalar else (len(fractions),)
+    return _local(
+        source,
+        statistic,
+        fshape,
+        dtype,
+        selem,
+        spacing,
+        step,
+        interpolate,
+        mask,
+        return_centers,
+        align,
+    )
+
+
+def local_histogram(
+    source,
+    max_bin=4096,
+    selem=(50, 50),
+    spacing=None,
+    step=None,
+    interpolate=None,
+    mask=None,
+    dtype=None,
+    return_centers=False,
+    *,
+    align="corners",
+):
+    """Counts of each value 0 .. max_bin - 1 among the kept voxels (int64)."""
+
+    def statistic(kept):
+        for value in (kept.min(initial=0), kept.max(initial=0)):
+            if value < 0 or value >= max_bin:
+                raise ValueError(
+                    f"local_histogram: source has value {value}, "
+                    f"outside [0, max_bin) with max_bin={max_bin}"
+                )
+        return np.bincount(kept.astype(np.int64), minlength=max_bin)
+
+    return _local(
+        source,
+        statistic,
+        (max_bin,),
+        np.int64 if dtype is None else dtype,
+        selem,
+        spacing,
+        step,
+        interpolate,
+        mask,
+        return_centers,
+        align,
+    )
+
+
+def apply_local_function(
+    source,
+    function,
+    selem=(50, 50),
+    spacing=None,
+    step=None,
+    interpolate=2,
+    mask=None,
+    fshape=None,
+    dtype=None,
+    return_centers=False,
+    *,
+    align="corners",
+):
+    """`function(kept)` per window: a scalar, or an array of shape `fshape`."""
+    fshape = () if fshape is None else tuple(np.atleast_1d(fshape).tolist())
+    return _local(
+        source,
+        function,
+        fshape,
+        dtype,
+        selem,
+        spacing,
+        step,
+        interpolate,
+        mask,
+        return_centers,
+        align,
+    )

@@ -1,0 +1,103 @@
+"""Window kernels: statistics over gathered windows, against NumPy."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dask_localstats._grid import make_grid
+from dask_localstats._kernels import Function, Histogram, Percentile, reduce_block
+
+
+@st.composite
+def rows(draw):
+    dtype = np.dtype(draw(st.sampled_from(["uint8", "int16", "float32", "float64"])))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    shape = (draw(st.integers(1, 20)), draw(st.integers(1, 30)))
+    values = (
+        rng.integers(-3, 6, shape) if dtype.kind != "u" else rng.integers(0, 6, shape)
+    )
+    values = values.astype(dtype)
+    if dtype.kind == "f":
+        values += rng.random(shape).astype(dtype)
+        special = rng.random(shape)
+        values[special < 0.03] = np.nan
+        values[(special > 0.03) & (special < 0.05)] = np.inf
+    valid = None if draw(st.booleans()) else rng.random(shape) < 0.6
+    return values, valid
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows(), st.lists(st.floats(0, 1), min_size=1, max_size=3))
+def test_percentile_rows_are_bit_identical_to_numpy(data, percentiles):
+    values, valid = data
+    result = Percentile(percentiles).reduce(values, valid)
+    for i, row in enumerate(values):
+        kept = row if valid is None else row[valid[i]]
+        for j, p in enumerate(percentiles):
+            with np.errstate(invalid="ignore"):
+                expected = np.percentile(kept, 100 * p) if kept.size else 0
+            np.testing.assert_array_equal(result[i, j], expected, strict=False)
+            assert result.dtype == np.result_type(values.dtype, 1.0)
+
+
+def test_histogram_rows():
+    values = np.array([[0, 1, 1, 3], [2, 2, 2, 0]], np.uint8)
+    valid = np.array([[True, True, False, True], [True, True, True, True]])
+    np.testing.assert_array_equal(
+        Histogram(4).reduce(values, valid), [[1, 1, 0, 1], [1, 0, 3, 0]]
+    )
+
+
+def test_function_sees_kept_voxels_in_c_order():
+    seen = []
+    block = np.arange(36).reshape(6, 6)
+    footprint = np.array([[True, False], [True, True]])
+    grid = make_grid((6, 6), footprint, spacing=(3, 3))
+    reduce_block(
+        block,
+        (0, 0),
+        grid,
+        (0, 0),
+        (2, 2),
+        Function(lambda kept: seen.append(kept.tolist()) or 0),
+        np.int64,
+    )
+    # centers (1, 1), (1, 4), (4, 1), (4, 4): windows start at (0, 0), (0, 3), ...
+    assert seen == [[0, 6, 7], [3, 9, 10], [18, 24, 25], [21, 27, 28]]
+
+
+def test_reduce_block_from_an_offset_block_equals_the_whole():
+    rng = np.random.default_rng(1)
+    image = rng.random((20, 24))
+    grid = make_grid(image.shape, (6, 5), spacing=(4, 3), step=(2, None))
+    whole = reduce_block(
+        image, (0, 0), grid, (0, 0), grid.counts, Percentile([0.2, 0.9]), np.float64
+    )
+    lo0, hi0 = grid.region(0, 2, 4)
+    lo1, hi1 = grid.region(1, 3, 7)
+    part = reduce_block(
+        image[lo0:hi0, lo1:hi1],
+        (lo0, lo1),
+        grid,
+        (2, 3),
+        (4, 7),
+        Percentile([0.2, 0.9]),
+        np.float64,
+    )
+    np.testing.assert_array_equal(part, whole[2:4, 3:7])
+
+
+def test_batches_bound_memory_without_changing_results(monkeypatch):
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 50, (30, 30)).astype(np.uint16)
+    grid = make_grid(image.shape, (8, 8), spacing=(2, 3))
+    args = ((0, 0), grid, (0, 0), grid.counts, Percentile(0.3), np.uint16)
+    whole = reduce_block(image, *args)
+    monkeypatch.setattr("dask_localstats._kernels._BATCH", 100)
+    np.testing.assert_array_equal(reduce_block(image, *args), whole)
+
+
+@pytest.mark.parametrize("percentile", [0.5, [0.5]])
+def test_percentile_shapes(percentile):
+    assert Percentile(percentile).fshape == (() if np.ndim(percentile) == 0 else (1,))
