@@ -10,7 +10,7 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 
-from ._engine import DEFAULT_BLOCK_BYTES, coarse_stage, resample_stage
+from ._engine import auto_chunks, coarse_stage, resample_stage
 from ._grid import make_grid
 from ._interpolate import ALIGNS
 from ._io import open_source
@@ -64,17 +64,16 @@ def _local_statistic(
     dtype = np.dtype(dtype)
     result = coarse_stage(source, grid, statistic, dtype, mask, block_bytes)
     if interpolate is not None:
+        if chunks is None and lazy:
+            chunks = getattr(source, "chunks", None)
         if chunks is None:
-            chunks = getattr(source, "chunks", None) if lazy else None
-        chunks = da.core.normalize_chunks(
-            chunks if chunks is not None else "auto",
-            grid.shape,
-            limit=block_bytes or DEFAULT_BLOCK_BYTES,
-            dtype=np.float64,
-        )
+            chunks = auto_chunks(grid.shape, np.dtype(np.float64).itemsize)
+        chunks = da.core.normalize_chunks(chunks, grid.shape)
         result = resample_stage(result, grid, interpolate, align, chunks)
     if not lazy:
-        result = result.compute(scheduler="threads")
+        out = np.empty(result.shape, result.dtype)
+        result.store(out, lock=False, scheduler="threads")
+        result = out
     if return_centers:
         return result, grid.center_coordinates()
     return result

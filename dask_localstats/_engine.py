@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import uuid
 
 import dask.array as da
 import numpy as np
@@ -34,6 +35,25 @@ from ._interpolate import coordinates, prefilter, resample_block, taps_range
 from ._kernels import reduce_block
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
+# Output chunks when the source imposes none: small enough for the allocator
+# to recycle their float64 temporaries instead of faulting in fresh pages.
+OUTPUT_CHUNK_BYTES = 16 * 2**20
+
+
+def _halve_to_fit(counts, extent, nbytes):
+    """Halve the counts of the longest axes until the extent fits `nbytes`.
+
+    ``extent(counts)`` gives the extent per axis covered by `counts` items.
+    """
+    counts = list(counts)
+    while math.prod(extent(counts)) > nbytes:
+        sizes = extent(counts)
+        axes = [d for d in range(len(counts)) if counts[d] > 1]
+        if not axes:
+            break
+        d = max(axes, key=lambda d: sizes[d])
+        counts[d] = -(-counts[d] // 2)
+    return tuple(counts)
 
 
 def plan_blocks(grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES):
@@ -42,19 +62,22 @@ def plan_blocks(grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES):
     Halves the axis whose region is longest until the region read by one
     block fits in `block_bytes` (or every axis holds a single center).
     """
-    per_block = list(grid.counts)
 
-    def extent(d):
-        return min((per_block[d] - 1) * grid.spacing[d] + grid.extent[d], grid.shape[d])
+    def extent(counts):
+        return [
+            min((k - 1) * h + e, s)
+            for k, h, e, s in zip(
+                counts, grid.spacing, grid.extent, grid.shape, strict=True
+            )
+        ]
 
-    while math.prod(extent(d) for d in range(grid.ndim)) * itemsize > block_bytes:
-        d = max(
-            (d for d in range(grid.ndim) if per_block[d] > 1), key=extent, default=None
-        )
-        if d is None:
-            break
-        per_block[d] = -(-per_block[d] // 2)
-    return tuple(per_block)
+    return _halve_to_fit(grid.counts, extent, block_bytes // itemsize)
+
+
+def auto_chunks(shape, itemsize, nbytes=OUTPUT_CHUNK_BYTES):
+    """Regular chunks of at most `nbytes`, cutting the longest axes first."""
+    sizes = _halve_to_fit(shape, list, max(nbytes // itemsize, 1))
+    return tuple(_split(s, c) for s, c in zip(shape, sizes, strict=True))
 
 
 def _split(total, size):
@@ -110,6 +133,11 @@ def _region_task(array, region, ndim=None):
     return (_assemble, full, array.dtype, parts)
 
 
+def _identity(array):
+    """What names `array` in a task key: hashing NumPy data would cost a pass."""
+    return uuid.uuid4().hex if isinstance(array, np.ndarray) else array
+
+
 def _source_layer(source, name):
     """Graph pieces to read `source`: (reference, layer dict, dependencies)."""
     if isinstance(source, da.Array):
@@ -139,7 +167,7 @@ def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
     itemsize = np.dtype(source.dtype).itemsize + (mask is not None)
     per_block = plan_blocks(grid, itemsize, block_bytes or DEFAULT_BLOCK_BYTES)
     token = tokenize(
-        source,
+        _identity(source),
         grid.shape,
         grid.extent,
         grid.spacing,
@@ -147,7 +175,7 @@ def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
         grid.footprint,
         statistic,
         dtype,
-        mask,
+        _identity(mask),
         per_block,
     )
     name = f"localstats-coarse-{token}"

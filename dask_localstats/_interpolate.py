@@ -132,12 +132,20 @@ def resample_block(coefficients, offset, coords, counts, order, dtype):
 
 
 def cast(values, dtype):
-    """Cast float values to `dtype`, rounding and clipping integers like scipy."""
+    """Cast float values to `dtype`, rounding and clipping integers like scipy.
+
+    Integers are rounded half away from zero and clipped to the dtype's
+    range. `values` may be overwritten.
+    """
     dtype = np.dtype(dtype)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        values = np.trunc(values + np.copysign(0.5, values))
-        values = np.clip(values, info.min, info.max)
+        if dtype.kind == "u":
+            values += 0.5
+        else:
+            values += np.copysign(0.5, values)
+        # the cast truncates toward zero, completing the rounding
+        values = np.clip(values, info.min, info.max, out=values)
     elif dtype.kind == "b":
         values = values != 0
     return values.astype(dtype, copy=False)

@@ -30,6 +30,8 @@ import math
 
 import numpy as np
 
+from ._tiles import tile_reduce
+
 _BATCH = 1 << 24
 
 
@@ -69,11 +71,9 @@ class Percentile:
         if valid is None:
             n = np.full(len(values), values.shape[1])
             kth = {0, values.shape[1] - 1}
-            for q in self._quantiles():
-                vi = (values.shape[1] - 1) * q
-                kth.update(
-                    {math.floor(vi), min(math.floor(vi) + 1, values.shape[1] - 1)}
-                )
+            for q in self.quantiles():
+                previous = math.floor((values.shape[1] - 1) * q)
+                kth.update({previous, min(previous + 1, values.shape[1] - 1)})
             ordered = np.partition(values, sorted(kth), axis=1)
             has_nan = np.isnan(ordered[:, -1]) if values.dtype.kind == "f" else None
         else:
@@ -85,41 +85,57 @@ class Percentile:
                 has_nan = None
                 sentinel = np.iinfo(values.dtype).max
             ordered = np.sort(np.where(valid, values, sentinel), axis=1)
-        with np.errstate(invalid="ignore"):  # inf - inf, as in numpy.percentile
-            results = [self._lerp(ordered, n, q) for q in self._quantiles()]
-        result = np.stack(results, axis=-1) if not self.scalar else results[0]
+
+        def select(rank):
+            return np.take_along_axis(ordered, rank[:, None], axis=1)[:, 0]
+
+        return self.combine(select, n, has_nan)
+
+    def quantiles(self):
+        """The quantiles ``numpy.percentile(a, 100 * p)`` uses, with its rounding."""
+        return [float(np.true_divide(100 * p, 100)) for p in self.percentiles]
+
+    def combine(self, select, n, has_nan=None):
+        """Percentiles of rows from their order statistics.
+
+        Parameters
+        ----------
+        select : callable
+            ``select(rank)`` returns, for each row, its value of rank
+            ``rank[row]`` (0-based, in increasing order), in the source dtype.
+        n : (rows,) int array
+            Number of kept values per row.
+        has_nan : (rows,) bool array or None
+            Rows holding a NaN, whose result is NaN.
+
+        Notes
+        -----
+        The expressions and their dtypes follow NumPy's ``_quantile`` and
+        ``_lerp`` with a Python-float quantile (weak promotion), including the
+        clamping of the top index to the last element, so results are
+        bit-identical to ``numpy.percentile``.
+        """
+        results = []
+        for q in self.quantiles():
+            virtual = (n - 1) * q
+            previous = np.floor(virtual)
+            above = virtual >= n - 1
+            gamma = virtual - np.where(above, -1, previous)
+            last = np.maximum(n - 1, 0)
+            lo = np.where(above, last, np.maximum(previous, 0)).astype(np.intp)
+            hi = np.where(above, last, np.minimum(previous + 1, last)).astype(np.intp)
+            a, b = select(lo), select(hi)
+            ftype = np.result_type(a.dtype, 1.0)
+            with np.errstate(invalid="ignore"):  # inf - inf, as in numpy.percentile
+                diff = b - a
+                result = a + diff * gamma.astype(ftype)
+                upper = gamma >= 0.5
+                result[upper] = (b - diff * (1 - gamma).astype(ftype))[upper]
+            results.append(result)
+        result = results[0] if self.scalar else np.stack(results, axis=-1)
         if has_nan is not None:
             result[has_nan] = np.nan
         result[n == 0] = 0
-        return result
-
-    def _quantiles(self):
-        # numpy.percentile(a, 100 * p) divides by 100 again; keep its rounding.
-        return [float(np.true_divide(100 * p, 100)) for p in self.percentiles]
-
-    @staticmethod
-    def _lerp(ordered, n, q):
-        """``numpy.percentile``'s linear interpolation, row by row.
-
-        The expressions and their dtypes follow NumPy's ``_quantile`` and
-        ``_lerp`` with a Python-float quantile (weak promotion), including the
-        clamping of the top index to the last element.
-        """
-        virtual = (n - 1) * q
-        previous = np.floor(virtual)
-        above = virtual >= n - 1
-        gamma = virtual - np.where(above, -1, previous)
-        last = np.maximum(n - 1, 0)
-        lo = np.where(above, last, np.maximum(previous, 0)).astype(np.intp)
-        hi = np.where(above, last, np.minimum(previous + 1, last)).astype(np.intp)
-        a = np.take_along_axis(ordered, lo[:, None], axis=1)[:, 0]
-        b = np.take_along_axis(ordered, hi[:, None], axis=1)[:, 0]
-        ftype = np.result_type(ordered.dtype, 1.0)
-        t = gamma.astype(ftype)
-        diff = b - a
-        result = a + diff * t
-        upper = gamma >= 0.5
-        result[upper] = (b - diff * (1 - gamma).astype(ftype))[upper]
         return result
 
 
@@ -155,17 +171,20 @@ class Histogram:
             )
             raise TypeError(msg)
 
+    def check_range(self, low, high):
+        """Raise if `low` or `high` falls outside ``[0, max_bin)``."""
+        if low < 0 or high >= self.max_bin:
+            bad = low if low < 0 else high
+            msg = (
+                f"`source` has the value {bad}, outside [0, max_bin) "
+                f"with max_bin={self.max_bin}"
+            )
+            raise ValueError(msg)
+
     def reduce(self, values, valid):
         kept = values if valid is None else values[valid]
         if kept.size:
-            low, high = kept.min(), kept.max()
-            if low < 0 or high >= self.max_bin:
-                bad = low if low < 0 else high
-                msg = (
-                    f"`source` has the value {bad}, outside [0, max_bin) "
-                    f"with max_bin={self.max_bin}"
-                )
-                raise ValueError(msg)
+            self.check_range(kept.min(), kept.max())
         rows = np.arange(len(values))[:, None] * self.max_bin
         keys = (
             (rows + values.astype(np.intp)) if valid is None else (rows + values)[valid]
@@ -241,6 +260,14 @@ def reduce_block(block, origin, grid, start, stop, statistic, dtype, mask=None):
     ndarray
         Shape ``stop - start + statistic.fshape``.
     """
+    tiled = isinstance(statistic, Percentile | Histogram)
+    if tiled and grid.footprint is None and block.dtype.kind in "biu":
+        histogram = isinstance(statistic, Histogram)
+        out = tile_reduce(
+            block, origin, grid, start, stop, statistic, dtype, mask, histogram
+        )
+        if out is not None:
+            return out
     ndim = grid.ndim
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     out = np.zeros(shape + statistic.fshape, dtype=dtype)
