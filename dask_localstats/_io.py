@@ -48,7 +48,7 @@ def _open_zarr(path, name, level=0):
         return node[dataset]
     arrays = list(node.arrays())
     if len(arrays) != 1:
-        names = [n for n, _ in arrays]
+        names = sorted(n for n, _ in arrays)
         msg = (
             f"`{name}`: {path!r} is a zarr group with {len(arrays)} arrays "
             f"({names}); give the path of one array"

@@ -1,0 +1,126 @@
+"""The chunked engine: lazy results that never depend on chunking."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import chunkings, geometries, images, masks, orders, percentiles
+
+import dask_localstats as dls
+from dask_localstats._engine import auto_chunks, plan_blocks
+from dask_localstats._grid import make_grid
+
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@SETTINGS
+@given(
+    data=st.data(),
+    geometry=geometries(max_ndim=3),
+    percentile=percentiles,
+    order=orders,
+)
+def test_results_do_not_depend_on_chunking(data, geometry, percentile, order):
+    shape, selem, spacing, step = geometry
+    source = data.draw(images(shape))
+    mask = data.draw(masks(shape))
+    kwargs = dict(selem=selem, spacing=spacing, step=step, interpolate=order)
+    expected = dls.local_percentile(source, percentile, mask=mask, **kwargs)
+    lazy_source = da.from_array(source, chunks=data.draw(chunkings(shape)))
+    lazy_mask = (
+        None
+        if mask is None
+        else da.from_array(mask, chunks=data.draw(chunkings(shape)))
+    )
+    block_bytes = data.draw(st.sampled_from([1, 64, 2**20]))
+    out_chunks = data.draw(st.one_of(st.none(), chunkings(shape)))
+    result = dls.local_percentile(
+        lazy_source,
+        percentile,
+        mask=lazy_mask,
+        block_bytes=block_bytes,
+        chunks=out_chunks,
+        **kwargs,
+    )
+    assert isinstance(result, da.Array)
+    assert result.dtype == expected.dtype
+    with dask.config.set(scheduler="sync"):
+        computed = result.compute()
+    np.testing.assert_array_equal(computed, expected, strict=True)
+
+
+def test_histogram_and_function_are_lazy_for_dask_input():
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 16, (20, 24)).astype(np.uint8)
+    lazy = da.from_array(source, chunks=(7, 5))
+    hist = dls.local_histogram(lazy, 16, selem=(5, 6), block_bytes=64)
+    np.testing.assert_array_equal(
+        hist.compute(), dls.local_histogram(source, 16, selem=(5, 6))
+    )
+    func = dls.apply_local_function(
+        lazy, np.max, selem=(5, 6), interpolate=None, block_bytes=64
+    )
+    np.testing.assert_array_equal(
+        func.compute(),
+        dls.apply_local_function(source, np.max, selem=(5, 6), interpolate=None),
+    )
+
+
+def test_errors_in_tasks_surface_at_compute():
+    source = da.from_array(np.full((8, 8), 20, np.uint8), chunks=4)
+    result = dls.local_histogram(source, 16, selem=(4, 4))
+    with pytest.raises(ValueError, match=r"value 20, outside \[0, max_bin\)"):
+        result.compute()
+
+
+class CountingArray:
+    """A NumPy-backed array that records which regions are read."""
+
+    def __init__(self, array):
+        self.array, self.reads = array, []
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return self.array[index]
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_one_output_block_reads_only_nearby_source(order):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 1000, (64, 256, 256)).astype(np.uint16)
+    counting = CountingArray(image)
+    source = da.from_array(counting, chunks=(32, 32, 32), asarray=False)
+    result = dls.local_percentile(
+        source, 0.5, selem=(16, 16, 16), interpolate=order, block_bytes=2**16
+    )
+    counting.reads.clear()
+    block = result.blocks[0, 2, 3].compute(scheduler="sync")
+    expected = dls.local_percentile(image, 0.5, selem=(16, 16, 16), interpolate=order)
+    np.testing.assert_array_equal(block, expected[:32, 64:96, 96:128])
+    # 64 source chunks in all; the block needs its own and its neighbours'
+    assert 0 < len(counting.reads) <= 27
+
+
+def test_higher_orders_prefilter_the_coarse_grid_once():
+    source = da.zeros((40, 40), chunks=10)
+    result = dls.local_percentile(source, 0.5, selem=(5, 5), interpolate=3)
+    layers = [name for name in result.dask.layers if "prefilter" in name]
+    assert len(layers) == 1
+
+
+def test_plan_blocks_fits_the_budget():
+    grid = make_grid((1000, 1000, 500), (64, 64, 64), spacing=(32, 32, 32))
+    per_block = plan_blocks(grid, 2, 64 * 2**20)
+    extent = [(k - 1) * 32 + 64 for k in per_block]
+    assert np.prod(extent) * 2 <= 64 * 2**20
+    assert np.prod(extent) * 2 > 64 * 2**20 / 8
+
+
+def test_auto_chunks():
+    assert auto_chunks((100, 10), 8, 800) == ((7,) * 14 + (2,), (10,))
+    assert auto_chunks((3,), 8, 1) == ((1, 1, 1),)
