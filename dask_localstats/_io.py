@@ -57,6 +57,21 @@ def _open_zarr(path, name, level=0):
     return arrays[0][1]
 
 
+def _zarr_behind(array):
+    """The zarr array a dask array plainly wraps (``da.from_zarr``), else itself.
+
+    Reading the store directly lets tasks fetch exactly their region and keeps
+    the user's own chunk tasks (for example in ``v - background(v)``) apart
+    from ours, so neither pins the other's chunks in memory.
+    """
+    original = f"original-{array.name}"
+    if set(array.dask.layers) == {original, array.name}:
+        wrapped = array.dask[original]
+        if isinstance(wrapped, zarr.Array) and wrapped.shape == array.shape:
+            return wrapped
+    return array
+
+
 def open_source(source, name="source"):
     """Return ``(array, lazy)`` for any supported kind of source.
 
@@ -81,7 +96,9 @@ def open_source(source, name="source"):
     """
     if isinstance(source, str | os.PathLike):
         return _open_zarr(source, name), True
-    if isinstance(source, da.Array | zarr.Array):
+    if isinstance(source, da.Array):
+        return _zarr_behind(source), True
+    if isinstance(source, zarr.Array):
         return source, True
     if source is None:
         msg = f"`{name}` must be an array or the path of a zarr array, got None"

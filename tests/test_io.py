@@ -158,3 +158,13 @@ def test_bad_source_types():
         dls.local_percentile(None, 0.5, selem=(2, 2))
     with pytest.raises(TypeError, match=r"`source` must be a numeric array"):
         dls.local_percentile(np.array([object(), object()]), 0.5, selem=2)
+
+
+def test_from_zarr_arrays_are_read_from_the_store(tmp_path, image):
+    z = _write(tmp_path / "image.zarr", image)
+    source = da.from_zarr(z)
+    result = dls.local_percentile(source, 0.5, **KWARGS)
+    assert not set(source.dask.layers) & set(result.dask.layers)
+    np.testing.assert_array_equal(
+        result.compute(), dls.local_percentile(image, 0.5, **KWARGS)
+    )
