@@ -22,6 +22,7 @@ prefilter the (small) coarse grid once, in one task.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import uuid
@@ -100,37 +101,43 @@ def _assemble(shape, dtype, parts):
     return out
 
 
-def _region_task(array, region, ndim=None):
+def _pieces(bounds, lo, hi):
+    """Chunks of one axis meeting ``[lo, hi)``: (index, src slice, dst slice)."""
+    first = bisect.bisect_right(bounds, lo) - 1
+    last = bisect.bisect_left(bounds, hi)
+    return [
+        (
+            i,
+            slice(max(lo, bounds[i]) - bounds[i], min(hi, bounds[i + 1]) - bounds[i]),
+            slice(max(lo, bounds[i]) - lo, min(hi, bounds[i + 1]) - lo),
+        )
+        for i in range(first, last)
+    ]
+
+
+def _region_task(array, region):
     """A task producing ``array[region]`` (region: a (lo, hi) pair per axis).
 
     `array` is either a dask array, whose intersecting chunks become
-    dependencies, or a graph key naming a sliceable array.
+    dependencies, or a graph key naming a sliceable array. Axes of the dask
+    array beyond `region` must be single chunks; they are taken whole.
     """
     slices = tuple(slice(lo, hi) for lo, hi in region)
     if not isinstance(array, da.Array):
         return (_read, array, slices)
-    shape = tuple(hi - lo for lo, hi in region)
-    per_axis = []
-    for (lo, hi), chunks in zip(region, array.chunks, strict=False):
-        bounds = np.cumsum((0, *chunks))
-        first = np.searchsorted(bounds, lo, side="right") - 1
-        last = np.searchsorted(bounds, hi, side="left")
-        pieces = []
-        for i in range(first, last):
-            a, b = max(lo, bounds[i]), min(hi, bounds[i + 1])
-            src = slice(int(a - bounds[i]), int(b - bounds[i]))
-            pieces.append((i, src, slice(int(a - lo), int(b - lo))))
-        per_axis.append(pieces)
-    # trailing axes not covered by `region` are taken whole (single chunk)
-    extra = array.ndim - len(region)
-    parts = []
-    for combo in itertools.product(*per_axis):
-        key = (array.name, *(i for i, _, _ in combo), *(0,) * extra)
-        src = tuple(s for _, s, _ in combo)
-        dst = tuple(d for _, _, d in combo)
-        parts.append([dst, src, key])
-    full = shape + tuple(array.shape[len(region) :])
-    return (_assemble, full, array.dtype, parts)
+    bounds = [list(itertools.accumulate(c, initial=0)) for c in array.chunks]
+    per_axis = [_pieces(b, lo, hi) for b, (lo, hi) in zip(bounds, region, strict=False)]
+    extra = (0,) * (array.ndim - len(region))
+    parts = [
+        [
+            tuple(d for _, _, d in combo),
+            tuple(s for _, s, _ in combo),
+            (array.name, *(i for i, _, _ in combo), *extra),
+        ]
+        for combo in itertools.product(*per_axis)
+    ]
+    shape = tuple(hi - lo for lo, hi in region) + array.shape[len(region) :]
+    return (_assemble, shape, array.dtype, parts)
 
 
 def _identity(array):

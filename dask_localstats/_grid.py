@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -115,12 +116,12 @@ class Grid:
     def ndim(self):
         return len(self.shape)
 
-    @property
+    @cached_property
     def counts(self):
         """Number of centers ``m`` per axis."""
         return tuple(s // h for s, h in zip(self.shape, self.spacing, strict=True))
 
-    @property
+    @cached_property
     def first(self):
         """Position of the first center per axis."""
         return tuple(

@@ -66,28 +66,38 @@ def _bspline(t, order):
     return total / math.factorial(order)
 
 
+def _first_tap(x, order):
+    """Unfolded index of the first of the ``order + 1`` taps at `x`."""
+    shift = 0 if order % 2 else 0.5
+    return np.floor(np.asarray(x) + shift).astype(np.intp) - order // 2
+
+
+def _mirror(index, count):
+    """Fold indices into ``[0, count)`` with scipy's 'mirror' boundary."""
+    if count == 1:
+        return np.zeros_like(index)
+    period = 2 * (count - 1)
+    index = np.abs(index) % period
+    return np.where(index >= count, period - index, index)
+
+
 def _taps(x, count, order):
     """Mirror-folded tap indices and weights, both of shape (len(x), order+1)."""
-    if order % 2:
-        start = np.floor(x).astype(np.intp) - order // 2
-    else:
-        start = np.floor(x + 0.5).astype(np.intp) - order // 2
-    index = start[:, None] + np.arange(order + 1)
+    index = _first_tap(x, order)[:, None] + np.arange(order + 1)
     if order == 0:
         weights = np.ones(index.shape)
     else:
         weights = _bspline(x[:, None] - index, order)
-    if count == 1:
-        return np.zeros_like(index), weights
-    period = 2 * (count - 1)
-    index = np.abs(index) % period
-    index = np.where(index >= count, period - index, index)
-    return index, weights
+    return _mirror(index, count), weights
 
 
 def taps_range(x, count, order):
-    """The range ``(lo, hi)`` of coarse indices that coordinates `x` touch."""
-    index, _ = _taps(x, count, order)
+    """The range ``(lo, hi)`` of coarse indices that coordinates `x` touch.
+
+    `x` must be sorted, as coordinates of consecutive voxels are.
+    """
+    first, last = _first_tap([x[0], x[-1]], order)
+    index = _mirror(np.arange(first, last + order + 1), count)
     return int(index.min()), int(index.max()) + 1
 
 
