@@ -127,18 +127,43 @@ def resample_block(coefficients, offset, coords, counts, order, dtype):
         Shape ``tuple(map(len, coords)) + coefficients.shape[len(coords):]``.
     """
     values = np.asarray(coefficients, dtype=np.float64)
-    for axis in reversed(range(len(coords))):
-        index, weights = _taps(coords[axis], counts[axis], order)
-        index = index - offset[axis]
-        shape = [1] * values.ndim
-        shape[axis] = len(coords[axis])
-        result = None
-        for j in range(order + 1):
-            term = np.take(values, index[:, j], axis=axis)
-            term *= weights[:, j].reshape(shape)
-            result = term if result is None else np.add(result, term, out=result)
-        values = result
-    return cast(values, dtype)
+    for axis in reversed(range(1, len(coords))):
+        values = _contract(
+            values, axis, *_local_taps(coords, counts, offset, order, axis)
+        )
+    index, weights = _local_taps(coords, counts, offset, order, 0)
+    if values[0].size < _SLAB:
+        return cast(_contract(values, 0, index, weights), dtype)
+    # The last contraction makes the full block: one output slab at a time, so
+    # the float64 temporaries stay in cache and only the result is written.
+    out = np.empty((len(index), *values.shape[1:]), dtype=dtype)
+    slab = np.empty(values.shape[1:])
+    for i, (taps, w) in enumerate(zip(index, weights, strict=True)):
+        np.multiply(values[taps[0]], w[0], out=slab)
+        for tap, weight in zip(taps[1:], w[1:], strict=True):
+            slab += weight * values[tap]
+        out[i] = cast(slab, dtype)
+    return out
+
+
+_SLAB = 4096
+
+
+def _local_taps(coords, counts, offset, order, axis):
+    index, weights = _taps(coords[axis], counts[axis], order)
+    return index - offset[axis], weights
+
+
+def _contract(values, axis, index, weights):
+    """Sum of the taps along `axis`: ``sum_j weights[:, j] * values[index[:, j]]``."""
+    shape = [1] * values.ndim
+    shape[axis] = len(index)
+    result = None
+    for j in range(index.shape[1]):
+        term = np.take(values, index[:, j], axis=axis)
+        term *= weights[:, j].reshape(shape)
+        result = term if result is None else np.add(result, term, out=result)
+    return result
 
 
 def cast(values, dtype):
