@@ -35,7 +35,7 @@ from dask.highlevelgraph import HighLevelGraph
 from ._interpolate import coordinates, prefilter, resample_block, taps_range
 from ._kernels import reduce_block
 
-DEFAULT_BLOCK_BYTES = 64 * 2**20
+DEFAULT_BLOCK_BYTES = 128 * 2**20
 # Output chunks when the source imposes none: small enough for the allocator
 # to recycle their float64 temporaries instead of faulting in fresh pages.
 OUTPUT_CHUNK_BYTES = 16 * 2**20
@@ -81,7 +81,41 @@ def auto_chunks(shape, itemsize, nbytes=OUTPUT_CHUNK_BYTES):
     return tuple(_split(s, c) for s, c in zip(shape, sizes, strict=True))
 
 
-def _split(total, size):
+def _storage_chunks(source):
+    """Regular chunk shape of a zarr or dask source, or None."""
+    chunks = getattr(source, "chunks", None)
+    if chunks is None:
+        return None
+    if isinstance(source, da.Array):
+        return tuple(c[0] for c in chunks)
+    return tuple(chunks)
+
+
+def align_blocks(grid, per_block, storage=None):
+    """Center counts of the processing blocks along each axis.
+
+    Blocks hold `per_block` centers; where the source is stored in chunks,
+    the blocks are shifted so that their regions touch as few storage chunks
+    as possible (each chunk a region touches is decoded whole).
+    """
+    out = []
+    for d, (m, k) in enumerate(zip(grid.counts, per_block, strict=True)):
+        options = [_split(m, k, shift) for shift in range(k if storage else 1)]
+
+        def touched(sizes, d=d):
+            bounds = list(itertools.accumulate(sizes, initial=0))
+            regions = [grid.region(d, a, b) for a, b in itertools.pairwise(bounds)]
+            return sum(
+                (hi - 1) // storage[d] - lo // storage[d] + 1 for lo, hi in regions
+            )
+
+        out.append(min(options, key=touched) if storage else options[0])
+    return tuple(out)
+
+
+def _split(total, size, shift=0):
+    if shift:
+        return (min(shift, total), *_split(total - min(shift, total), size))
     return tuple(min(size, total - i) for i in range(0, total, size))
 
 
@@ -173,6 +207,7 @@ def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
     """
     itemsize = np.dtype(source.dtype).itemsize + (mask is not None)
     per_block = plan_blocks(grid, itemsize, block_bytes or DEFAULT_BLOCK_BYTES)
+    chunks = align_blocks(grid, per_block, _storage_chunks(source))
     token = tokenize(
         _identity(source),
         grid.shape,
@@ -183,7 +218,7 @@ def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
         statistic,
         dtype,
         _identity(mask),
-        per_block,
+        chunks,
     )
     name = f"localstats-coarse-{token}"
     src_ref, layer, deps = _source_layer(source, name)
@@ -192,10 +227,10 @@ def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
         mask_ref, mask_layer, mask_deps = _source_layer(mask, f"mask-{name}")
         layer.update(mask_layer)
         deps += mask_deps
-    chunks = tuple(_split(m, k) for m, k in zip(grid.counts, per_block, strict=True))
+    bounds = [list(itertools.accumulate(c, initial=0)) for c in chunks]
     for index in itertools.product(*(range(len(c)) for c in chunks)):
-        start = tuple(i * k for i, k in zip(index, per_block, strict=True))
-        stop = tuple(s + c[i] for s, c, i in zip(start, chunks, index, strict=True))
+        start = tuple(b[i] for b, i in zip(bounds, index, strict=True))
+        stop = tuple(b[i + 1] for b, i in zip(bounds, index, strict=True))
         region = [grid.region(d, start[d], stop[d]) for d in range(grid.ndim)]
         origin = tuple(lo for lo, _ in region)
         mask_task = None if mask is None else _region_task(mask_ref, region)

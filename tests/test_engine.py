@@ -1,5 +1,7 @@
 """The chunked engine: lazy results that never depend on chunking."""
 
+import itertools
+
 import dask
 import dask.array as da
 import numpy as np
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from strategies import chunkings, geometries, images, masks, orders, percentiles
 
 import dask_localstats as dls
-from dask_localstats._engine import auto_chunks, plan_blocks
+from dask_localstats._engine import align_blocks, auto_chunks, plan_blocks
 from dask_localstats._grid import make_grid
 
 SETTINGS = settings(
@@ -124,3 +126,17 @@ def test_plan_blocks_fits_the_budget():
 def test_auto_chunks():
     assert auto_chunks((100, 10), 8, 800) == ((7,) * 14 + (2,), (10,))
     assert auto_chunks((3,), 8, 1) == ((1, 1, 1),)
+
+
+def test_blocks_are_shifted_to_touch_fewer_storage_chunks():
+    grid = make_grid((512,), (64,), spacing=(32,))
+    plain = align_blocks(grid, (8,))
+    aligned = align_blocks(grid, (8,), storage=(128,))
+    assert sum(plain[0]) == sum(aligned[0]) == 16
+
+    def touched(sizes):
+        bounds = np.cumsum((0, *sizes))
+        regions = [grid.region(0, a, b) for a, b in itertools.pairwise(bounds)]
+        return sum((hi - 1) // 128 - lo // 128 + 1 for lo, hi in regions)
+
+    assert touched(aligned[0]) < touched(plain[0])
