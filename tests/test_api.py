@@ -11,7 +11,7 @@ from strategies import geometries, images, masks, orders, percentiles
 import dask_localstats as dls
 
 SETTINGS = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 

@@ -15,7 +15,7 @@ from dask_localstats._engine import align_blocks, auto_chunks, plan_blocks
 from dask_localstats._grid import make_grid
 
 SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 

@@ -1,0 +1,480 @@
+"""The ``dask-localstats`` command, driven as a subprocess on small stores.
+
+Independent runs are started together (:func:`run_all`) to keep the file
+fast: most of a run's time is importing dask and zarr.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+import dask_localstats as dls
+from dask_localstats._cli import TEST_DELAY_ENV, _written
+from dask_localstats._grid import make_grid
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+GEOMETRY = dict(selem=(6, 8, 5), spacing=(4, 5, 5))
+CLI_GEOMETRY = ["--selem", "6", "8", "5", "--spacing", "4", "5", "5"]
+
+
+def command(*args):
+    return [sys.executable, "-m", "dask_localstats._cli", *map(str, args)]
+
+
+def run_all(*commands, env=None, cwd=None):
+    """Run commands at once; return their CompletedProcess, in order."""
+    env = {**os.environ, **(env or {})}
+    procs = [
+        subprocess.Popen(
+            c,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=cwd,
+        )
+        for c in commands
+    ]
+    done = []
+    for c, proc in zip(commands, procs, strict=True):
+        out, err = proc.communicate(timeout=120)
+        done.append(subprocess.CompletedProcess(c, proc.returncode, out, err))
+    return done
+
+
+def run(*args, **kwargs):
+    return run_all(command(*args), **kwargs)[0]
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+    return result
+
+
+def refused(result, match):
+    """One line on stderr, matching `match`, exit code 2, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dask-localstats: error: "), lines
+    assert "Traceback" not in result.stderr
+    assert match in lines[0], (match, lines[0])
+
+
+def write_zarr(path, image, chunks=(4, 8, 9), zarr_format=3):
+    z = zarr.create_array(
+        path,
+        shape=image.shape,
+        chunks=chunks,
+        dtype=image.dtype,
+        zarr_format=zarr_format,
+    )
+    z[:] = image
+    return path
+
+
+def record(path):
+    node = zarr.open(path, mode="r")
+    array = node["0"] if isinstance(node, zarr.Group) else node
+    return array.attrs["dask_localstats"]
+
+
+def chunk_files(path):
+    return {
+        p: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(Path(path).rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    }
+
+
+@pytest.fixture
+def image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 1000, (12, 30, 25)).astype(np.uint16)
+
+
+def test_percentile_matches_the_library_and_records_the_run(tmp_path, image):
+    v2 = write_zarr(tmp_path / "v2.zarr", image, zarr_format=2)
+    v3 = write_zarr(tmp_path / "v3.zarr", image)
+    full, coarse = tmp_path / "full.zarr", tmp_path / "coarse.zarr"
+    args = ["--percentile", "0.1", "0.5", "--coarse", "--step", "2", "1", "1"]
+    results = run_all(
+        command("percentile", v2, full, "--percentile", "0.2", *CLI_GEOMETRY),
+        command("percentile", v3, coarse, *args, *CLI_GEOMETRY, "--align", "centers"),
+    )
+    for result in results:
+        ok(result)
+    out = zarr.open_array(full, mode="r")
+    expected = dls.local_percentile(image, 0.2, **GEOMETRY)
+    np.testing.assert_array_equal(out[:], expected, strict=True)
+    assert out.metadata.zarr_format == 3
+    assert out.compressors  # zarr's default zstd
+    assert out.chunks == (4, 8, 9)  # the input's
+    rec = record(full)
+    assert rec["command"].startswith("dask-localstats percentile ")
+    assert rec["version"] == dls.__version__
+    assert rec["complete"] is True
+    assert rec["parameters"]["percentile"] == 0.2
+    assert rec["parameters"]["selem"] == [6, 8, 5]
+    assert rec["input"]["path"] == str(v2)
+    grid = make_grid(image.shape, (6, 8, 5), (4, 5, 5))
+    assert rec["grid"] == {
+        "first": list(grid.first),
+        "spacing": [4, 5, 5],
+        "count": list(grid.counts),
+    }
+    assert "1 of" not in results[0].stderr  # every chunk was computed
+
+    expected = dls.local_percentile(
+        image, [0.1, 0.5], step=(2, 1, 1), interpolate=None, **GEOMETRY
+    )
+    got = zarr.open_array(coarse, mode="r")[:]
+    np.testing.assert_array_equal(got, expected, strict=True)
+    assert record(coarse)["parameters"]["interpolate"] is None
+
+
+def test_subtract_is_clipped_to_the_input_dtype(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    ok(run("percentile", source, tmp_path / "out.zarr", "--percentile", "0.6",
+           "--subtract", "--interpolate", "3", *CLI_GEOMETRY))  # fmt: skip
+    background = dls.local_percentile(
+        image, 0.6, interpolate=3, dtype=np.float32, **GEOMETRY
+    )
+    difference = np.rint(image.astype(np.float64) - background)
+    expected = np.clip(difference, 0, 65535).astype(np.uint16)
+    assert (difference < 0).any()  # the clipping matters
+    got = zarr.open_array(tmp_path / "out.zarr", mode="r")[:]
+    np.testing.assert_array_equal(got, expected, strict=True)
+
+
+def test_histogram_and_masks(tmp_path, image):
+    image = image % 64
+    source = write_zarr(tmp_path / "in.zarr", image)
+    mask = image > 20
+    write_zarr(tmp_path / "mask.zarr", mask, chunks=(5, 5, 5))
+    tifffile.imwrite(tmp_path / "mask.tif", mask.astype(np.uint8))
+    hist, perc = tmp_path / "hist.zarr", tmp_path / "perc.zarr"
+    results = run_all(
+        command("histogram", source, hist, "--max-bin", "64", "--mask",
+                tmp_path / "mask.zarr", "--selem", "6", "10", "5"),
+        command("percentile", source, perc, "--percentile", "0.5", "--mask",
+                tmp_path / "mask.tif", "--dtype", "float32", *CLI_GEOMETRY),
+    )  # fmt: skip
+    for result in results:
+        ok(result)
+    expected = dls.local_histogram(image, 64, selem=(6, 10, 5), mask=mask)
+    got = zarr.open_array(hist, mode="r")[:]
+    np.testing.assert_array_equal(got, expected, strict=True)
+    expected = dls.local_percentile(image, 0.5, mask=mask, dtype=np.float32, **GEOMETRY)
+    got = zarr.open_array(perc, mode="r")[:]
+    np.testing.assert_array_equal(got, expected, strict=True)
+
+
+def test_tiff_stack_folder_and_glob(tmp_path, image):
+    tifffile.imwrite(tmp_path / "stack.tif", image)
+    (tmp_path / "slices").mkdir()
+    for z, plane in enumerate(image):
+        tifffile.imwrite(tmp_path / "slices" / f"Z{z:04d}.tif", plane)
+    args = ["--percentile", "0.3", *CLI_GEOMETRY]
+    results = run_all(
+        command("percentile", tmp_path / "stack.tif", tmp_path / "a.zarr", *args),
+        command("percentile", tmp_path / "slices", tmp_path / "b.zarr", *args),
+        command("percentile", "slices/Z*.tif", "c.zarr", *args, "--subtract"),
+        cwd=tmp_path,
+    )
+    for result in results:
+        ok(result)
+    expected = dls.local_percentile(image, 0.3, **GEOMETRY)
+    for name in "ab":
+        got = zarr.open_array(tmp_path / f"{name}.zarr", mode="r")[:]
+        np.testing.assert_array_equal(got, expected, strict=True)
+    background = dls.local_percentile(image, 0.3, dtype=np.float32, **GEOMETRY)
+    subtracted = np.clip(np.rint(image - background.astype(np.float64)), 0, None)
+    got = zarr.open_array(tmp_path / "c.zarr", mode="r")[:]
+    np.testing.assert_array_equal(got, subtracted.astype(np.uint16), strict=True)
+    assert record(tmp_path / "c.zarr")["input"]["path"] == str(
+        tmp_path / "slices" / "Z*.tif"
+    )
+
+
+def write_ome(path, image, version="0.5"):
+    """A two-level OME-Zarr image with physical scale and translation."""
+    group = zarr.open_group(path, mode="w")
+    group.create_array("0", shape=image.shape, dtype=image.dtype)[:] = image
+    half = image[::2, ::2, ::2]
+    group.create_array("1", shape=half.shape, dtype=half.dtype)[:] = half
+    datasets = [
+        {
+            "path": str(level),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [2.0 * 2**level, 0.5 * 2**level, 0.5]},
+                {"type": "translation", "translation": [10.0 + level, 0.0, 0.0]},
+            ],
+        }
+        for level in (0, 1)
+    ]
+    axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+    multiscales = [{"version": version, "axes": axes, "datasets": datasets}]
+    if version == "0.5":
+        group.attrs["ome"] = {"version": version, "multiscales": multiscales}
+    else:
+        group.attrs["multiscales"] = multiscales
+    return path
+
+
+def ome_image(path):
+    group = zarr.open_group(path, mode="r")
+    multiscale = group.attrs["ome"]["multiscales"][0]
+    assert group.attrs["ome"]["version"] == "0.5"
+    (dataset,) = multiscale["datasets"]
+    scale, translation = dataset["coordinateTransformations"]
+    axes = [a["name"] for a in multiscale["axes"]]
+    assert list(group[dataset["path"]].metadata.dimension_names) == axes
+    return group[dataset["path"]][:], axes, scale["scale"], translation["translation"]
+
+
+def test_ome_zarr_in_gives_ome_zarr_out(tmp_path, image):
+    v05 = write_ome(tmp_path / "in05.zarr", image)
+    v04 = write_ome(tmp_path / "in04.zarr", image, version="0.4")
+    results = run_all(
+        command("percentile", v05, tmp_path / "coarse.zarr", "--percentile", "0.5",
+                "--coarse", "--level", "1", "--selem", "4", "6", "4",
+                "--spacing", "2", "4", "3"),
+        command("percentile", v04, tmp_path / "full.zarr", "--percentile", "0.5",
+                *CLI_GEOMETRY),
+        command("histogram", image_path := write_zarr(tmp_path / "p.zarr", image),
+                tmp_path / "hist.zarr", "--max-bin", "1000", "--ome",
+                *CLI_GEOMETRY),
+        command("percentile", v05, tmp_path / "plain.zarr", "--percentile", "0.5",
+                "--no-ome", *CLI_GEOMETRY),
+    )  # fmt: skip
+    for result in results:
+        ok(result)
+    assert image_path.exists()
+
+    half = image[::2, ::2, ::2]
+    data, axes, scale, translation = ome_image(tmp_path / "coarse.zarr")
+    kwargs = dict(selem=(4, 6, 4), spacing=(2, 4, 3), interpolate=None)
+    np.testing.assert_array_equal(data, dls.local_percentile(half, 0.5, **kwargs))
+    first = make_grid(half.shape, (4, 6, 4), (2, 4, 3)).first
+    assert axes == ["z", "y", "x"]
+    assert scale == [4.0 * 2, 1.0 * 4, 0.5 * 3]
+    assert translation == [11.0 + 4.0 * first[0], first[1] * 1.0, first[2] * 0.5]
+
+    data, axes, scale, translation = ome_image(tmp_path / "full.zarr")
+    np.testing.assert_array_equal(data, dls.local_percentile(image, 0.5, **GEOMETRY))
+    assert (scale, translation) == ([2.0, 0.5, 0.5], [10.0, 0.0, 0.0])
+
+    # plain input, --ome: unit scale; the bins become the (first) channel axis
+    data, axes, scale, translation = ome_image(tmp_path / "hist.zarr")
+    expected = dls.local_histogram(image, 1000, **GEOMETRY)
+    np.testing.assert_array_equal(data, np.moveaxis(expected, -1, 0), strict=True)
+    assert axes == ["bin", "z", "y", "x"]
+    assert scale == [1.0, 4.0, 5.0, 5.0]
+    grid = make_grid(image.shape, (6, 8, 5), (4, 5, 5))
+    assert translation == [0.0, *map(float, grid.first)]
+
+    plain = zarr.open(tmp_path / "plain.zarr", mode="r")
+    assert isinstance(plain, zarr.Array)
+
+
+def test_refusals_leave_everything_untouched(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    tifffile.imwrite(tmp_path / "stack.tif", image)
+    done = tmp_path / "done.zarr"
+    args = ["--percentile", "0.5", *CLI_GEOMETRY]
+    ok(run("percentile", source, done, *args))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("keep me")
+    # an interrupted run: complete is still false
+    interrupted = tmp_path / "interrupted.zarr"
+    shutil.copytree(done, interrupted)
+    z = zarr.open_array(interrupted, mode="r+")
+    z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
+    before = {p: chunk_files(p) for p in (source, done, interrupted)}
+    cases = [
+        (["percentile", source, source, *args], "is IN or inside it"),
+        (["percentile", source, source / "sub", *args], "is IN or inside it"),
+        (["percentile", tmp_path / "stack.tif", tmp_path / "stack.tif", *args],
+         "is IN or inside it"),
+        (["percentile", source, tmp_path, *args, "--overwrite"], "holds IN"),
+        (["percentile", source, done, *args], "exists; use --overwrite"),
+        (["percentile", source, tmp_path / "folder", *args, "--overwrite"],
+         "not a zarr store"),
+        (["percentile", source, tmp_path / "new.zarr", *args, "--resume"],
+         "does not exist"),
+        (["percentile", source, done, *args, "--resume"], "is complete"),
+        (["percentile", source, interrupted, "--percentile", "0.4",
+          *CLI_GEOMETRY, "--resume"], "percentile: 0.5 then, 0.4 now"),
+        (["percentile", source, interrupted, *args, "--coarse", "--resume"],
+         "parameters interpolate: 1 then, None now"),
+        (["percentile", source, done, *args, "--mask", done, "--overwrite"],
+         "is MASK or inside it"),
+    ]  # fmt: skip
+    results = run_all(*(command(*c) for c, _ in cases))
+    for result, (_, match) in zip(results, cases, strict=True):
+        refused(result, match)
+    assert before == {p: chunk_files(p) for p in (source, done, interrupted)}
+    assert (tmp_path / "folder" / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "new.zarr").exists()
+
+    # the same parameters resume: every chunk is there, none is recomputed
+    result = ok(run("percentile", source, interrupted, *args, "--resume"))
+    assert "0 of 60 chunks computed" in result.stderr
+    assert record(interrupted)["complete"] is True
+    assert before[interrupted] == chunk_files(interrupted)
+    # and --overwrite replaces a finished output
+    ok(run("percentile", source, done, "--percentile", "0.9", *CLI_GEOMETRY,
+           "--overwrite", "--quiet"))  # fmt: skip
+    assert record(done)["parameters"]["percentile"] == 0.9
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    (tmp_path / "notes.txt").write_text("not an image")
+    out = tmp_path / "out.zarr"
+    p = ["--percentile", "0.5"]
+    cases = [
+        (["percentile", tmp_path / "missing.zarr", out, *p, "--selem", "4"],
+         "no zarr array or group"),
+        (["percentile", tmp_path / "missing.tif", out, *p, "--selem", "4"],
+         "no such file"),
+        (["percentile", "nothing/*.tif", out, *p, "--selem", "4"],
+         "no file matches"),
+        (["percentile", tmp_path / "notes.txt", out, *p, "--selem", "4"],
+         "notes.txt"),
+        (["percentile", source, out, *p, "--selem", "4", "4"],
+         "one entry per source dimension (3)"),
+        (["percentile", source, out, *p, "--selem", "4", "0", "4"], "positive"),
+        (["percentile", source, out, "--percentile", "25", "--selem", "4"],
+         "percentile"),
+        (["percentile", source, out, *p, "--selem", "4", "--spacing", "20"],
+         "smaller than `spacing` on axis 0"),
+        (["percentile", source, out, *p, "--selem", "4", "--interpolate", "7"],
+         "interpolate"),
+        (["percentile", source, out, *p, "--selem", "four"], "invalid int value"),
+        (["percentile", source, out, *p, "--selem", "4", "--dtype", "uint99"],
+         "--dtype"),
+        (["percentile", source, out, *p, "--selem", "4", "--level", "1"],
+         "`level`"),
+        (["percentile", source, out, *p, "--selem", "4", "--workers", "0"],
+         "--workers"),
+        (["percentile", source, out, *p, "--selem", "4", "--memory-limit", "1GB"],
+         "--memory-limit applies to --workers"),
+        (["percentile", source, out, "--percentile", "0.1", "0.2", "--subtract",
+          "--selem", "4"], "one --percentile"),
+        (["histogram", tmp_path / "in.zarr", out, "--max-bin", "10", "--selem", "4"],
+         "outside [0, max_bin)"),
+        (["percentile", source, out, *p], "--selem"),
+    ]  # fmt: skip
+    results = run_all(*(command(*c) for c, _ in cases))
+    for result, (_, match) in zip(results, cases, strict=True):
+        refused(result, match)
+
+
+def test_sigkill_then_resume_finishes_without_recomputing(tmp_path):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 4000, (8, 32, 32)).astype(np.uint16)
+    source = write_zarr(tmp_path / "in.zarr", image, chunks=(4, 8, 8))
+    out = tmp_path / "out.zarr"
+    args = ["percentile", source, out, "--percentile", "0.3", "--selem", "4", "8",
+            "8", "--spacing", "2", "4", "4", "--quiet"]  # fmt: skip
+    # one thread, a pause before each of the 32 chunks: slow enough to kill
+    env = {**os.environ, TEST_DELAY_ENV: "0.15", "DASK_NUM_WORKERS": "1"}
+    proc = subprocess.Popen(command(*args), env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(chunk_files(out)) < 4:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert record(out)["complete"] is False
+    before = chunk_files(out)
+    chunks = {p for p in before if ".partial" not in p.name}
+    assert 4 <= len(chunks) < 32
+
+    resumed, fresh = run_all(
+        command(*args, "--resume"),
+        command(*args[:2], tmp_path / "fresh.zarr", *args[3:]),
+    )
+    ok(resumed)
+    ok(fresh)
+    after = chunk_files(out)
+    assert all(after[p] == before[p] for p in chunks)  # not rewritten
+    assert not any(".partial" in p.name for p in after)
+    assert record(out)["complete"] is True
+    expected = dls.local_percentile(image, 0.3, selem=(4, 8, 8), spacing=(2, 4, 4))
+    np.testing.assert_array_equal(zarr.open_array(out, mode="r")[:], expected)
+    # identical to an uninterrupted run, chunk file by chunk file
+    for path in after:
+        twin = tmp_path / "fresh.zarr" / path.relative_to(out)
+        assert path.read_bytes() == twin.read_bytes()
+    assert record(out)["fingerprint"] == record(tmp_path / "fresh.zarr")["fingerprint"]
+
+
+def test_resume_check_of_chunks_that_do_not_decode(tmp_path):
+    z = zarr.create_array(
+        tmp_path / "a.zarr", shape=(4, 4), chunks=(2, 2), dtype="u2", fill_value=0
+    )
+    z[:] = np.arange(16).reshape(4, 4)
+    torn = tmp_path / "a.zarr" / "c" / "1" / "0"
+    torn.write_bytes(torn.read_bytes()[:5])
+    (tmp_path / "a.zarr" / "c" / "0" / "0.1234.partial").write_bytes(b"xx")
+    blocks = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert _written(z, blocks, check=True) == {(0, 0), (0, 1), (1, 1)}
+    assert not torn.exists()
+    assert not list((tmp_path / "a.zarr").rglob("*.partial"))
+
+
+def test_local_cluster(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    out = tmp_path / "out.zarr"
+    result = run("percentile", source, out, "--percentile", "0.5", *CLI_GEOMETRY,
+                 "--workers", "2", "--memory-limit", "1GB")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    expected = dls.local_percentile(image, 0.5, **GEOMETRY)
+    np.testing.assert_array_equal(zarr.open_array(out, mode="r")[:], expected)
+
+
+def test_readme_quick_start(tmp_path):
+    example = [sys.executable, EXAMPLES / "make_example.py", "example.zarr"]
+    made = run_all(example, cwd=tmp_path)[0]
+    assert made.returncode == 0, made.stderr
+    result = run("percentile", "example.zarr", "background.zarr", "--percentile",
+                 "0.1", "--selem", "32", "64", "64", "--spacing", "16", "32", "32",
+                 "--subtract", cwd=tmp_path)  # fmt: skip
+    ok(result)
+    volume = zarr.open_array(tmp_path / "example.zarr", mode="r")
+    out = zarr.open_array(tmp_path / "background.zarr", mode="r")
+    assert (volume.shape, volume.dtype) == ((64, 256, 256), np.uint16)
+    assert (out.shape, out.dtype) == (volume.shape, volume.dtype)
+    # the illumination gradient along x is mostly gone
+    raw = volume[:, :, :32].mean() / volume[:, :, -32:].mean()
+    flat = out[:, :, :32].mean() / out[:, :, -32:].mean()
+    assert raw > 1.5
+    assert flat < raw
+
+
+def test_console_script_and_help():
+    script = shutil.which("dask-localstats")
+    if script is None:
+        pytest.skip("the console script is not installed")
+    result = run_all([script, "--version"], [script, "percentile", "--help"])
+    assert result[0].stdout.strip() == dls.__version__
+    for option in ["--percentile", "--subtract", "--resume", "--scheduler"]:
+        assert option in result[1].stdout
