@@ -95,6 +95,10 @@ class Percentile:
         """The quantiles ``numpy.percentile(a, 100 * p)`` uses, with its rounding."""
         return [float(np.true_divide(100 * p, 100)) for p in self.percentiles]
 
+    def ranks(self, n):
+        """Every rank ``combine`` will ask `select` for, given the counts `n`."""
+        return [r for q in self.quantiles() for r in _positions(n, q)[:2]]
+
     def combine(self, select, n, has_nan=None):
         """Percentiles of rows from their order statistics.
 
@@ -117,13 +121,7 @@ class Percentile:
         """
         results = []
         for q in self.quantiles():
-            virtual = (n - 1) * q
-            previous = np.floor(virtual)
-            above = virtual >= n - 1
-            gamma = virtual - np.where(above, -1, previous)
-            last = np.maximum(n - 1, 0)
-            lo = np.where(above, last, np.maximum(previous, 0)).astype(np.intp)
-            hi = np.where(above, last, np.minimum(previous + 1, last)).astype(np.intp)
+            lo, hi, gamma = _positions(n, q)
             a, b = select(lo), select(hi)
             ftype = np.result_type(a.dtype, 1.0)
             with np.errstate(invalid="ignore"):  # inf - inf, as in numpy.percentile
@@ -137,6 +135,22 @@ class Percentile:
             result[has_nan] = np.nan
         result[n == 0] = 0
         return result
+
+
+def _positions(n, q):
+    """Ranks below and above quantile `q` of rows of `n` values, and the weight.
+
+    NumPy's ``_quantile`` for the linear method, with its clamping of the top
+    index to the last element (and its weight computed from index -1 there).
+    """
+    virtual = (n - 1) * q
+    previous = np.floor(virtual)
+    above = virtual >= n - 1
+    gamma = virtual - np.where(above, -1, previous)
+    last = np.maximum(n - 1, 0)
+    lo = np.where(above, last, np.maximum(previous, 0)).astype(np.intp)
+    hi = np.where(above, last, np.minimum(previous + 1, last)).astype(np.intp)
+    return lo, hi, gamma
 
 
 class Histogram:

@@ -68,46 +68,75 @@ def _used_samples(bounds, first, last):
     return np.repeat(used, np.diff(bounds))
 
 
-def _tile_histograms(block, mask, phases, steps, low, nbins, check=None):
-    """Histograms ``(T0, ..., Tn-1, nbins)`` of one phase's tiles.
+class _PhaseTiles:
+    """The samples of one step phase of a block, tile by tile.
 
     Samples outside every window (gaps between windows) and masked ones are
-    left out; `check` is called on the values kept, row of tiles by row.
+    left out. Values are offset by `low`.
     """
-    region = tuple(
-        slice(p + s * b[0], p + s * b[-1], s)
-        for (_, p, b, _, _), s in zip(phases, steps, strict=True)
-    )
-    sub = block[region]
-    keep = None if mask is None else mask[region].astype(bool, copy=False)
-    for d, (_, _, bounds, first, last) in enumerate(phases):
-        used = _used_samples(bounds, first, last)
-        if used is not None:
+
+    def __init__(self, block, mask, phases, steps, low):
+        region = tuple(
+            slice(p + s * b[0], p + s * b[-1], s)
+            for (_, p, b, _, _), s in zip(phases, steps, strict=True)
+        )
+        self.sub, self.low = block[region], low
+        keep = None if mask is None else mask[region].astype(bool, copy=False)
+        for d, (_, _, bounds, first, last) in enumerate(phases):
+            used = _used_samples(bounds, first, last)
+            if used is not None:
+                shape = [1] * block.ndim
+                shape[d] = len(used)
+                used = np.broadcast_to(used.reshape(shape), self.sub.shape)
+                keep = used if keep is None else keep & used
+        self.keep = keep
+        self.shape = tuple(len(b) - 1 for _, _, b, _, _ in phases)
+        # flat tile index of each sample along axes 1.. (axis 0 goes row by row)
+        inner = np.zeros((1,) * block.ndim, dtype=np.intp)
+        for d, (_, _, bounds, _, _) in enumerate(phases[1:], start=1):
+            index = np.searchsorted(bounds, np.arange(bounds[0], bounds[-1]), "right")
             shape = [1] * block.ndim
-            shape[d] = len(used)
-            used = np.broadcast_to(used.reshape(shape), sub.shape)
-            keep = used if keep is None else keep & used
-    tiles = [len(b) - 1 for _, _, b, _, _ in phases]
-    # flat tile index of each sample along axes 1.. (axis 0 goes row by row)
-    inner = np.zeros((1,) * block.ndim, dtype=np.intp)
-    for d, (_, _, bounds, _, _) in enumerate(phases[1:], start=1):
-        index = np.searchsorted(bounds, np.arange(bounds[0], bounds[-1]), "right") - 1
-        shape = [1] * block.ndim
-        shape[d] = len(index)
-        inner = inner * tiles[d] + index.reshape(shape)
-    row_size = math.prod(tiles[1:]) * nbins
-    histograms = np.empty((tiles[0], row_size), dtype=np.int64)
-    bounds0 = phases[0][2] - phases[0][2][0]
-    for t in range(tiles[0]):
-        part = slice(bounds0[t], bounds0[t + 1])
-        values = sub[part].astype(np.intp) - low
-        keys = inner * nbins + values
-        if keep is not None:
-            values, keys = values[keep[part]], keys[keep[part]]
-        if check is not None and values.size:
-            check(values.min() + low, values.max() + low)
-        histograms[t] = np.bincount(keys.ravel(), minlength=row_size)
-    return histograms.reshape((*tiles, nbins))
+            shape[d] = len(index)
+            inner = inner * self.shape[d] + (index - 1).reshape(shape)
+        self.inner = inner
+        self.bounds0 = phases[0][2] - phases[0][2][0]
+
+    def rows(self):
+        """Yield ``(tiles, values)`` of the kept samples, row of tiles by row."""
+        per_row = math.prod(self.shape[1:])
+        for t in range(self.shape[0]):
+            part = slice(self.bounds0[t], self.bounds0[t + 1])
+            values = self.sub[part].astype(np.intp) - self.low
+            tiles = self.inner + t * per_row
+            if self.keep is not None:
+                keep = self.keep[part]
+                values, tiles = values[keep], np.broadcast_to(tiles, keep.shape)[keep]
+            yield tiles, values
+
+    def histograms(self, nbins, shift=0, check=None):
+        """Histograms ``(*shape, nbins)`` of ``values >> shift`` per tile."""
+        per_row = math.prod(self.shape[1:])
+        out = np.empty((self.shape[0], per_row * nbins), dtype=np.int64)
+        for t, (tiles, values) in enumerate(self.rows()):
+            if check is not None and values.size:
+                check(values.min() + self.low, values.max() + self.low)
+            keys = (tiles - t * per_row) * nbins + (values >> shift)
+            out[t] = np.bincount(keys.ravel(), minlength=per_row * nbins)
+        return out.reshape((*self.shape, nbins))
+
+    def pair_histograms(self, lookup, count, shift):
+        """Fine histograms ``(count, 2**shift)`` of selected (tile, coarse bin).
+
+        ``lookup[tile, coarse bin]`` numbers the selected pairs, -1 elsewhere.
+        """
+        fine = 1 << shift
+        keys = []
+        for tiles, values in self.rows():
+            pair = lookup[tiles, values >> shift]
+            selected = pair >= 0
+            keys.append(pair[selected] * fine + (values & (fine - 1))[selected])
+        keys = np.concatenate(keys) if keys else np.zeros(0, np.intp)
+        return np.bincount(keys, minlength=count * fine).reshape(count, fine)
 
 
 def _window_sums(histograms, phases):
@@ -144,29 +173,56 @@ def _window_tiles(phases):
     return flat.reshape(windows, -1)
 
 
-def _percentile_select(histograms, phases, low, dtype):
-    """Coarse counts, kept counts and a rank selector for the windows."""
-    nbins = histograms.shape[-1]
-    ncoarse = -(-nbins // FINE)
-    pad = [(0, 0)] * (histograms.ndim - 1) + [(0, ncoarse * FINE - nbins)]
-    fine = np.pad(histograms, pad).reshape((*histograms.shape[:-1], ncoarse, FINE))
-    coarse = _window_sums(fine.sum(axis=-1), phases)
-    coarse = coarse.reshape(-1, ncoarse).astype(np.int64)
-    cumulative = np.cumsum(coarse, axis=1)
-    fine = fine.reshape(-1, ncoarse, FINE)
-    fine = np.concatenate([fine, np.zeros((1, ncoarse, FINE), fine.dtype)])
-    tiles = _window_tiles(phases)
+def _fine_shift(nbins):
+    """log2 of the fine bins per coarse bin: about the square root of `nbins`."""
+    return max(4, math.ceil(math.log2(max(nbins, 2)) / 2))
 
-    def select(rank):
+
+def _percentile_select(samples, phases, nbins, statistic, dtype):
+    """Kept counts per window and a selector of their order statistics.
+
+    Coarse histograms locate the coarse bin of every rank the percentiles
+    need; fine histograms are then counted only for the (tile, coarse bin)
+    pairs those ranks fall in.
+    """
+    shift = _fine_shift(nbins)
+    ncoarse = ((nbins - 1) >> shift) + 1
+    coarse = samples.histograms(ncoarse, shift)
+    cumulative = np.cumsum(
+        _window_sums(coarse, phases).reshape(-1, ncoarse).astype(np.int64), axis=1
+    )
+    n = cumulative[:, -1]
+    tiles = _window_tiles(phases)
+    total = math.prod(samples.shape)
+
+    def locate(rank):
         bin_ = np.minimum((cumulative <= rank[:, None]).sum(axis=1), ncoarse - 1)
         rows = np.arange(len(rank))
-        before = np.where(bin_ > 0, cumulative[rows, bin_ - 1], 0)
-        counts = fine[tiles, bin_[:, None]].sum(axis=1)
-        position = (np.cumsum(counts, axis=1) <= (rank - before)[:, None]).sum(axis=1)
-        value = low + bin_ * FINE + np.minimum(position, FINE - 1)
+        return bin_, rank - np.where(bin_ > 0, cumulative[rows, bin_ - 1], 0)
+
+    pairs = [tiles * ncoarse + locate(rank)[0][:, None] for rank in statistic.ranks(n)]
+    wanted = np.unique(np.concatenate([p.ravel() for p in pairs]))
+    wanted = wanted[wanted < total * ncoarse]  # not the padding tile
+    lookup = np.full((total + 1) * ncoarse, -1, dtype=np.intp)
+    lookup[wanted] = np.arange(len(wanted))
+    fine = samples.pair_histograms(lookup.reshape(-1, ncoarse), len(wanted), shift)
+    fine = np.concatenate([fine, np.zeros((1, fine.shape[1]), fine.dtype)])
+    fine = fine.astype(np.int32)  # halves the traffic of the gathers below
+
+    cache = {}
+
+    def select(rank):
+        bin_, residual = locate(rank)
+        key = bin_.tobytes()
+        if key not in cache:  # the ranks below and above often share a bin
+            counts = fine[lookup[tiles * ncoarse + bin_[:, None]]].sum(axis=1)
+            cache.clear()
+            cache[key] = np.cumsum(counts, axis=1)
+        position = (cache[key] <= residual[:, None]).sum(axis=1)
+        value = samples.low + (bin_ << shift) + np.minimum(position, (1 << shift) - 1)
         return value.astype(dtype)
 
-    return cumulative[:, -1], select
+    return n, select
 
 
 def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histogram):
@@ -187,21 +243,24 @@ def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histog
         kept = block if mask is None else block[mask.astype(bool, copy=False)]
         low, high = (int(kept.min()), int(kept.max())) if kept.size else (0, 0)
         nbins = high - low + 1
-    tiles = sum(
+        nbins = ((nbins - 1) >> _fine_shift(nbins)) + 1  # coarse bins first
+    most = max(
         math.prod(len(p[2]) - 1 for p in combo) for combo in itertools.product(*axes)
     )
-    if tiles * nbins > max(4 * block.size, _MAX_ENTRIES):
+    if most * nbins > max(block.size, _MAX_ENTRIES):
         return None
     check = statistic.check_range if histogram else None
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     out = np.zeros(shape + statistic.fshape, dtype=dtype)
     for phases in itertools.product(*axes):
-        histograms = _tile_histograms(block, mask, phases, grid.step, low, nbins, check)
+        samples = _PhaseTiles(block, mask, phases, grid.step, low)
         rows = np.ix_(*(r for r, _, _, _, _ in phases))
         windows = tuple(len(r) for r, _, _, _, _ in phases)
         if histogram:
-            out[rows] = _window_sums(histograms, phases)
+            out[rows] = _window_sums(samples.histograms(nbins, check=check), phases)
         else:
-            n, select = _percentile_select(histograms, phases, low, block.dtype)
+            n, select = _percentile_select(
+                samples, phases, high - low + 1, statistic, block.dtype
+            )
             out[rows] = statistic.combine(select, n).reshape(windows + statistic.fshape)
     return out

@@ -101,3 +101,17 @@ def test_batches_bound_memory_without_changing_results(monkeypatch):
 @pytest.mark.parametrize("percentile", [0.5, [0.5]])
 def test_percentile_shapes(percentile):
     assert Percentile(percentile).fshape == (() if np.ndim(percentile) == 0 else (1,))
+
+
+@pytest.mark.parametrize("high", [2**16 - 1, 3000])
+def test_tile_path_matches_gather_path_on_wide_value_ranges(high):
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, high, (40, 50), endpoint=True).astype(np.uint16)
+    image[:5] = high  # a flat region: many equal values
+    mask = rng.random(image.shape) < 0.8
+    grid = make_grid(image.shape, (12, 10), spacing=(5, 4), step=(2, None))
+    statistic = Percentile([0.0, 0.1, 0.5, 0.975, 1.0])
+    args = ((0, 0), grid, (0, 0), grid.counts, statistic, np.float64)
+    tiled = reduce_block(image, *args, mask=mask)
+    gathered = reduce_block(image.astype(np.float64), *args, mask=mask)
+    np.testing.assert_array_equal(tiled, gathered)
