@@ -2,10 +2,13 @@
 
 Each function validates its arguments once, builds the two-stage lazy
 pipeline of :mod:`dask_localstats._engine` and, for NumPy input, computes it
-with dask's threaded scheduler so that NumPy in gives NumPy out.
+with dask's threaded scheduler so that NumPy in gives NumPy out. Options that
+go beyond ClearMap are keyword-only.
 """
 
 from __future__ import annotations
+
+import math
 
 import dask.array as da
 import numpy as np
@@ -14,7 +17,7 @@ from ._engine import auto_chunks, coarse_stage, resample_stage
 from ._grid import make_grid
 from ._interpolate import ALIGNS
 from ._io import open_source
-from ._kernels import Function, Histogram, Percentile
+from ._kernels import Function, Histogram, Missing, Percentile
 
 
 def _check_interpolate(interpolate):
@@ -29,6 +32,28 @@ def _check_interpolate(interpolate):
     return int(interpolate)
 
 
+def _check_choice(name, value, choices):
+    if value not in choices:
+        msg = f"`{name}` must be one of {choices}, got {value!r}"
+        raise ValueError(msg)
+    return value
+
+
+def _check_missing(grid, dtype, nan_policy, min_coverage, fill):
+    _check_choice("nan_policy", nan_policy, ("propagate", "omit"))
+    _check_choice("fill", fill, ("zero", "nearest"))
+    if isinstance(min_coverage, bool) or not isinstance(min_coverage, int | float):
+        msg = f"`min_coverage` must be a number in [0, 1], got {min_coverage!r}"
+        raise TypeError(msg)
+    if not 0 <= min_coverage <= 1:
+        msg = f"`min_coverage` must be a number in [0, 1], got {min_coverage!r}"
+        raise ValueError(msg)
+    if nan_policy == "omit" and dtype.kind != "f":
+        nan_policy = "propagate"  # nothing to omit in integers
+    min_count = math.ceil(min_coverage * grid.full_count) if min_coverage else 0
+    return Missing(nan_policy == "omit", min_count, fill)
+
+
 def _local_statistic(
     source,
     statistic,
@@ -39,9 +64,14 @@ def _local_statistic(
     mask,
     dtype,
     return_centers,
+    *,
     align,
     chunks,
     block_bytes,
+    nan_policy,
+    min_coverage,
+    fill,
+    clip,
 ):
     source, lazy = open_source(source)
     if source.ndim == 0:
@@ -51,9 +81,10 @@ def _local_statistic(
         statistic.check_source(np.dtype(source.dtype))
     grid = make_grid(source.shape, selem, spacing, step)
     interpolate = _check_interpolate(interpolate)
-    if align not in ALIGNS:
-        msg = f"`align` must be one of {ALIGNS}, got {align!r}"
-        raise ValueError(msg)
+    _check_choice("align", align, ALIGNS)
+    missing = _check_missing(
+        grid, np.dtype(source.dtype), nan_policy, min_coverage, fill
+    )
     if mask is not None:
         mask, mask_lazy = open_source(mask, "mask")
         lazy = lazy or mask_lazy
@@ -62,14 +93,14 @@ def _local_statistic(
             raise ValueError(msg)
     dtype = statistic.default_dtype(np.dtype(source.dtype)) if dtype is None else dtype
     dtype = np.dtype(dtype)
-    result = coarse_stage(source, grid, statistic, dtype, mask, block_bytes)
+    result = coarse_stage(source, grid, statistic, dtype, mask, block_bytes, missing)
     if interpolate is not None:
         if chunks is None and lazy:
             chunks = getattr(source, "chunks", None)
         if chunks is None:
             chunks = auto_chunks(grid.shape, np.dtype(np.float64).itemsize)
         chunks = da.core.normalize_chunks(chunks, grid.shape)
-        result = resample_stage(result, grid, interpolate, align, chunks)
+        result = resample_stage(result, grid, interpolate, align, chunks, bool(clip))
     if not lazy:
         out = np.empty(result.shape, result.dtype)
         result.store(out, lock=False, scheduler="threads")
@@ -93,6 +124,10 @@ def local_percentile(
     align="corners",
     chunks=None,
     block_bytes=None,
+    nan_policy="propagate",
+    min_coverage=0.0,
+    fill="zero",
+    clip=False,
 ):
     """Local percentiles on a sub-grid, resampled to the source's shape.
 
@@ -116,11 +151,26 @@ def local_percentile(
         Also return the ``(*m, ndim)`` array of center coordinates.
     align : {'corners', 'centers'}
         ``'corners'`` stretches the coarse grid from the first to the last
-        voxel (ClearMap); ``'centers'`` puts each sample on its center.
+        voxel (ClearMap); ``'centers'`` puts each sample on its center voxel
+        and holds the value beyond the outermost centers.
     chunks : tuple or None
         Chunks of the full-resolution result; default: the source's.
     block_bytes : int or None
-        Memory budget of the source region read by one task.
+        Memory budget of the source region read by one task (128 MiB).
+    nan_policy : {'propagate', 'omit'}
+        With ``'omit'``, NaN voxels of a float source are left out of the
+        windows like masked ones; ``'propagate'`` (default) gives NaN for a
+        window holding one, as ``numpy.percentile`` does.
+    min_coverage : float
+        Fraction of a full window's voxels that must be kept (after mask,
+        footprint, clipping and NaN omission); a window with fewer, or with
+        none, is *missing*. Default 0: only empty windows are.
+    fill : {'zero', 'nearest'}
+        Missing samples are 0 (default, as in ClearMap), or take the value
+        of the nearest valid sample of the grid, before interpolation.
+    clip : bool
+        Keep order >= 2 interpolation within the coarse grid's minimum and
+        maximum (per component); off by default, as in ClearMap.
 
     Returns
     -------
@@ -162,9 +212,13 @@ def local_percentile(
         mask,
         dtype,
         return_centers,
-        align,
-        chunks,
-        block_bytes,
+        align=align,
+        chunks=chunks,
+        block_bytes=block_bytes,
+        nan_policy=nan_policy,
+        min_coverage=min_coverage,
+        fill=fill,
+        clip=clip,
     )
 
 
@@ -182,6 +236,10 @@ def local_histogram(
     align="corners",
     chunks=None,
     block_bytes=None,
+    nan_policy="propagate",
+    min_coverage=0.0,
+    fill="zero",
+    clip=False,
 ):
     """Local histograms on a sub-grid.
 
@@ -191,9 +249,10 @@ def local_histogram(
         Integer image with values in ``[0, max_bin)``.
     max_bin : int
         Number of bins; bin ``v`` counts the voxels of value ``v``.
-    selem, spacing, step, interpolate, mask, return_centers, align, chunks,
-    block_bytes
+    selem, spacing, step, interpolate, mask, return_centers
         As in :func:`local_percentile`; `interpolate` defaults to None.
+    align, chunks, block_bytes, nan_policy, min_coverage, fill, clip
+        As in :func:`local_percentile`.
     dtype : dtype or None
         Dtype of the counts; defaults to int64.
 
@@ -230,9 +289,13 @@ def local_histogram(
         mask,
         dtype,
         return_centers,
-        align,
-        chunks,
-        block_bytes,
+        align=align,
+        chunks=chunks,
+        block_bytes=block_bytes,
+        nan_policy=nan_policy,
+        min_coverage=min_coverage,
+        fill=fill,
+        clip=clip,
     )
 
 
@@ -251,6 +314,11 @@ def apply_local_function(
     align="corners",
     chunks=None,
     block_bytes=None,
+    nan_policy="propagate",
+    min_coverage=0.0,
+    fill="zero",
+    clip=False,
+    vectorized=False,
 ):
     """Apply a function to the voxels of each window of a sub-grid.
 
@@ -261,8 +329,15 @@ def apply_local_function(
     function : callable
         ``function(kept)``, with ``kept`` the window's kept voxels as a 1-D
         array in C order, returns a scalar or an array of shape `fshape`.
-    selem, spacing, step, mask, return_centers, align, chunks, block_bytes
+    selem, spacing, step, mask, return_centers
         As in :func:`local_percentile`.
+    align, chunks, block_bytes, nan_policy, min_coverage, fill, clip
+        As in :func:`local_percentile`.
+    vectorized : bool
+        `function` takes an ``axis`` argument (like ``numpy.median`` or
+        ``numpy.std``): call it once per batch of windows with equal kept
+        counts, as ``function(windows, axis=-1)`` on a 2-D array, instead of
+        once per window. The result must have shape ``(windows,) + fshape``.
     interpolate : int or None
         B-spline order 0..5 (default 2), or None for the coarse grid.
     fshape : tuple of int or None
@@ -286,7 +361,7 @@ def apply_local_function(
     """
     return _local_statistic(
         source,
-        Function(function, fshape),
+        Function(function, fshape, vectorized),
         selem,
         spacing,
         step,
@@ -294,7 +369,11 @@ def apply_local_function(
         mask,
         dtype,
         return_centers,
-        align,
-        chunks,
-        block_bytes,
+        align=align,
+        chunks=chunks,
+        block_bytes=block_bytes,
+        nan_policy=nan_policy,
+        min_coverage=min_coverage,
+        fill=fill,
+        clip=clip,
     )

@@ -33,7 +33,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._interpolate import coordinates, prefilter, resample_block, taps_range
-from ._kernels import reduce_block
+from ._kernels import KEEP_ALL, fill_nearest, flagged_dtype, reduce_block
 
 DEFAULT_BLOCK_BYTES = 128 * 2**20
 # Output chunks when the source imposes none: small enough for the allocator
@@ -187,7 +187,9 @@ def _source_layer(source, name):
     return key, {key: source}, []
 
 
-def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
+def coarse_stage(
+    source, grid, statistic, dtype, mask=None, block_bytes=None, missing=KEEP_ALL
+):
     """The coarse grid as a lazy dask array, one task per processing block.
 
     Parameters
@@ -200,6 +202,9 @@ def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
         Output dtype.
     block_bytes : int or None
         Memory budget of one block's source region.
+    missing : Missing
+        Handling of NaN voxels and under-covered windows; with
+        ``fill='nearest'`` the gaps are filled on the whole grid, in one task.
 
     Returns
     -------
@@ -219,6 +224,7 @@ def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
         dtype,
         _identity(mask),
         chunks,
+        missing,
     )
     name = f"localstats-coarse-{token}"
     src_ref, layer, deps = _source_layer(source, name)
@@ -244,15 +250,21 @@ def coarse_stage(source, grid, statistic, dtype, mask=None, block_bytes=None):
             statistic,
             dtype,
             mask_task,
+            missing,
         )
     chunks += tuple((f,) for f in statistic.fshape)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
-    return da.Array(
-        graph, name, chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype)
-    )
+    if missing.fill != "nearest":
+        meta = np.empty((0,) * len(chunks), dtype)
+        return da.Array(graph, name, chunks, dtype=dtype, meta=meta)
+    flagged = flagged_dtype(dtype)
+    meta = np.empty((0,) * len(chunks), flagged)
+    coarse = da.Array(graph, name, chunks, dtype=flagged, meta=meta)
+    filled = coarse.rechunk(-1).map_blocks(fill_nearest, grid.ndim, dtype=dtype)
+    return filled.rechunk(chunks)
 
 
-def _resample(coefficients, offset, grid, order, align, start, stop, dtype):
+def _resample(coefficients, offset, grid, order, align, start, stop, dtype, bounds):
     coords = [
         coordinates(
             grid.shape[d],
@@ -265,10 +277,12 @@ def _resample(coefficients, offset, grid, order, align, start, stop, dtype):
         )
         for d in range(grid.ndim)
     ]
-    return resample_block(coefficients, offset, coords, grid.counts, order, dtype)
+    return resample_block(
+        coefficients, offset, coords, grid.counts, order, dtype, bounds
+    )
 
 
-def resample_stage(coarse, grid, order, align, chunks):
+def resample_stage(coarse, grid, order, align, chunks, clip=False):
     """Lazy full-resolution B-spline resampling of the coarse grid.
 
     Parameters
@@ -281,6 +295,9 @@ def resample_stage(coarse, grid, order, align, chunks):
     align : {'corners', 'centers'}
     chunks : tuple of tuple of int
         Chunks of the spatial axes of the output.
+    clip : bool
+        Keep values within the coarse grid's minimum and maximum (per
+        component); only orders 2 and up can overshoot them.
 
     Returns
     -------
@@ -293,13 +310,22 @@ def resample_stage(coarse, grid, order, align, chunks):
         )
     else:
         coefficients = coarse
-    token = tokenize(coefficients, grid.shape, grid.spacing, order, align, chunks)
+    dependencies, limits = [coefficients], None
+    if clip and order > 1:
+        axes = tuple(range(ndim))
+        extremes = da.stack([coarse.min(axis=axes), coarse.max(axis=axes)])
+        extremes = extremes.astype(np.float64).rechunk(-1)
+        dependencies.append(extremes)
+        limits = (extremes.name, *(0,) * extremes.ndim)
+    token = tokenize(
+        coefficients, grid.shape, grid.spacing, order, align, chunks, limits
+    )
     name = f"localstats-resample-{token}"
     layer = {}
-    bounds = [np.cumsum((0, *c)) for c in chunks]
+    edges = [np.cumsum((0, *c)) for c in chunks]
     for index in itertools.product(*(range(len(c)) for c in chunks)):
-        start = tuple(int(bounds[d][i]) for d, i in enumerate(index))
-        stop = tuple(int(bounds[d][i + 1]) for d, i in enumerate(index))
+        start = tuple(int(edges[d][i]) for d, i in enumerate(index))
+        stop = tuple(int(edges[d][i + 1]) for d, i in enumerate(index))
         region = [
             taps_range(
                 coordinates(
@@ -327,8 +353,9 @@ def resample_stage(coarse, grid, order, align, chunks):
             start,
             stop,
             coarse.dtype,
+            limits,
         )
     out_chunks = tuple(chunks) + tuple((f,) for f in fshape)
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=[coefficients])
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)
     meta = np.empty((0,) * len(out_chunks), coarse.dtype)
     return da.Array(graph, name, out_chunks, dtype=coarse.dtype, meta=meta)

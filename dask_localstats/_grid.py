@@ -15,6 +15,7 @@ normalized :class:`Grid` built once, with validation, by :func:`make_grid`.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from functools import cached_property
@@ -128,6 +129,15 @@ class Grid:
             (s - (m - 1) * h) // 2
             for s, m, h in zip(self.shape, self.counts, self.spacing, strict=True)
         )
+
+    @cached_property
+    def full_count(self):
+        """Voxels of a window that is neither clipped nor masked."""
+        if self.footprint is None:
+            return math.prod(
+                -(-e // d) for e, d in zip(self.extent, self.step, strict=True)
+            )
+        return int(self.footprint[tuple(slice(None, None, d) for d in self.step)].sum())
 
     def centers(self, axis, start=0, stop=None):
         """Center positions on `axis` for center indices ``start:stop``."""

@@ -101,7 +101,7 @@ def taps_range(x, count, order):
     return int(index.min()), int(index.max()) + 1
 
 
-def resample_block(coefficients, offset, coords, counts, order, dtype):
+def resample_block(coefficients, offset, coords, counts, order, dtype, bounds=None):
     """Evaluate the spline on the tensor grid of `coords`.
 
     Parameters
@@ -120,6 +120,8 @@ def resample_block(coefficients, offset, coords, counts, order, dtype):
         Spline order, 0 to 5.
     dtype : numpy dtype
         Output dtype.
+    bounds : (2, ...) array or None
+        Minimum and maximum (per trailing component) to clip values to.
 
     Returns
     -------
@@ -133,7 +135,7 @@ def resample_block(coefficients, offset, coords, counts, order, dtype):
         )
     index, weights = _local_taps(coords, counts, offset, order, 0)
     if values[0].size < _SLAB:
-        return cast(_contract(values, 0, index, weights), dtype)
+        return cast(_clip(_contract(values, 0, index, weights), bounds), dtype)
     # The last contraction makes the full block: one output slab at a time, so
     # the float64 temporaries stay in cache and only the result is written.
     out = np.empty((len(index), *values.shape[1:]), dtype=dtype)
@@ -142,8 +144,14 @@ def resample_block(coefficients, offset, coords, counts, order, dtype):
         np.multiply(values[taps[0]], w[0], out=slab)
         for tap, weight in zip(taps[1:], w[1:], strict=True):
             slab += weight * values[tap]
-        out[i] = cast(slab, dtype)
+        out[i] = cast(_clip(slab, bounds), dtype)
     return out
+
+
+def _clip(values, bounds):
+    return (
+        values if bounds is None else np.clip(values, bounds[0], bounds[1], out=values)
+    )
 
 
 _SLAB = 4096

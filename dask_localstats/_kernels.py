@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from ._tiles import tile_reduce
 
@@ -89,7 +91,7 @@ class Percentile:
         def select(rank):
             return np.take_along_axis(ordered, rank[:, None], axis=1)[:, 0]
 
-        return self.combine(select, n, has_nan)
+        return self.combine(select, n, has_nan), n
 
     def quantiles(self):
         """The quantiles ``numpy.percentile(a, 100 * p)`` uses, with its rounding."""
@@ -204,26 +206,33 @@ class Histogram:
             (rows + values.astype(np.intp)) if valid is None else (rows + values)[valid]
         )
         counts = np.bincount(keys.ravel(), minlength=len(values) * self.max_bin)
-        return counts.reshape(len(values), self.max_bin)
+        counts = counts.reshape(len(values), self.max_bin)
+        return counts, counts.sum(axis=1)
 
 
 class Function:
-    """A user function called on the kept voxels of each window.
+    """A user function of the kept voxels of each window.
 
     Parameters
     ----------
     function : callable
         ``function(kept)`` with ``kept`` a 1-D array returns a scalar, or an
-        array of shape `fshape`.
+        array of shape `fshape`. With `vectorized`, ``function(windows,
+        axis=-1)`` reduces a 2-D array of windows (one per row) at once and
+        returns an array of shape ``(rows,) + fshape``.
     fshape : tuple of int or None
         Shape of the function's output; None for a scalar.
+    vectorized : bool
+        Call the function once per batch of windows of equal kept counts
+        (as ``numpy.median`` or ``numpy.std`` allow) instead of once per window.
     """
 
-    def __init__(self, function, fshape=None):
+    def __init__(self, function, fshape=None, vectorized=False):
         if not callable(function):
             msg = f"`function` must be callable, got {function!r}"
             raise TypeError(msg)
         self.function = function
+        self.vectorized = bool(vectorized)
         if fshape is None:
             self.fshape = ()
         else:
@@ -234,21 +243,126 @@ class Function:
             self.fshape = tuple(int(f) for f in fshape)
 
     def __repr__(self):
-        return f"Function({self.function!r}, fshape={self.fshape})"
+        return (
+            f"Function({self.function!r}, fshape={self.fshape}, "
+            f"vectorized={self.vectorized})"
+        )
 
     def default_dtype(self, source_dtype):
         return source_dtype
 
     def reduce(self, values, valid):
-        rows = (
-            values
-            if valid is None
-            else (row[v] for row, v in zip(values, valid, strict=False))
+        n = np.full(len(values), values.shape[1]) if valid is None else valid.sum(1)
+        if not self.vectorized:
+            rows = (
+                values
+                if valid is None
+                else (r[v] for r, v in zip(values, valid, strict=True))
+            )
+            return np.asarray([self.function(row) for row in rows]), n
+        if valid is None:
+            return self._call(values), n
+        result = None
+        for count in np.unique(n):
+            rows = np.flatnonzero(n == count)
+            part = self._call(values[rows][valid[rows]].reshape(len(rows), count))
+            if result is None:
+                result = np.empty((len(values), *self.fshape), part.dtype)
+            result[rows] = part
+        return result, n
+
+    def _call(self, windows):
+        result = np.asarray(self.function(windows, axis=-1))
+        if result.shape != (len(windows), *self.fshape):
+            msg = (
+                f"`function` with vectorized=True must return shape "
+                f"(windows,) + fshape = {(len(windows), *self.fshape)} for windows "
+                f"of shape {windows.shape} and axis=-1, got {result.shape}"
+            )
+            raise ValueError(msg)
+        return result
+
+
+@dataclass(frozen=True)
+class Missing:
+    """Which samples are missing, and what replaces them.
+
+    Attributes
+    ----------
+    omit_nan : bool
+        Leave NaN voxels out of the windows, like masked ones.
+    min_count : int
+        A window with fewer kept voxels than this is missing; empty windows
+        always are.
+    fill : {'zero', 'nearest'}
+        Missing samples become 0, or the value of the nearest valid sample
+        (see :func:`fill_nearest`; the kernel only flags them).
+    """
+
+    omit_nan: bool = False
+    min_count: int = 0
+    fill: str = "zero"
+
+    @property
+    def flags(self):
+        """Whether samples are checked for missing at all."""
+        return self.min_count > 0 or self.fill == "nearest"
+
+    def apply(self, out, counts):
+        """`out` with missing samples zeroed, or flagged in a record array."""
+        if not self.flags:
+            return out
+        missing = counts < max(self.min_count, 1)
+        if self.fill == "zero":
+            out[missing] = 0
+            return out
+        flagged = np.empty(out.shape, flagged_dtype(out.dtype))
+        flagged["value"] = out
+        flagged["missing"] = missing.reshape(
+            missing.shape + (1,) * (out.ndim - missing.ndim)
         )
-        return np.asarray([self.function(row) for row in rows])
+        return flagged
 
 
-def reduce_block(block, origin, grid, start, stop, statistic, dtype, mask=None):
+KEEP_ALL = Missing()
+
+
+def flagged_dtype(dtype):
+    """Record dtype of a sample and its missing flag."""
+    return np.dtype([("value", dtype), ("missing", bool)])
+
+
+def fill_nearest(flagged, ndim):
+    """Replace missing samples by their nearest valid neighbour on the grid.
+
+    Parameters
+    ----------
+    flagged : record ndarray
+        The whole coarse grid, fields ``value`` and ``missing``.
+    ndim : int
+        Number of grid axes (trailing axes are components of one sample).
+
+    Returns
+    -------
+    ndarray
+        The values, with every missing one taken from the nearest (Euclidean,
+        on the grid) valid sample; all zero if no sample is valid.
+    """
+    values = flagged["value"].copy()
+    missing = flagged["missing"].reshape((*flagged.shape[:ndim], -1))[..., 0]
+    if missing.all():
+        values[...] = 0
+    elif missing.any():
+        index = ndimage.distance_transform_edt(
+            missing, return_distances=False, return_indices=True
+        )
+        values[missing] = values[tuple(index)][missing]
+    return values
+
+
+def reduce_block(
+    block, origin, grid, start, stop, statistic, dtype, mask=None, missing=KEEP_ALL
+):
     """Compute the samples of centers ``start:stop`` from an in-memory block.
 
     Parameters
@@ -268,23 +382,28 @@ def reduce_block(block, origin, grid, start, stop, statistic, dtype, mask=None):
         Output dtype; values are cast as by NumPy assignment.
     mask : bool ndarray or None
         Mask of the same region as `block`.
+    missing : Missing
+        Handling of NaN voxels and of windows with too few kept voxels.
 
     Returns
     -------
     ndarray
-        Shape ``stop - start + statistic.fshape``.
+        Shape ``stop - start + statistic.fshape``; a record array with fields
+        ``value`` and ``missing`` when missing samples are to be filled later.
     """
     tiled = isinstance(statistic, Percentile | Histogram)
     if tiled and grid.footprint is None and block.dtype.kind in "biu":
         histogram = isinstance(statistic, Histogram)
-        out = tile_reduce(
+        done = tile_reduce(
             block, origin, grid, start, stop, statistic, dtype, mask, histogram
         )
-        if out is not None:
-            return out
+        if done is not None:
+            return missing.apply(*done)
     ndim = grid.ndim
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     out = np.zeros(shape + statistic.fshape, dtype=dtype)
+    counts = np.zeros(shape, dtype=np.int64)
+    omit_nan = missing.omit_nan and block.dtype.kind == "f"
     axes = [list(grid.windows(d, start[d], stop[d]).groups()) for d in range(ndim)]
     for combo in itertools.product(*axes):
         for part in _batches(combo, math.prod(p.shape[1] for _, p, _ in combo)):
@@ -299,15 +418,17 @@ def reduce_block(block, origin, grid, start, stop, statistic, dtype, mask=None):
             if mask is not None:
                 kept = mask[index].astype(bool, copy=False)
                 valid = kept if valid is None else valid & kept
-            count = math.prod(len(r) for r in rows)
-            values = values.reshape(count, -1)
+            if omit_nan:
+                kept = ~np.isnan(values)
+                valid = kept if valid is None else valid & kept
+            sizes = tuple(len(r) for r in rows)
+            values = values.reshape(math.prod(sizes), -1)
             if valid is not None:
-                valid = valid.reshape(count, -1)
-            result = statistic.reduce(values, valid)
-            out[np.ix_(*rows)] = result.reshape(
-                tuple(len(r) for r in rows) + statistic.fshape
-            )
-    return out
+                valid = valid.reshape(values.shape)
+            result, n = statistic.reduce(values, valid)
+            out[np.ix_(*rows)] = result.reshape(sizes + statistic.fshape)
+            counts[np.ix_(*rows)] = n.reshape(sizes)
+    return missing.apply(out, counts)
 
 
 def _broadcast(per_axis):

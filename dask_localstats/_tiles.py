@@ -231,7 +231,8 @@ def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histog
     Parameters are those of :func:`dask_localstats._kernels.reduce_block`
     (the grid has no footprint); `histogram` tells whether `statistic` is a
     :class:`~dask_localstats._kernels.Histogram` (else a Percentile).
-    Returns None when the histograms would be too large to pay off.
+    Returns ``(samples, kept counts)``, or None when the histograms would be
+    too large to pay off.
     """
     axes = [
         list(_axis_phases(grid.windows(d, start[d], stop[d]), origin[d]))
@@ -252,15 +253,19 @@ def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histog
     check = statistic.check_range if histogram else None
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     out = np.zeros(shape + statistic.fshape, dtype=dtype)
+    counts = np.zeros(shape, dtype=np.int64)
     for phases in itertools.product(*axes):
         samples = _PhaseTiles(block, mask, phases, grid.step, low)
         rows = np.ix_(*(r for r, _, _, _, _ in phases))
         windows = tuple(len(r) for r, _, _, _, _ in phases)
         if histogram:
-            out[rows] = _window_sums(samples.histograms(nbins, check=check), phases)
+            sums = _window_sums(samples.histograms(nbins, check=check), phases)
+            out[rows] = sums
+            counts[rows] = sums.sum(axis=-1)
         else:
             n, select = _percentile_select(
                 samples, phases, high - low + 1, statistic, block.dtype
             )
             out[rows] = statistic.combine(select, n).reshape(windows + statistic.fshape)
-    return out
+            counts[rows] = n.reshape(windows)
+    return out, counts

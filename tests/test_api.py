@@ -1,5 +1,6 @@
 """The public functions against the brute-force reference of SPEC.md."""
 
+import dask.array as da
 import numpy as np
 import pytest
 import reference
@@ -238,3 +239,158 @@ def test_function_checks():
 def test_zero_dimensional_source():
     with pytest.raises(ValueError, match=r"at least one dimension, got shape \(\)"):
         dls.local_percentile(np.float64(3), 0.5, selem=())
+
+
+# -- beyond ClearMap: missing data, overshoot, vectorized reductions ----------
+
+
+def _holes(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    source = rng.normal(100, 20, shape)
+    source[rng.random(shape) < 0.1] = np.nan
+    source[: shape[0] // 3] = np.nan  # a slab of missing data
+    return source
+
+
+@SETTINGS
+@given(data=st.data(), geometry=geometries(max_ndim=3), percentile=percentiles)
+def test_nan_policy_omit_leaves_nan_out_like_a_mask(data, geometry, percentile):
+    shape, selem, spacing, step = geometry
+    source = data.draw(images(shape, dtypes=["float32", "float64"], nans=True))
+    mask = data.draw(masks(shape))
+    kept = ~np.isnan(source) if mask is None else mask & ~np.isnan(source)
+    kwargs = dict(selem=selem, spacing=spacing, step=step, interpolate=None)
+    result = dls.local_percentile(
+        source, percentile, mask=mask, nan_policy="omit", **kwargs
+    )
+    expected = reference.local_percentile(source, percentile, mask=kept, **kwargs)
+    assert_matches(result, expected, False)
+
+
+def _counts(source, mask, **kwargs):
+    return reference.apply_local_function(
+        source, np.size, mask=mask, interpolate=None, dtype=np.int64, **kwargs
+    )
+
+
+@pytest.mark.parametrize("fill", ["zero", "nearest"])
+def test_min_coverage_marks_windows_missing(fill):
+    source = _holes((30, 40))
+    kwargs = dict(selem=(6, 8), spacing=(5, 5))
+    kept = ~np.isnan(source)
+    result = dls.local_percentile(
+        source,
+        0.5,
+        interpolate=None,
+        nan_policy="omit",
+        min_coverage=0.85,
+        fill=fill,
+        **kwargs,
+    )
+    expected = reference.local_percentile(
+        source, 0.5, mask=kept, interpolate=None, **kwargs
+    )
+    missing = _counts(source, kept, **kwargs) < np.ceil(0.85 * 48)
+    assert 0 < missing.sum() < missing.size
+    np.testing.assert_array_equal(result[~missing], expected[~missing])
+    if fill == "zero":
+        np.testing.assert_array_equal(result[missing], 0)
+    else:
+        index = ndi.distance_transform_edt(
+            missing, return_distances=False, return_indices=True
+        )
+        np.testing.assert_array_equal(result, expected[tuple(index)])
+
+
+def test_fill_nearest_before_interpolation_and_independent_of_chunks():
+    source = _holes((40, 48, 6), seed=1)
+    kwargs = dict(
+        selem=(8, 8, 3),
+        spacing=(8, 8, 3),
+        nan_policy="omit",
+        min_coverage=0.5,
+        fill="nearest",
+    )
+    coarse = dls.local_percentile(source, [0.2, 0.8], interpolate=None, **kwargs)
+    assert np.isfinite(coarse).all()
+    whole = dls.local_percentile(source, [0.2, 0.8], interpolate=3, **kwargs)
+    expected = ndi.zoom(
+        coarse[..., 0], np.divide(source.shape, coarse.shape[:3]), order=3
+    )
+    np.testing.assert_allclose(whole[..., 0], expected, rtol=1e-9)
+    lazy = da.from_array(source, chunks=(7, 11, 4))
+    chunked = dls.local_percentile(
+        lazy, [0.2, 0.8], interpolate=3, block_bytes=2**12, **kwargs
+    )
+    np.testing.assert_array_equal(chunked.compute(), whole)
+
+
+def test_fill_nearest_with_nothing_valid_gives_zero():
+    source = np.full((10, 10), np.nan)
+    result = dls.local_percentile(
+        source, 0.5, selem=(5, 5), interpolate=None, nan_policy="omit", fill="nearest"
+    )
+    np.testing.assert_array_equal(result, 0)
+
+
+def test_histogram_min_coverage():
+    source = np.ones((20, 20), np.uint8)
+    mask = np.ones_like(source, bool)
+    mask[:10, :10] = False
+    result = dls.local_histogram(source, 4, selem=(10, 10), mask=mask, min_coverage=0.5)
+    np.testing.assert_array_equal(result[..., 1], [[0, 100], [100, 100]])
+
+
+def test_clip_keeps_interpolation_within_the_coarse_range():
+    rng = np.random.default_rng(2)
+    source = rng.random((60, 60)) * (np.arange(60) % 20 < 10)
+    kwargs = dict(selem=(10, 10), interpolate=3)
+    coarse = dls.local_percentile(source, 0.9, selem=(10, 10), interpolate=None)
+    free = dls.local_percentile(source, 0.9, **kwargs)
+    clipped = dls.local_percentile(source, 0.9, clip=True, **kwargs)
+    assert free.max() > coarse.max() or free.min() < coarse.min()
+    np.testing.assert_allclose(clipped, np.clip(free, coarse.min(), coarse.max()))
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_vectorized_functions_equal_the_per_window_path(with_mask):
+    rng = np.random.default_rng(3)
+    source = rng.random((50, 60))
+    mask = rng.random(source.shape) < 0.7 if with_mask else None
+    kwargs = dict(selem=(12, 10), spacing=(5, 6), interpolate=None, mask=mask)
+    per_window = dls.apply_local_function(source, np.std, **kwargs)
+    vectorized = dls.apply_local_function(source, np.std, vectorized=True, **kwargs)
+    np.testing.assert_allclose(vectorized, per_window, rtol=1e-12)
+    quartiles = dls.apply_local_function(
+        source,
+        lambda w, axis: np.percentile(w, [25, 75], axis=axis).T,
+        fshape=(2,),
+        vectorized=True,
+        **kwargs,
+    )
+    assert quartiles.shape == (*per_window.shape, 2)
+
+
+def test_vectorized_function_with_wrong_shape():
+    with pytest.raises(ValueError, match=r"vectorized=True must return shape"):
+        dls.apply_local_function(
+            np.zeros((8, 8)), np.sum, selem=(4, 4), fshape=(2,), vectorized=True
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            dict(nan_policy="raise"),
+            ValueError,
+            r"`nan_policy` must be one of .* 'raise'",
+        ),
+        (dict(fill="mean"), ValueError, r"`fill` must be one of .* got 'mean'"),
+        (dict(min_coverage=1.5), ValueError, r"`min_coverage` .* got 1\.5"),
+        (dict(min_coverage="half"), TypeError, r"`min_coverage` .* got 'half'"),
+    ],
+)
+def test_bad_missing_data_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dls.local_percentile(np.zeros((8, 8)), 0.5, selem=(4, 4), **kwargs)
