@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ import dask.array as da
 import numpy as np
 import zarr
 from data import lightsheet
+from run import peak_rss_mib
 from zarr.codecs import ZstdCodec
 
 import dask_localstats as dls
@@ -43,10 +43,6 @@ import dask_localstats as dls
 CHUNKS = (128, 128, 128)
 CROSS_SECTION = (1024, 1024)
 KWARGS = dict(selem=(64, 64, 64), spacing=(32, 32, 32))
-
-
-def peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_volume(path, gib):
