@@ -264,8 +264,9 @@ def coarse_stage(
     return filled.rechunk(chunks)
 
 
-def _resample(coefficients, offset, grid, order, align, start, stop, dtype, bounds):
-    coords = [
+def _block_coordinates(grid, align, start, stop):
+    """Coarse coordinates of the output voxels ``start:stop``, per axis."""
+    return [
         coordinates(
             grid.shape[d],
             grid.counts[d],
@@ -277,6 +278,10 @@ def _resample(coefficients, offset, grid, order, align, start, stop, dtype, boun
         )
         for d in range(grid.ndim)
     ]
+
+
+def _resample(coefficients, offset, grid, order, align, start, stop, dtype, bounds):
+    coords = _block_coordinates(grid, align, start, stop)
     return resample_block(
         coefficients, offset, coords, grid.counts, order, dtype, bounds
     )
@@ -326,21 +331,9 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False):
     for index in itertools.product(*(range(len(c)) for c in chunks)):
         start = tuple(int(edges[d][i]) for d, i in enumerate(index))
         stop = tuple(int(edges[d][i + 1]) for d, i in enumerate(index))
+        coords = _block_coordinates(grid, align, start, stop)
         region = [
-            taps_range(
-                coordinates(
-                    grid.shape[d],
-                    grid.counts[d],
-                    grid.first[d],
-                    grid.spacing[d],
-                    align,
-                    start[d],
-                    stop[d],
-                ),
-                grid.counts[d],
-                order,
-            )
-            for d in range(ndim)
+            taps_range(x, m, order) for x, m in zip(coords, grid.counts, strict=True)
         ]
         offset = tuple(lo for lo, _ in region)
         layer[(name, *index, *(0,) * len(fshape))] = (
