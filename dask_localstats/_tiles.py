@@ -130,13 +130,15 @@ class _PhaseTiles:
         ``lookup[tile, coarse bin]`` numbers the selected pairs, -1 elsewhere.
         """
         fine = 1 << shift
-        keys = []
+        ncoarse = lookup.shape[1]
+        lookup = lookup.ravel()
+        size = count * fine + 1  # the last bin takes the samples not selected
+        out = np.zeros(size, dtype=np.int64)
         for tiles, values in self.rows():
-            pair = lookup[tiles, values >> shift]
-            selected = pair >= 0
-            keys.append(pair[selected] * fine + (values & (fine - 1))[selected])
-        keys = np.concatenate(keys) if keys else np.zeros(0, np.intp)
-        return np.bincount(keys, minlength=count * fine).reshape(count, fine)
+            pair = lookup.take(tiles * ncoarse + (values >> shift))
+            keys = np.where(pair >= 0, pair * fine + (values & (fine - 1)), size - 1)
+            out += np.bincount(keys.ravel(), minlength=size)
+        return out[:-1].reshape(count, fine)
 
 
 def _window_sums(histograms, phases):
