@@ -134,10 +134,22 @@ class _PhaseTiles:
         lookup = lookup.ravel()
         size = count * fine + 1  # the last bin takes the samples not selected
         out = np.zeros(size, dtype=np.int64)
+        pending, held = [], 0
+
+        def flush():
+            out[:] += np.bincount(np.concatenate(pending), minlength=size)
+            pending.clear()
+
         for tiles, values in self.rows():
             pair = lookup.take(tiles * ncoarse + (values >> shift))
             keys = np.where(pair >= 0, pair * fine + (values & (fine - 1)), size - 1)
-            out += np.bincount(keys.ravel(), minlength=size)
+            pending.append(keys.ravel())
+            held += keys.size
+            if held >= _MAX_ENTRIES:  # bincount in batches: fewer passes on `out`
+                flush()
+                held = 0
+        if pending:
+            flush()
         return out[:-1].reshape(count, fine)
 
 
