@@ -16,10 +16,12 @@ Only writing is done here, shaped so that nothing is lost:
 - The output array's chunks are the result's (regular) dask chunks, and one
   task computes and writes one chunk, so every chunk file is written once,
   whole. zarr's local store writes a chunk to a temporary file and renames
-  it into place (zarr >= 3.1.3), so a process killed with SIGKILL leaves
-  whole chunks and stray ``*.partial`` files, never a torn chunk. Empty
-  chunks are written too (``write_empty_chunks``), so "the chunk file
-  exists" means "the chunk is done".
+  it into place (zarr-python PR #3412, in 3.1.6 as installed here), so a
+  process killed with SIGKILL leaves whole chunks and stray ``*.partial``
+  files, never a torn chunk; with an older zarr, ``--resume`` decodes the
+  chunks it finds and recomputes those that fail. Empty chunks are written
+  too (``write_empty_chunks``), so "the chunk file exists" means "the chunk
+  is done".
 - The array's attributes hold a fingerprint of the parameters, the input
   and the package version, and ``"complete": false`` until the last chunk
   is written. ``--resume`` checks the fingerprint, removes stray temporary
@@ -42,6 +44,7 @@ import os
 import shlex
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -63,7 +66,7 @@ TEST_DELAY_ENV = "DASK_LOCALSTATS_TEST_DELAY"
 RECORD = "dask_localstats"
 OME_VERSION = "0.5"
 
-try:  # zarr >= 3.1.3 renames whole chunk files into place
+try:  # recent zarr renames whole chunk files into place (zarr-python #3412)
     from zarr.storage._local import _atomic_write  # noqa: F401
 
     ATOMIC_CHUNKS = True
@@ -78,7 +81,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _add_geometry(parser, interpolate):
+def _add_geometry(parser, interpolate, dtype):
     parser.add_argument("input", metavar="IN", help="the image: see INPUTS below")
     parser.add_argument("output", metavar="OUT", help="the zarr store to write")
     parser.add_argument(
@@ -125,9 +128,7 @@ def _add_geometry(parser, interpolate):
         help="'corners' (ClearMap) stretches the coarse grid over the image; "
         "'centers' puts each sample on its window center (default: corners)",
     )
-    parser.add_argument(
-        "--dtype", help="dtype of the result (default: see the command's help)"
-    )
+    parser.add_argument("--dtype", help=f"dtype of the result (default: {dtype})")
     parser.add_argument(
         "--mask",
         metavar="MASK",
@@ -220,13 +221,15 @@ def build_parser():
     percentile = commands.add_parser(
         "percentile",
         help="local percentiles (background estimation and removal)",
-        description="Local percentiles of IN on a grid of windows, resampled "
-        "to full resolution (or the coarse grid with --coarse), written to OUT. "
-        "The result has IN's dtype unless --dtype.",
+        description=textwrap.fill(
+            "Local percentiles of IN on a grid of windows, resampled to full "
+            "resolution (or the coarse grid with --coarse), written to OUT. "
+            "With --subtract, OUT is IN minus that background."
+        ),
         epilog=INPUTS,
         formatter_class=formatter,
     )
-    _add_geometry(percentile, interpolate=1)
+    _add_geometry(percentile, interpolate=1, dtype="IN's")
     percentile.add_argument(
         "--percentile",
         nargs="+",
@@ -246,13 +249,15 @@ def build_parser():
     histogram = commands.add_parser(
         "histogram",
         help="local histograms of an integer image",
-        description="Counts of each value 0 .. MAX_BIN-1 in every window of IN "
-        "(the coarse grid unless --interpolate), written to OUT as int64 "
-        "unless --dtype, with a last axis of length MAX_BIN (first with --ome).",
+        description=textwrap.fill(
+            "Counts of each value 0 .. MAX_BIN-1 in every window of IN (the "
+            "coarse grid unless --interpolate), written to OUT with a last axis "
+            "of length MAX_BIN (the first axis with --ome)."
+        ),
         epilog=INPUTS,
         formatter_class=formatter,
     )
-    _add_geometry(histogram, interpolate=None)
+    _add_geometry(histogram, interpolate=None, dtype="int64")
     histogram.add_argument(
         "--max-bin",
         type=int,
