@@ -1,6 +1,7 @@
-"""Hypothesis strategies shared by the test modules."""
+"""Hypothesis strategies and small helpers shared by the test modules."""
 
 import numpy as np
+import zarr
 from hypothesis import strategies as st
 
 MAX_SIZE = {1: 40, 2: 16, 3: 9, 4: 6}
@@ -78,3 +79,16 @@ def chunkings(draw, shape):
             left -= n
         chunks.append(tuple(sizes))
     return tuple(chunks)
+
+
+def write_zarr(path, image, chunks=(4, 8, 9), zarr_format=3):
+    """Store `image` as a zarr array at `path`; return the path."""
+    z = zarr.create_array(
+        path,
+        shape=image.shape,
+        chunks=chunks,
+        dtype=image.dtype,
+        zarr_format=zarr_format,
+    )
+    z[:] = image
+    return path

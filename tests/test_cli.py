@@ -18,6 +18,7 @@ import pytest
 import tifffile
 import zarr
 from dask.base import tokenize
+from strategies import write_zarr
 
 import dask_localstats as dls
 from dask_localstats._cli import TEST_DELAY_ENV, _written, main
@@ -72,18 +73,6 @@ def refused(result, match):
     assert lines[0].startswith("dask-localstats: error: "), lines
     assert "Traceback" not in result.stderr
     assert match in lines[0], (match, lines[0])
-
-
-def write_zarr(path, image, chunks=(4, 8, 9), zarr_format=3):
-    z = zarr.create_array(
-        path,
-        shape=image.shape,
-        chunks=chunks,
-        dtype=image.dtype,
-        zarr_format=zarr_format,
-    )
-    z[:] = image
-    return path
 
 
 def record(path):

@@ -6,6 +6,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from strategies import write_zarr
 
 import dask_localstats as dls
 
@@ -19,15 +20,7 @@ def image():
 
 
 def _write(path, image, zarr_format=3, chunks=(5, 7, 9)):
-    z = zarr.create_array(
-        path,
-        shape=image.shape,
-        chunks=chunks,
-        dtype=image.dtype,
-        zarr_format=zarr_format,
-    )
-    z[:] = image
-    return z
+    return zarr.open_array(write_zarr(path, image, chunks, zarr_format), mode="r")
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
