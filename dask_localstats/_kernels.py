@@ -69,6 +69,13 @@ class Percentile:
     def default_dtype(self, source_dtype):
         return source_dtype
 
+    def check_source(self, dtype):
+        if dtype.kind not in "iuf":
+            msg = (
+                f"`source` must have a numeric dtype for local_percentile, got {dtype}"
+            )
+            raise TypeError(msg)
+
     def reduce(self, values, valid):
         if valid is None:
             n = np.full(len(values), values.shape[1])

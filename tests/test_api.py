@@ -213,6 +213,12 @@ def test_histogram_rejects_float_source():
         dls.local_histogram(np.zeros((8, 8)), 16, selem=(4, 4))
 
 
+@pytest.mark.parametrize("dtype", [bool, np.complex64])
+def test_percentile_rejects_non_numeric_source(dtype):
+    with pytest.raises(TypeError, match=r"numeric dtype for local_percentile, got"):
+        dls.local_percentile(np.zeros((8, 8), dtype), 0.5, selem=(4, 4))
+
+
 @pytest.mark.parametrize(("value", "shown"), [(16, "16"), (-1, "-1")])
 def test_histogram_rejects_values_outside_bins(value, shown):
     source = np.zeros((8, 8), np.int16)

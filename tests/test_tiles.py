@@ -1,0 +1,130 @@
+"""The integer fast path: both tile methods against the brute-force reference."""
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import reference
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import geometries, masks, percentiles
+
+from dask_localstats import _tiles
+from dask_localstats._grid import make_grid
+from dask_localstats._kernels import Histogram, Percentile, reduce_block
+
+SETTINGS = settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@st.composite
+def integer_images(draw, shape):
+    """Integers of any width, from a few values to the dtype's whole range."""
+    dtype = np.dtype(
+        draw(st.sampled_from(["uint8", "int16", "uint16", "int64", "uint64"]))
+    )
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    # as wide as NumPy's interpolation allows: it subtracts in the source dtype
+    info = np.iinfo(dtype)
+    low, high = (0, info.max) if dtype.kind == "u" else (info.min // 2, info.max // 2)
+    if draw(st.booleans()):  # the extremes, where a bisection could overflow
+        return rng.choice(np.array([low, low + 1, high], dtype), shape)
+    return rng.integers(low, high, shape, dtype=dtype, endpoint=True)
+
+
+def coarse(source, percentile, geometry, mask):
+    shape, selem, spacing, step = geometry
+    grid = make_grid(shape, selem, spacing, step)
+    # 64-bit extremes do not survive the float interpolation: compare floats
+    dtype = np.dtype(np.float64 if source.dtype.itemsize == 8 else source.dtype)
+    result = reduce_block(
+        source,
+        (0,) * source.ndim,
+        grid,
+        (0,) * source.ndim,
+        grid.counts,
+        Percentile(percentile),
+        dtype,
+        mask,
+    )
+    expected = reference.local_percentile(
+        source,
+        percentile,
+        selem=selem,
+        spacing=spacing,
+        step=step,
+        interpolate=None,
+        mask=mask,
+        dtype=dtype,
+    )
+    return result, expected
+
+
+@pytest.mark.parametrize("sorting", [True, False], ids=["sorted", "histograms"])
+@SETTINGS
+@given(
+    data=st.data(),
+    geometry=geometries(footprints=False),
+    percentile=percentiles,
+)
+def test_both_methods_match_the_reference(sorting, data, geometry, percentile):
+    source = data.draw(integer_images(geometry[0]))
+    mask = data.draw(masks(geometry[0]))
+    with mock.patch.object(_tiles, "_sorting_pays", return_value=sorting):
+        result, expected = coarse(source, percentile, geometry, mask)
+    np.testing.assert_array_equal(result, expected, strict=True)
+
+
+def test_the_cost_model_picks_sorting_for_few_large_tiles():
+    # W7's geometry: 2 x 2 x 2 tiles of 32^3 per window; ClearMap's
+    # light-sheet correction (W2): 8 x 8 tiles of 25 x 25 voxels per window.
+    large = make_grid((128, 128, 128), (64, 64, 64), (32, 32, 32))
+    small = make_grid((400, 400, 4), (200, 200, 1), (25, 25, 1))
+    choices = []
+    for grid in (large, small):
+        axes = [
+            next(_tiles._axis_phases(grid.windows(d, 0, grid.counts[d]), 0))
+            for d in range(3)
+        ]
+        choices.append(_tiles._sorting_pays(axes, 13))
+    assert choices == [True, False]
+
+
+def test_sorted_tiles_count_and_select():
+    block = np.array([5, 1, 4, 4, 9, 0, 2, 7], np.uint16)
+    grid = make_grid(block.shape, (4,), (2,))  # windows [0,3) [1,5) [3,7) [5,8)
+    phases = (next(_tiles._axis_phases(grid.windows(0, 0, grid.counts[0]), 0)),)
+    tiles = _tiles._SortedTiles(block, None, phases, grid.step)
+    # tiles [5] [1 4] [4 9] [0 2] [7], sorted, the two of size 1 first
+    np.testing.assert_array_equal(tiles.values, [5, 7, 1, 4, 4, 9, 0, 2])
+    ids = _tiles._window_tiles(phases)
+    np.testing.assert_array_equal(ids, [[0, 1], [1, 2], [2, 3], [3, 4]])
+    np.testing.assert_array_equal(tiles.count(ids, 4), [[0, 2], [2, 1], [1, 2], [2, 0]])
+    select = tiles.select(ids, 0, 9)
+    np.testing.assert_array_equal(select(np.array([0, 1, 3, 2])), [1, 4, 9, 7])
+    # the ranks just above come from the values found: a repeat, or the
+    # smallest next value of the window's tiles
+    np.testing.assert_array_equal(select(np.array([1, 2, 3, 2])), [4, 4, 9, 7])
+
+
+def test_histograms_still_decline_huge_ranges():
+    source = np.array([0, 2**60, 5, 7] * 4, np.int64)
+    grid = make_grid(source.shape, (2,))
+    with mock.patch.object(_tiles, "_sorting_pays", return_value=False):
+        done = _tiles.tile_reduce(
+            source,
+            (0,),
+            grid,
+            (0,),
+            grid.counts,
+            Percentile(0.5),
+            source.dtype,
+            None,
+            histogram=False,
+        )
+    assert done is None
+    histogram = _tiles.tile_reduce(
+        source % 8, (0,), grid, (0,), grid.counts, Histogram(8), np.int64, None, True
+    )
+    assert histogram[0].shape == (8, 8)
