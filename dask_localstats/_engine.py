@@ -8,7 +8,10 @@ region, and the kernels of :mod:`dask_localstats._kernels` reduce it to that
 block of the coarse grid. Where the source is an array that can be sliced
 (a NumPy or zarr array) the task reads its region itself, so the graph holds
 only a reference to the array (a zarr array opens its store inside the task)
-and no volume data; a dask array source is assembled from the chunks that
+and no volume data. Stored arrays are read through one
+:class:`~dask_localstats._io.ChunkCache` per computation (a task of the
+graph, freed with it), so the chunks that neighbouring regions share are
+decoded about once. A dask array source is assembled from the chunks that
 intersect the region. Centers are owned by exactly one block and every
 window is read whole, so the coarse grid does not depend on the chunking.
 
@@ -33,9 +36,12 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._interpolate import coordinates, prefilter, resample_block, taps_range
+from ._io import ChunkCache
 from ._kernels import KEEP_ALL, fill_nearest, flagged_dtype, reduce_block
 
 DEFAULT_BLOCK_BYTES = 128 * 2**20
+# Decoded storage chunks kept for the neighbouring blocks, per block budget.
+CACHE_BLOCKS = 2
 # Output chunks when the source imposes none: small enough for the allocator
 # to recycle their float64 temporaries instead of faulting in fresh pages.
 OUTPUT_CHUNK_BYTES = 16 * 2**20
@@ -119,8 +125,10 @@ def _split(total, size, shift=0):
     return tuple(min(size, total - i) for i in range(0, total, size))
 
 
-def _read(array, slices):
-    return np.asarray(array[slices])
+def _read(array, slices, cache=None):
+    if cache is None:
+        return np.asarray(array[slices])
+    return cache.read(array, slices)
 
 
 def _assemble(shape, dtype, parts):
@@ -149,16 +157,18 @@ def _pieces(bounds, lo, hi):
     ]
 
 
-def _region_task(array, region):
+def _region_task(array, region, cache=None):
     """A task producing ``array[region]`` (region: a (lo, hi) pair per axis).
 
     `array` is either a dask array, whose intersecting chunks become
-    dependencies, or a graph key naming a sliceable array. Axes of the dask
-    array beyond `region` must be single chunks; they are taken whole.
+    dependencies, or a graph key naming a sliceable array, read through the
+    :class:`~dask_localstats._io.ChunkCache` named by the key `cache` if
+    given. Axes of the dask array beyond `region` must be single chunks;
+    they are taken whole.
     """
     slices = tuple(slice(lo, hi) for lo, hi in region)
     if not isinstance(array, da.Array):
-        return (_read, array, slices)
+        return (_read, array, slices, cache)
     bounds = [list(itertools.accumulate(c, initial=0)) for c in array.chunks]
     per_axis = [_pieces(b, lo, hi) for b, (lo, hi) in zip(bounds, region, strict=False)]
     extra = (0,) * (array.ndim - len(region))
@@ -179,12 +189,20 @@ def _identity(array):
     return uuid.uuid4().hex if isinstance(array, np.ndarray) else array
 
 
-def _source_layer(source, name):
-    """Graph pieces to read `source`: (reference, layer dict, dependencies)."""
+def _source_layer(source, name, cache_bytes):
+    """Graph pieces to read `source`.
+
+    Returns ``(reference, cache key or None, layer dict, dependencies)``; a
+    source stored in chunks is read through a chunk cache of `cache_bytes`.
+    """
     if isinstance(source, da.Array):
-        return source, {}, [source]
-    key = f"source-{name}"
-    return key, {key: source}, []
+        return source, None, {}, [source]
+    key, cache = f"source-{name}", None
+    layer = {key: source}
+    if _storage_chunks(source):
+        cache = f"cache-{name}"
+        layer[cache] = (ChunkCache, cache_bytes)
+    return key, cache, layer, []
 
 
 def coarse_stage(
@@ -211,7 +229,8 @@ def coarse_stage(
     dask array of shape ``grid.counts + statistic.fshape``
     """
     itemsize = np.dtype(source.dtype).itemsize + (mask is not None)
-    per_block = plan_blocks(grid, itemsize, block_bytes or DEFAULT_BLOCK_BYTES)
+    block_bytes = block_bytes or DEFAULT_BLOCK_BYTES
+    per_block = plan_blocks(grid, itemsize, block_bytes)
     chunks = align_blocks(grid, per_block, _storage_chunks(source))
     token = tokenize(
         _identity(source),
@@ -227,10 +246,13 @@ def coarse_stage(
         missing,
     )
     name = f"localstats-coarse-{token}"
-    src_ref, layer, deps = _source_layer(source, name)
-    mask_ref = None
+    cache_bytes = CACHE_BLOCKS * block_bytes
+    src_ref, src_cache, layer, deps = _source_layer(source, name, cache_bytes)
+    mask_ref = mask_cache = None
     if mask is not None:
-        mask_ref, mask_layer, mask_deps = _source_layer(mask, f"mask-{name}")
+        mask_ref, mask_cache, mask_layer, mask_deps = _source_layer(
+            mask, f"mask-{name}", cache_bytes
+        )
         layer.update(mask_layer)
         deps += mask_deps
     bounds = [list(itertools.accumulate(c, initial=0)) for c in chunks]
@@ -239,10 +261,10 @@ def coarse_stage(
         stop = tuple(b[i + 1] for b, i in zip(bounds, index, strict=True))
         region = [grid.region(d, start[d], stop[d]) for d in range(grid.ndim)]
         origin = tuple(lo for lo, _ in region)
-        mask_task = None if mask is None else _region_task(mask_ref, region)
+        mask_task = None if mask is None else _region_task(mask_ref, region, mask_cache)
         layer[(name, *index, *(0,) * len(statistic.fshape))] = (
             reduce_block,
-            _region_task(src_ref, region),
+            _region_task(src_ref, region, src_cache),
             origin,
             grid,
             start,

@@ -92,3 +92,15 @@ def write_zarr(path, image, chunks=(4, 8, 9), zarr_format=3):
     )
     z[:] = image
     return path
+
+
+class Counting:
+    """A chunked array that records which regions are read from it."""
+
+    def __init__(self, array):
+        self.array, self.reads = array, []
+        self.shape, self.dtype, self.chunks = array.shape, array.dtype, array.chunks
+
+    def __getitem__(self, region):
+        self.reads.append(str(region))
+        return self.array[region]

@@ -1,18 +1,36 @@
 """The chunked engine: lazy results that never depend on chunking."""
 
 import itertools
+from unittest import mock
 
 import dask
 import dask.array as da
 import numpy as np
 import pytest
+import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import chunkings, geometries, images, masks, orders, percentiles
+from strategies import (
+    Counting,
+    chunkings,
+    geometries,
+    images,
+    masks,
+    orders,
+    percentiles,
+    write_zarr,
+)
 
 import dask_localstats as dls
-from dask_localstats._engine import align_blocks, auto_chunks, plan_blocks
+from dask_localstats import _engine
+from dask_localstats._engine import (
+    align_blocks,
+    auto_chunks,
+    coarse_stage,
+    plan_blocks,
+)
 from dask_localstats._grid import make_grid
+from dask_localstats._kernels import Percentile
 
 SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -140,3 +158,21 @@ def test_blocks_are_shifted_to_touch_fewer_storage_chunks():
         return sum((hi - 1) // 128 - lo // 128 + 1 for lo, hi in regions)
 
     assert touched(aligned[0]) < touched(plain[0])
+
+
+def test_overlapping_blocks_decode_each_storage_chunk_once(tmp_path):
+    image = np.random.default_rng(0).integers(0, 500, (17, 30, 25), np.uint16)
+    z = Counting(zarr.open_array(write_zarr(tmp_path / "a.zarr", image, (5, 7, 9))))
+    grid = make_grid(image.shape, (6, 8, 5), (2, 2, 2))
+    # blocks of a few centers, whose windows reach into their neighbours'
+    # chunks; the cache is made big enough to hold every chunk
+    with mock.patch.object(_engine, "CACHE_BLOCKS", 100):
+        coarse = coarse_stage(
+            z, grid, Percentile(0.5), np.dtype(np.uint16), block_bytes=432
+        )
+    assert min(coarse.numblocks) > 2
+    np.testing.assert_array_equal(
+        coarse.compute(),
+        dls.local_percentile(image, 0.5, selem=(6, 8, 5), spacing=2, interpolate=None),
+    )
+    assert len(z.reads) == len(set(z.reads)) == 4 * 5 * 3

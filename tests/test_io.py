@@ -6,9 +6,10 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from strategies import write_zarr
+from strategies import Counting, write_zarr
 
 import dask_localstats as dls
+from dask_localstats._io import ChunkCache
 
 KWARGS = dict(selem=(6, 8, 5), spacing=(4, 5, 5))
 
@@ -161,3 +162,20 @@ def test_from_zarr_arrays_are_read_from_the_store(tmp_path, image):
     np.testing.assert_array_equal(
         result.compute(), dls.local_percentile(image, 0.5, **KWARGS)
     )
+
+
+def test_chunk_cache_decodes_each_chunk_once_within_its_budget(tmp_path, image):
+    z = Counting(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
+    cache = ChunkCache(2**20)
+    first = cache.read(z, (slice(2, 12), slice(0, 30), slice(4, 20)))
+    again = cache.read(z, (slice(0, 17), slice(5, 9), slice(0, 25)))
+    np.testing.assert_array_equal(first, image[2:12, :, 4:20])
+    np.testing.assert_array_equal(again, image[:, 5:9])
+    # 3 x 5 x 3 chunks, then 4 x 2 x 3 of which 3 x 2 x 3 are held already
+    assert len(z.reads) == len(set(z.reads)) == 45 + 6
+    small = ChunkCache(2 * 5 * 7 * 9 * image.itemsize)  # two whole chunks
+    whole = small.read(z, (slice(0, 17), slice(0, 30), slice(0, 25)))
+    np.testing.assert_array_equal(whole, image)
+    assert 2 <= len(small) < 60
+    assert small._held <= small.nbytes
+    assert len(pickle.loads(pickle.dumps(cache))) == 0  # arrives empty
