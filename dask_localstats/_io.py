@@ -16,8 +16,8 @@ outlives a read, and the graph carries no data to a distributed cluster.
 
 Processing blocks overlap by the reach of the windows, and a storage chunk
 is decoded whole whichever part of it a block needs, so blocks reading a
-chunked store directly would decode its boundary chunks several times (about
-four times over for W7's 128^3 chunks). A :class:`ChunkCache` keeps the most
+chunked store directly would decode its boundary chunks several times (W7's
+blocks decode 2.25 times the volume of 128^3 chunks). A :class:`ChunkCache` keeps the most
 recently decoded chunks of one computation, so each is decoded about once,
 in bounded memory.
 """
