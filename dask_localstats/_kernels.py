@@ -20,7 +20,14 @@ Statistics are small objects that know their output shape and dtype:
   bit-identical to calling ``numpy.percentile`` on each window.
 - :class:`Histogram`: one ``np.bincount`` per batch on ``row * max_bin +
   value``.
-- :class:`Function`: calls a user function once per window on the kept voxels.
+- :class:`Function`: calls a user function once per window on the kept voxels
+  (or once per batch of windows, `vectorized`). ``numpy.mean``, ``numpy.var``
+  and ``numpy.std`` themselves, on integer sources, are computed from exact
+  tile sums instead (:func:`dask_localstats._tiles.tile_moments`).
+
+Percentiles, histograms and those moments of integer sources in box windows
+take the tile paths of :mod:`dask_localstats._tiles`, whose work does not
+grow with the overlap of the windows.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ._tiles import tile_reduce
+from ._tiles import tile_moments, tile_reduce
 
 _BATCH = 1 << 24
 
@@ -278,6 +285,11 @@ class Function:
             result[rows] = part
         return result, n
 
+    @property
+    def moment(self):
+        """'mean', 'var' or 'std' when the function is NumPy's own, else None."""
+        return {np.mean: "mean", np.var: "var", np.std: "std"}.get(self.function)
+
     def _call(self, windows):
         result = np.asarray(self.function(windows, axis=-1))
         if result.shape != (len(windows), *self.fshape):
@@ -398,14 +410,21 @@ def reduce_block(
         Shape ``stop - start + statistic.fshape``; a record array with fields
         ``value`` and ``missing`` when missing samples are to be filled later.
     """
-    tiled = isinstance(statistic, Percentile | Histogram)
-    if tiled and grid.footprint is None and block.dtype.kind in "biu":
-        histogram = isinstance(statistic, Histogram)
-        done = tile_reduce(
-            block, origin, grid, start, stop, statistic, dtype, mask, histogram
-        )
-        if done is not None:
-            return missing.apply(*done)
+    done = None
+    if grid.footprint is None and block.dtype.kind in "biu":
+        if isinstance(statistic, Percentile | Histogram):
+            histogram = isinstance(statistic, Histogram)
+            done = tile_reduce(
+                block, origin, grid, start, stop, statistic, dtype, mask, histogram
+            )
+        elif statistic.moment and not statistic.fshape:
+            done = tile_moments(
+                block, origin, grid, start, stop, statistic.moment, mask
+            )
+            if done is not None:
+                done = done[0].astype(dtype), done[1]
+    if done is not None:
+        return missing.apply(*done)
     ndim = grid.ndim
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     out = np.zeros(shape + statistic.fshape, dtype=dtype)

@@ -35,6 +35,11 @@ Percentiles are found in one of two ways, whichever a cost model
 Either way NumPy's interpolation between the two order statistics is then
 applied as for the other kernels, so results are bit-identical to
 ``numpy.percentile``.
+
+Means, variances and standard deviations (``numpy.mean``, ``numpy.var``,
+``numpy.std`` given to ``apply_local_function``) add up exact integer sums
+of the values and their squares per tile (``np.add.reduceat``), then per
+window with the same tile range matrices (:func:`tile_moments`).
 """
 
 from __future__ import annotations
@@ -131,6 +136,8 @@ class _PhaseTiles:
             inner = inner * self.shape[d] + (index - 1).reshape(shape)
         self.inner = inner
         self.bounds0 = phases[0][2] - phases[0][2][0]
+        # where the tiles of axes 1.. start, within the samples
+        self.starts = [b[:-1] - b[0] for _, _, b, _, _ in phases[1:]]
 
     def rows(self):
         """Yield ``(tiles, values)`` of the kept samples, row of tiles by row."""
@@ -154,6 +161,28 @@ class _PhaseTiles:
             keys = (tiles - t * per_row) * nbins + (values >> shift)
             out[t] = np.bincount(keys.ravel(), minlength=per_row * nbins)
         return out.reshape((*self.shape, nbins))
+
+    def sums(self):
+        """Kept counts and sums of ``values`` and ``values**2`` per tile.
+
+        Returns an int64 array ``(*shape, 3)``. Each row of tiles is summed
+        over axis 0, then over the tiles of the other axes (``reduceat``).
+        """
+        out = np.empty((*self.shape, 3), dtype=np.int64)
+        for t in range(self.shape[0]):
+            part = slice(self.bounds0[t], self.bounds0[t + 1])
+            x = _offsets(self.sub[part], self.low, np.int64)
+            if self.keep is None:
+                n = np.full(x.shape[1:], len(x))
+            else:
+                keep = self.keep[part]
+                x[~keep] = 0
+                n = keep.sum(axis=0)
+            for k, total in enumerate((n, x.sum(axis=0), np.square(x).sum(axis=0))):
+                for d, starts in enumerate(self.starts):
+                    total = np.add.reduceat(total, starts, axis=d)
+                out[t, ..., k] = total
+        return out
 
     def pair_histograms(self, lookup, count, shift):
         """Fine histograms ``(count, 2**shift)`` of selected (tile, coarse bin).
@@ -478,3 +507,42 @@ def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histog
         out[rows] = statistic.combine(select, n).reshape(windows + statistic.fshape)
         counts[rows] = n.reshape(windows)
     return out, counts
+
+
+def tile_moments(block, origin, grid, start, stop, moment, mask):
+    """Window means, variances or standard deviations of an integer block.
+
+    Tile sums of the values and of their squares, offset by the block's
+    minimum, are added up per window exactly (they stay below 2**53, else
+    this returns None); the moment then follows from those integers with a
+    single rounding (``(n S2 - S1^2) / n^2`` for the variance), so it is
+    within float rounding of NumPy's two-pass ``numpy.var``.
+
+    Returns ``(values, kept counts)`` with NaN for empty windows, or None.
+    """
+    kept = block if mask is None else block[mask.astype(bool, copy=False)]
+    low = int(kept.min()) if kept.size else 0
+    spread = int(kept.max()) - low if kept.size else 0
+    if grid.full_count * spread**2 >= 2**53:
+        return None
+    shape = tuple(b - a for a, b in zip(start, stop, strict=True))
+    sums = np.zeros((*shape, 3), dtype=np.int64)
+    axes = [
+        list(_axis_phases(grid.windows(d, start[d], stop[d]), origin[d]))
+        for d in range(grid.ndim)
+    ]
+    for phases in itertools.product(*axes):
+        samples = _PhaseTiles(block, mask, phases, grid.step, low)
+        rows = np.ix_(*(r for r, _, _, _, _ in phases))
+        sums[rows] = _window_sums(samples.sums(), phases)
+    n, s1, s2 = (
+        np.asarray(x, np.int64).astype(object) for x in np.moveaxis(sums, -1, 0)
+    )
+    empty = n == 0
+    n = np.where(empty, 1, n)
+    exact = (low * n + s1) / n if moment == "mean" else (n * s2 - s1 * s1) / (n * n)
+    values = exact.astype(np.float64)
+    if moment == "std":
+        values = np.sqrt(values)
+    values[empty] = np.nan
+    return values, np.where(empty, 0, n).astype(np.int64)
