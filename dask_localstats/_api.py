@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import dask.array as da
+import dask.threaded
 import numpy as np
 
 from ._engine import auto_chunks, coarse_stage, resample_stage
@@ -103,7 +104,8 @@ def _local_statistic(
         result = resample_stage(result, grid, interpolate, align, chunks, bool(clip))
     if not lazy:
         out = np.empty(result.shape, result.dtype)
-        result.store(out, lock=False, scheduler="threads")
+        # the threaded scheduler itself: naming it would import distributed
+        result.store(out, lock=False, scheduler=dask.threaded.get)
         result = out
     if return_centers:
         return result, grid.center_coordinates()
