@@ -79,53 +79,82 @@ class ChunkCache:
     def __len__(self):
         return len(self._chunks)
 
-    def _chunk(self, array, index):
-        with self._lock:
-            chunk = self._chunks.get(index)
-            if chunk is not None:
-                self._chunks.move_to_end(index)
-                return chunk
-            pending = self._pending.get(index)
-            decoding = pending is None
-            if decoding:  # others needing this chunk meanwhile wait for us
-                pending = self._pending[index] = Future()
-        if not decoding:
-            return pending.result()
-        region = tuple(
-            slice(i * c, min((i + 1) * c, n))
-            for i, c, n in zip(index, array.chunks, array.shape, strict=True)
-        )
-        try:
-            chunk = np.asarray(array[region])
-        except BaseException as error:
-            with self._lock:
-                del self._pending[index]
-            pending.set_exception(error)
-            raise
-        with self._lock:
-            del self._pending[index]
-            self._chunks[index] = chunk
-            self._held += chunk.nbytes
-            while self._held > self.nbytes and len(self._chunks) > 1:
-                self._held -= self._chunks.popitem(last=False)[1].nbytes
-        pending.set_result(chunk)
-        return chunk
-
     def read(self, array, slices):
-        """``array[slices]`` (unit steps), pasted together from whole chunks."""
-        out = np.empty(tuple(s.stop - s.start for s in slices), array.dtype)
+        """``array[slices]`` (unit steps), pasted together from whole chunks.
+
+        The chunks not held are claimed first, then decoded in runs along
+        the last axis, one read each (zarr decodes a read's chunks
+        concurrently); a chunk another thread is decoding is waited for.
+        """
         ranges = [
             range(s.start // c, -(-s.stop // c))
             for s, c in zip(slices, array.chunks, strict=True)
         ]
-        for index in itertools.product(*ranges):
+        indices = list(itertools.product(*ranges))
+        found, mine = {}, []
+        with self._lock:
+            for index in indices:
+                if index in self._chunks:
+                    self._chunks.move_to_end(index)
+                    found[index] = self._chunks[index]
+                elif index in self._pending:
+                    found[index] = self._pending[index]
+                else:
+                    mine.append(index)
+                    self._pending[index] = Future()
+        for run in _runs(mine):
+            found.update(self._decode(array, run))
+        out = np.empty(tuple(s.stop - s.start for s in slices), array.dtype)
+        for index in indices:
             dst, src = [], []
             for i, c, s in zip(index, array.chunks, slices, strict=True):
                 lo, hi = max(s.start, i * c), min(s.stop, (i + 1) * c)
                 dst.append(slice(lo - s.start, hi - s.start))
                 src.append(slice(lo - i * c, hi - i * c))
-            out[tuple(dst)] = self._chunk(array, index)[tuple(src)]
+            chunk = found[index]
+            if isinstance(chunk, Future):
+                chunk = chunk.result()
+            out[tuple(dst)] = chunk[tuple(src)]
         return out
+
+    def _decode(self, array, run):
+        """Decode chunks consecutive along the last axis, claimed by us."""
+        first, last = run[0], run[-1]
+        region = tuple(
+            slice(i * c, min((j + 1) * c, n))
+            for i, j, c, n in zip(first, last, array.chunks, array.shape, strict=True)
+        )
+        try:
+            data = np.asarray(array[region])
+        except BaseException as error:
+            with self._lock:
+                for index in run:
+                    self._pending.pop(index).set_exception(error)
+            raise
+        step = array.chunks[-1]
+        chunks = {
+            index: data[..., k * step : (k + 1) * step] for k, index in enumerate(run)
+        }
+        with self._lock:
+            for index, chunk in chunks.items():
+                self._chunks[index] = chunk
+                self._held += chunk.nbytes
+                self._pending.pop(index).set_result(chunk)
+            while self._held > self.nbytes and len(self._chunks) > 1:
+                self._held -= self._chunks.popitem(last=False)[1].nbytes
+        return chunks
+
+
+def _runs(indices):
+    """Split chunk indices (in C order) into runs consecutive on the last axis."""
+    runs = []
+    for index in indices:
+        previous = runs[-1][-1] if runs else None
+        if previous and previous[:-1] == index[:-1] and previous[-1] + 1 == index[-1]:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
 
 
 def _ome_level(group, level=0):

@@ -1,5 +1,7 @@
 """Hypothesis strategies and small helpers shared by the test modules."""
 
+import itertools
+
 import numpy as np
 import zarr
 from hypothesis import strategies as st
@@ -95,12 +97,16 @@ def write_zarr(path, image, chunks=(4, 8, 9), zarr_format=3):
 
 
 class Counting:
-    """A chunked array that records which regions are read from it."""
+    """A chunked array that records the chunks each read decodes."""
 
     def __init__(self, array):
-        self.array, self.reads = array, []
+        self.array, self.chunks_read = array, []
         self.shape, self.dtype, self.chunks = array.shape, array.dtype, array.chunks
 
     def __getitem__(self, region):
-        self.reads.append(str(region))
+        ranges = [
+            range(s.start // c, -(-s.stop // c))
+            for s, c in zip(region, self.chunks, strict=True)
+        ]
+        self.chunks_read += itertools.product(*ranges)
         return self.array[region]

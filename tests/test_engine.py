@@ -175,4 +175,4 @@ def test_overlapping_blocks_decode_each_storage_chunk_once(tmp_path):
         coarse.compute(),
         dls.local_percentile(image, 0.5, selem=(6, 8, 5), spacing=2, interpolate=None),
     )
-    assert len(z.reads) == len(set(z.reads)) == 4 * 5 * 3
+    assert len(z.chunks_read) == len(set(z.chunks_read)) == 4 * 5 * 3

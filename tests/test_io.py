@@ -1,6 +1,7 @@
 """Zarr sources (v2, v3, groups, OME-Zarr) and storing results."""
 
 import pickle
+from unittest import mock
 
 import dask.array as da
 import numpy as np
@@ -172,10 +173,22 @@ def test_chunk_cache_decodes_each_chunk_once_within_its_budget(tmp_path, image):
     np.testing.assert_array_equal(first, image[2:12, :, 4:20])
     np.testing.assert_array_equal(again, image[:, 5:9])
     # 3 x 5 x 3 chunks, then 4 x 2 x 3 of which 3 x 2 x 3 are held already
-    assert len(z.reads) == len(set(z.reads)) == 45 + 6
+    assert len(z.chunks_read) == len(set(z.chunks_read)) == 45 + 6
     small = ChunkCache(2 * 5 * 7 * 9 * image.itemsize)  # two whole chunks
     whole = small.read(z, (slice(0, 17), slice(0, 30), slice(0, 25)))
     np.testing.assert_array_equal(whole, image)
     assert 2 <= len(small) < 60
     assert small._held <= small.nbytes
     assert len(pickle.loads(pickle.dumps(cache))) == 0  # arrives empty
+
+
+def test_chunk_cache_read_errors_propagate_and_are_not_cached(tmp_path, image):
+    z = Counting(_write(tmp_path / "image.zarr", image))
+    cache = ChunkCache(2**20)
+    broken = mock.patch.object(Counting, "__getitem__", side_effect=OSError("gone"))
+    with broken, pytest.raises(OSError, match="gone"):
+        cache.read(z, (slice(0, 3), slice(0, 3), slice(0, 3)))
+    assert len(cache) == 0
+    np.testing.assert_array_equal(
+        cache.read(z, (slice(0, 3), slice(0, 3), slice(0, 3))), image[:3, :3, :3]
+    )
