@@ -85,36 +85,42 @@ class ChunkCache:
         The chunks not held are claimed first, then decoded in runs along
         the last axis, one read each (zarr decodes a read's chunks
         concurrently); a chunk another thread is decoding is waited for.
+        Each chunk is pasted as soon as it is at hand, so a read holds the
+        region and one run of chunks, whatever the cache keeps.
         """
-        ranges = [
-            range(s.start // c, -(-s.stop // c))
-            for s, c in zip(slices, array.chunks, strict=True)
-        ]
-        indices = list(itertools.product(*ranges))
-        found, mine = {}, []
-        with self._lock:
-            for index in indices:
-                if index in self._chunks:
-                    self._chunks.move_to_end(index)
-                    found[index] = self._chunks[index]
-                elif index in self._pending:
-                    found[index] = self._pending[index]
-                else:
-                    mine.append(index)
-                    self._pending[index] = Future()
-        for run in _runs(mine):
-            found.update(self._decode(array, run))
         out = np.empty(tuple(s.stop - s.start for s in slices), array.dtype)
-        for index in indices:
+
+        def paste(index, chunk):
             dst, src = [], []
             for i, c, s in zip(index, array.chunks, slices, strict=True):
                 lo, hi = max(s.start, i * c), min(s.stop, (i + 1) * c)
                 dst.append(slice(lo - s.start, hi - s.start))
                 src.append(slice(lo - i * c, hi - i * c))
-            chunk = found[index]
-            if isinstance(chunk, Future):
-                chunk = chunk.result()
             out[tuple(dst)] = chunk[tuple(src)]
+
+        ranges = [
+            range(s.start // c, -(-s.stop // c))
+            for s, c in zip(slices, array.chunks, strict=True)
+        ]
+        held, waiting, mine = [], [], []
+        with self._lock:
+            for index in itertools.product(*ranges):
+                if index in self._chunks:
+                    self._chunks.move_to_end(index)
+                    held.append((index, self._chunks[index]))
+                elif index in self._pending:
+                    waiting.append((index, self._pending[index]))
+                else:
+                    mine.append(index)
+                    self._pending[index] = Future()
+        for index, chunk in held:
+            paste(index, chunk)
+        del held
+        for run in _runs(mine):
+            for index, chunk in self._decode(array, run).items():
+                paste(index, chunk)
+        for index, pending in waiting:
+            paste(index, pending.result())
         return out
 
     def _decode(self, array, run):
@@ -132,8 +138,9 @@ class ChunkCache:
                     self._pending.pop(index).set_exception(error)
             raise
         step = array.chunks[-1]
-        chunks = {
-            index: data[..., k * step : (k + 1) * step] for k, index in enumerate(run)
+        chunks = {  # copies: a view would keep the whole run alive
+            index: data[..., k * step : (k + 1) * step].copy() if len(run) > 1 else data
+            for k, index in enumerate(run)
         }
         with self._lock:
             for index, chunk in chunks.items():

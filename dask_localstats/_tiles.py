@@ -447,8 +447,23 @@ def _percentile_select(samples, phases, nbins, statistic, dtype):
     return n, select
 
 
+def _block_phases(origin, grid, start, stop):
+    """The tiled step phases of a block: one ``_axis_phases`` item per axis."""
+    axes = [
+        list(_axis_phases(grid.windows(d, start[d], stop[d]), origin[d]))
+        for d in range(grid.ndim)
+    ]
+    return list(itertools.product(*axes))
+
+
+def _kept_range(block, mask):
+    """The least and greatest kept values of a block, as ints (0, 0 if none)."""
+    kept = block if mask is None else block[mask.astype(bool, copy=False)]
+    return (int(kept.min()), int(kept.max())) if kept.size else (0, 0)
+
+
 def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histogram):
-    """Window statistics of an integer block by tile histograms, or None.
+    """Window statistics of an integer block by tiles, or None.
 
     Parameters are those of :func:`dask_localstats._kernels.reduce_block`
     (the grid has no footprint); `histogram` tells whether `statistic` is a
@@ -456,17 +471,12 @@ def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histog
     Returns ``(samples, kept counts)``, or None when the histograms would be
     too large to pay off.
     """
-    axes = [
-        list(_axis_phases(grid.windows(d, start[d], stop[d]), origin[d]))
-        for d in range(grid.ndim)
-    ]
-    phases_list = list(itertools.product(*axes))
+    phases_list = _block_phases(origin, grid, start, stop)
     if histogram:
         low, nbins = 0, statistic.max_bin
         sort = [False] * len(phases_list)
     else:
-        kept = block if mask is None else block[mask.astype(bool, copy=False)]
-        low, high = (int(kept.min()), int(kept.max())) if kept.size else (0, 0)
+        low, high = _kept_range(block, mask)
         nbins = high - low + 1
         searches = len(statistic.quantiles()) * nbins.bit_length()
         sort = [_sorting_pays(phases, searches) for phases in phases_list]
@@ -520,18 +530,12 @@ def tile_moments(block, origin, grid, start, stop, moment, mask):
 
     Returns ``(values, kept counts)`` with NaN for empty windows, or None.
     """
-    kept = block if mask is None else block[mask.astype(bool, copy=False)]
-    low = int(kept.min()) if kept.size else 0
-    spread = int(kept.max()) - low if kept.size else 0
-    if grid.full_count * spread**2 >= 2**53:
+    low, high = _kept_range(block, mask)
+    if grid.full_count * (high - low) ** 2 >= 2**53:
         return None
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     sums = np.zeros((*shape, 3), dtype=np.int64)
-    axes = [
-        list(_axis_phases(grid.windows(d, start[d], stop[d]), origin[d]))
-        for d in range(grid.ndim)
-    ]
-    for phases in itertools.product(*axes):
+    for phases in _block_phases(origin, grid, start, stop):
         samples = _PhaseTiles(block, mask, phases, grid.step, low)
         rows = np.ix_(*(r for r, _, _, _, _ in phases))
         sums[rows] = _window_sums(samples.sums(), phases)
