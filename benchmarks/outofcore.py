@@ -2,7 +2,8 @@
 
 Run ``python benchmarks/outofcore.py`` (``--sizes 1 8`` GiB for W7,
 ``--repeat 3``, ``--only W7,W9``, ``--workdir DIR`` where the synthetic
-stores go; they are made once and reused).
+stores go; they are made once and reused; ``--malloc-arena-max 2`` runs both
+sides with glibc's per-thread heaps capped, see the README).
 
 - W7: ``v - local_percentile(v, 0.1, selem=(64,)*3, spacing=(32,)*3)``
   stored into a new zstd zarr store, against B4, a plain
@@ -107,12 +108,16 @@ def child(workload, side, src, dst, workers):
     print(json.dumps({"seconds": time.perf_counter() - start, "rss": peak_rss_mib()}))
 
 
+ENV = dict(os.environ)
+
+
 def run_child(*args):
     out = subprocess.run(
         [sys.executable, __file__, "--child", *map(str, args)],
         check=True,
         capture_output=True,
         text=True,
+        env=ENV,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -184,8 +189,16 @@ def main(argv=None):
         type=Path,
         default=Path(os.environ.get("TMPDIR", "/tmp")) / "dls-outofcore",
     )
+    parser.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        help="MALLOC_ARENA_MAX for every child (both sides): glibc's limit on "
+        "per-thread heaps, which otherwise hold freed memory in long runs",
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.malloc_arena_max:
+        ENV["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
     if args.child:
         workload, side, src, dst, workers = args.child
         if workload == "W9":
