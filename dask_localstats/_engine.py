@@ -26,6 +26,9 @@ prefilter the (small) coarse grid once, in one task.
 from __future__ import annotations
 
 import bisect
+import ctypes
+import ctypes.util
+import functools
 import itertools
 import math
 import uuid
@@ -184,6 +187,31 @@ def _region_task(array, region, cache=None):
     return (_assemble, shape, array.dtype, parts)
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _coarse_block(*args):
+    """:func:`reduce_block`, then the memory it freed goes back to the system.
+
+    A block's temporaries are large and made in several threads (ours and
+    zarr's); glibc keeps much of what they free in per-thread heaps, which
+    over a long run adds up (measured at 8 GiB against 1 GiB for W7: +27%
+    peak RSS, +15% when trimming after each block, as dask.distributed's
+    workers also do).
+    """
+    result = reduce_block(*args)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    return result
+
+
 def _identity(array):
     """What names `array` in a task key: hashing NumPy data would cost a pass."""
     return uuid.uuid4().hex if isinstance(array, np.ndarray) else array
@@ -263,7 +291,7 @@ def coarse_stage(
         origin = tuple(lo for lo, _ in region)
         mask_task = None if mask is None else _region_task(mask_ref, region, mask_cache)
         layer[(name, *index, *(0,) * len(statistic.fshape))] = (
-            reduce_block,
+            _coarse_block,
             _region_task(src_ref, region, src_cache),
             origin,
             grid,

@@ -524,15 +524,16 @@ def tile_moments(block, origin, grid, start, stop, moment, mask):
 
     Tile sums of the values and of their squares, offset by the block's
     minimum, are added up per window exactly (they stay below 2**53, else
-    this returns None); the moment then follows from those integers with a
+    this returns None, as it does for values that NumPy's float arithmetic
+    would round, beyond 2**53 in magnitude); the moment then follows from those integers with a
     single rounding (``(n S2 - S1^2) / n^2`` for the variance), so it is
     within float rounding of NumPy's two-pass ``numpy.var``.
 
     Returns ``(values, kept counts)`` with NaN for empty windows, or None.
     """
     low, high = _kept_range(block, mask)
-    if grid.full_count * (high - low) ** 2 >= 2**53:
-        return None
+    if grid.full_count * (high - low) ** 2 >= 2**53 or max(-low, high) >= 2**53:
+        return None  # inexact sums, or values NumPy would round to floats
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     sums = np.zeros((*shape, 3), dtype=np.int64)
     for phases in _block_phases(origin, grid, start, stop):
