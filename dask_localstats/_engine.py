@@ -189,7 +189,7 @@ def _region_task(array, region, cache=None):
 
 
 @functools.cache
-def _malloc_trim():
+def _trim_tools():
     """glibc's ``malloc_trim`` and a reader of this process's RSS, or None."""
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
@@ -221,7 +221,7 @@ def _coarse_block(*args):
     system must be faulted in again.
     """
     result = reduce_block(*args)
-    tools = _malloc_trim()
+    tools = _trim_tools()
     if tools is not None:
         trim, rss = tools
         if rss() > _TRIMMED["rss"] + DEFAULT_BLOCK_BYTES:
