@@ -1,63 +1,158 @@
-"""Tiles: the fast path for integer sources and box windows.
+"""Tiles: the fast paths for integer sources and box windows.
 
 In real use windows overlap heavily (ClearMap's light-sheet correction takes
 windows of 200 x 200 voxels every 25 voxels, so each voxel lies in 64
 windows); gathering every window visits each voxel that many times. Instead,
-on each axis the window bounds cut the block into *tiles*, and every window
+the work here follows the voxels, whatever the overlap.
+
+Tiling
+------
+On each axis the window bounds cut the block into *tiles*, and every window
 is a box of whole tiles. With a step, windows whose (clipped) start has the
 same phase modulo the step share one subsampled grid, so each phase is tiled
-separately; every voxel still falls in exactly one tile.
+separately; every sample still falls in exactly one tile. One axis's tiles
+for one phase are an :class:`AxisTiling` (:func:`_axis_phases`); a *tiling*
+of the block is a tuple of them, one per axis, and :func:`_block_phases`
+lists the block's tilings (one per combination of the axes' phases).
 
-Percentiles are found in one of two ways, whichever a cost model
-(:func:`_sorting_pays`) expects to be cheaper:
+Paths
+-----
+:func:`tile_reduce` computes percentiles and local histograms,
+:func:`tile_moments` means, variances and standard deviations:
 
-- *Sorted tiles*, for few large tiles per window. Each tile's samples are
-  sorted once (``ndarray.sort``, which releases the GIL, so threads overlap).
-  How many samples of a window lie at or below some value is then a binary
-  search per tile, and each wanted order statistic a bisection on the value.
-  Work: about one sort of the voxels, whatever the value range.
-- *Tile histograms*, for many small tiles per window:
+- *Sorted tiles* (percentiles, few large tiles per window;
+  :class:`_SortedTiles`). Each tile's samples are sorted once
+  (``ndarray.sort``, which releases the GIL, so threads overlap). How many
+  samples of a window lie at or below some value is then a binary search
+  per tile, and each wanted order statistic a bisection on the value
+  (:meth:`_SortedTiles.select`). Work: about one sort of the voxels, whatever
+  the value range.
+- *Tile histograms* (percentiles, many small tiles per window;
+  :func:`_percentile_select`):
 
   1. One ``np.bincount`` per row of tiles gives each tile's histogram of the
-     values (offset by the block's minimum): work proportional to the voxels.
+     values, offset by the block's least kept value
+     (:meth:`_PhaseTiles.histograms`): work proportional to the voxels.
   2. A window's histogram is the sum of its tiles' histograms: a product
-     with one 0/1 "tile range" matrix per axis (BLAS does the sums).
-  3. Step 2 is done on coarse bins of about sqrt(range) values; the coarse
-     bin holding each wanted rank is found from the cumulative counts, then
-     that bin's fine counts are summed over the window's tiles to find the
-     exact value.
+     with one 0/1 "tile range" matrix per axis (:func:`_window_sums`; BLAS
+     does the sums).
+  3. Steps 1 and 2 are done on coarse bins of about sqrt(range) values; the
+     coarse bin holding each wanted rank is found from the cumulative
+     counts, then fine histograms are counted only for the (tile, coarse
+     bin) pairs those ranks fall in (:meth:`_PhaseTiles.pair_histograms`)
+     and summed over the window's tiles to find the exact value.
 
-  Local histograms (:class:`~dask_localstats._kernels.Histogram`) are steps
-  1 and 2 with the requested bins. :func:`tile_reduce` declines (returns
-  None) when the histograms would dwarf the block, and the gathering kernel
-  takes over.
+- *Local histograms* (:class:`~dask_localstats._kernels.Histogram`): steps
+  1 and 2 of the tile histograms, with the requested bins.
+- *Moments* (``numpy.mean``, ``numpy.var``, ``numpy.std`` given to
+  ``apply_local_function``): exact integer sums of the values and their
+  squares per tile (:meth:`_PhaseTiles.sums`, ``np.add.reduceat``), then per
+  window with the same tile range matrices.
 
-Either way NumPy's interpolation between the two order statistics is then
-applied as for the other kernels, so results are bit-identical to
+For percentiles, NumPy's interpolation between the two order statistics is
+then applied as for the other kernels, so results are bit-identical to
 ``numpy.percentile``.
 
-Means, variances and standard deviations (``numpy.mean``, ``numpy.var``,
-``numpy.std`` given to ``apply_local_function``) add up exact integer sums
-of the values and their squares per tile (``np.add.reduceat``), then per
-window with the same tile range matrices (:func:`tile_moments`).
+Cost model
+----------
+For percentiles, :func:`_sorting_pays` chooses per tiling: sorting costs
+about one pass over the samples plus, for each of the bisection steps (ranks
+wanted times the bit length of the value range), one binary search in every
+tile of every window; tile histograms cost about two passes whatever the
+windows. Sorted tiles are taken when ``windows * tiles per window * steps *
+log2(largest tile) <= 4 * samples``. :func:`tile_reduce` declines (returns
+None, and the gathering kernel takes over) when the tile histograms of some
+tiling would hold more entries than the block has voxels and than
+``_MAX_ENTRIES``; :func:`tile_moments` declines when its integer sums could
+exceed 2**53.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 _MAX_ENTRIES = 1 << 23
 
 
+class AxisTiling(NamedTuple):
+    """The tiles of one axis of a block, for the windows of one step phase.
+
+    A block's tiling for one phase is a tuple of these, one per axis (called
+    `tiling` below); a window is then the box of tiles ``first[w]:last[w]``
+    on every axis.
+
+    Attributes
+    ----------
+    rows : numpy.ndarray
+        The windows of this phase, as indices into the axis's windows.
+    phase : int
+        Where the phase's samples start in the block: along this axis they
+        are ``block[phase::step]``.
+    bounds : numpy.ndarray
+        Increasing tile bounds in the coordinates of those samples (sample
+        ``i`` is block index ``phase + i * step``): tile ``t`` holds the
+        samples ``bounds[t]:bounds[t + 1]``. Every window starts and stops
+        on a bound; samples between windows form tiles no window uses.
+    first : numpy.ndarray
+        Each window's first tile (one entry per row).
+    last : numpy.ndarray
+        One past each window's last tile.
+    """
+
+    rows: np.ndarray
+    phase: int
+    bounds: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+    @property
+    def ntiles(self):
+        """The number of tiles."""
+        return len(self.bounds) - 1
+
+    def region(self, step):
+        """The slice of the block that holds the tiles' samples."""
+        lo, hi = self.bounds[0], self.bounds[-1]
+        return slice(self.phase + step * lo, self.phase + step * hi, step)
+
+
+class SizeClass(NamedTuple):
+    """The used tiles of one size on one axis (see :func:`_size_classes`).
+
+    Attributes
+    ----------
+    tiles : numpy.ndarray
+        Their indices, increasing.
+    size : int
+        Their common number of samples.
+    take : slice or numpy.ndarray
+        What selects their samples, in order, from the axis's region: a
+        slice when the tiles are consecutive, else the sample indices.
+    """
+
+    tiles: np.ndarray
+    size: int
+    take: slice | np.ndarray
+
+
 def _axis_phases(windows, origin):
     """Split one axis's windows by step phase; tile each phase.
 
-    Yields ``(rows, phase, bounds, first, last)``: the windows (indices into
-    `windows`) of one phase, the tile bounds in subsampled coordinates of
-    ``block[phase::step]``, and each window's tile range ``[first, last)``.
+    Parameters
+    ----------
+    windows : dask_localstats._grid.AxisWindows
+        The windows of the block's centers on this axis.
+    origin : int
+        The block's first source index on this axis.
+
+    Yields
+    ------
+    AxisTiling
+        One per phase (start modulo the step) of the windows.
     """
     lo, hi, step = windows.lo - origin, windows.hi - origin, windows.step
     phases = lo % step
@@ -66,7 +161,7 @@ def _axis_phases(windows, origin):
         start = (lo[rows] - phase) // step
         stop = (hi[rows] - phase + step - 1) // step
         bounds = np.unique(np.concatenate([start, stop]))
-        yield (
+        yield AxisTiling(
             rows,
             int(phase),
             bounds,
@@ -88,56 +183,68 @@ def _offsets(values, low, dtype=np.intp):
     return difference.astype(dtype)
 
 
-def _used_tiles(bounds, first, last):
-    """Whether each tile of one axis lies in some window."""
-    delta = np.zeros(len(bounds), dtype=np.intp)
-    np.add.at(delta, first, 1)
-    np.add.at(delta, last, -1)
+def _used_tiles(axis):
+    """Whether each tile of an :class:`AxisTiling` lies in some window."""
+    delta = np.zeros(len(axis.bounds), dtype=np.intp)
+    np.add.at(delta, axis.first, 1)
+    np.add.at(delta, axis.last, -1)
     return np.cumsum(delta)[:-1] > 0
 
 
-def _used_samples(bounds, first, last):
-    """Samples of one axis lying in a tile of some window, or None for all."""
-    used = _used_tiles(bounds, first, last)
+def _used_samples(axis):
+    """Samples of one axis in a tile of some window, or None for all."""
+    used = _used_tiles(axis)
     if used.all():
         return None
-    return np.repeat(used, np.diff(bounds))
+    return np.repeat(used, np.diff(axis.bounds))
 
 
 class _PhaseTiles:
     """The samples of one step phase of a block, tile by tile.
 
-    Samples outside every window (gaps between windows) and masked ones are
-    left out. Values are offset by `low`.
+    The tile histograms path and the moments path read the samples through
+    this class, one row of tiles (along axis 0) at a time, each sample
+    labelled with its flat tile index. Samples outside every window (gaps
+    between windows) and masked ones are left out. Values are offset by
+    `low`.
+
+    Parameters
+    ----------
+    block, mask : numpy.ndarray
+        The block and its mask (or None).
+    tiling : tuple of AxisTiling
+        The phase's tiling, one per axis.
+    steps : tuple of int
+        The grid's step per axis.
+    low : int
+        Subtracted from every value (the block's least kept value).
     """
 
-    def __init__(self, block, mask, phases, steps, low):
-        region = tuple(
-            slice(p + s * b[0], p + s * b[-1], s)
-            for (_, p, b, _, _), s in zip(phases, steps, strict=True)
-        )
+    def __init__(self, block, mask, tiling, steps, low):
+        region = tuple(axis.region(s) for axis, s in zip(tiling, steps, strict=True))
         self.sub, self.low = block[region], low
         keep = None if mask is None else mask[region].astype(bool, copy=False)
-        for d, (_, _, bounds, first, last) in enumerate(phases):
-            used = _used_samples(bounds, first, last)
+        for d, axis in enumerate(tiling):
+            used = _used_samples(axis)
             if used is not None:
                 shape = [1] * block.ndim
                 shape[d] = len(used)
                 used = np.broadcast_to(used.reshape(shape), self.sub.shape)
                 keep = used if keep is None else keep & used
         self.keep = keep
-        self.shape = tuple(len(b) - 1 for _, _, b, _, _ in phases)
+        self.shape = tuple(axis.ntiles for axis in tiling)
         # flat tile index of each sample along axes 1.. (axis 0 goes row by row)
         inner = np.zeros((1,) * block.ndim, dtype=np.intp)
-        for d, (_, _, bounds, _, _) in enumerate(phases[1:], start=1):
+        for d, axis in enumerate(tiling[1:], start=1):
+            bounds = axis.bounds
             index = np.searchsorted(bounds, np.arange(bounds[0], bounds[-1]), "right")
             shape = [1] * block.ndim
             shape[d] = len(index)
             inner = inner * self.shape[d] + (index - 1).reshape(shape)
         self.inner = inner
-        self.bounds0 = phases[0][2] - phases[0][2][0]
+        self.bounds0 = tiling[0].bounds - tiling[0].bounds[0]
         # where the tiles of axes 1.. start, within the samples
-        self.starts = [b[:-1] - b[0] for _, _, b, _, _ in phases[1:]]
+        self.starts = [axis.bounds[:-1] - axis.bounds[0] for axis in tiling[1:]]
 
     def rows(self):
         """Yield ``(tiles, values)`` of the kept samples, row of tiles by row."""
@@ -213,14 +320,16 @@ class _PhaseTiles:
         return out[:-1].reshape(count, fine)
 
 
-def _size_classes(bounds, first, last):
-    """The tiles of one axis that some window uses, grouped by size.
+def _size_classes(axis):
+    """The tiles of an :class:`AxisTiling` that some window uses, by size.
 
-    Yields ``(tiles, size, take)``: the indices of the tiles of one size, the
-    size, and what selects their samples along the axis (a slice when the
-    tiles are consecutive).
+    Yields
+    ------
+    SizeClass
+        One per tile size, in increasing size.
     """
-    used = np.flatnonzero(_used_tiles(bounds, first, last))
+    bounds = axis.bounds
+    used = np.flatnonzero(_used_tiles(axis))
     sizes = np.diff(bounds)[used]
     for size in np.unique(sizes):
         tiles = used[sizes == size]
@@ -229,44 +338,49 @@ def _size_classes(bounds, first, last):
             take = slice(begin[0], begin[0] + len(tiles) * size)
         else:
             take = (begin[:, None] + np.arange(size)).ravel()
-        yield tiles, int(size), take
+        yield SizeClass(tiles, int(size), take)
 
 
 class _SortedTiles:
     """The kept samples of one step phase of a block, sorted tile by tile.
 
-    Each tile's samples are copied into one run of a flat buffer and sorted
-    there. Tiles of equal shape are
-    gathered together: a reshape and a transpose of the block when they are
-    consecutive. Masked samples become the dtype's maximum and are counted
-    out, so a tile's kept values are the first ``kept[tile]`` of its run.
+    The data of the sorted tiles path. Each tile's samples are copied into
+    one run of a flat buffer, `values`, and sorted there (``ndarray.sort``
+    releases the GIL). Tiles of equal shape (one :class:`SizeClass` per
+    axis) are gathered together: a reshape and a transpose of the block when
+    they are consecutive. Masked samples become the dtype's maximum and are
+    counted out, so a tile's kept values are the first ``kept[tile]`` of its
+    run, which begins at ``start[tile]``.
+
+    Parameters
+    ----------
+    block, mask : numpy.ndarray
+        The block and its mask (or None).
+    tiling : tuple of AxisTiling
+        The phase's tiling, one per axis.
+    steps : tuple of int
+        The grid's step per axis.
     """
 
-    def __init__(self, block, mask, phases, steps):
-        region = tuple(
-            slice(p + s * b[0], p + s * b[-1], s)
-            for (_, p, b, _, _), s in zip(phases, steps, strict=True)
-        )
+    def __init__(self, block, mask, tiling, steps):
+        region = tuple(axis.region(s) for axis, s in zip(tiling, steps, strict=True))
         sub = block[region]
         keep = None if mask is None else mask[region].astype(bool, copy=False)
-        self.shape = tuple(len(b) - 1 for _, _, b, _, _ in phases)
+        self.shape = tuple(axis.ntiles for axis in tiling)
         total = math.prod(self.shape)
         # one more tile, empty, for the padding of _window_tiles
         self.start = np.zeros(total + 1, dtype=np.intp)
         self.kept = np.zeros(total + 1, dtype=np.intp)
-        groups = list(
-            itertools.product(
-                *(_size_classes(b, first, last) for _, _, b, first, last in phases)
-            )
-        )
-        size = sum(math.prod(len(t) * s for t, s, _ in group) for group in groups)
+        # every combination of one size class per axis: tiles of one shape
+        groups = list(itertools.product(*(_size_classes(axis) for axis in tiling)))
+        size = sum(math.prod(len(c.tiles) * c.size for c in group) for group in groups)
         self.values = np.empty(size, dtype=block.dtype)
         sentinel = np.iinfo(block.dtype).max
         offset, ndim = 0, block.ndim
         for group in groups:
-            index = tuple(take for _, _, take in group)
-            counts = tuple(len(t) for t, _, _ in group)
-            sizes = tuple(s for _, s, _ in group)
+            index = tuple(c.take for c in group)
+            counts = tuple(len(c.tiles) for c in group)
+            sizes = tuple(c.size for c in group)
             split = tuple(x for pair in zip(counts, sizes, strict=True) for x in pair)
             order = (*range(0, 2 * ndim, 2), *range(1, 2 * ndim, 2))
             run = math.prod(sizes)
@@ -275,7 +389,7 @@ class _SortedTiles:
             np.copyto(part, _gather(sub, index).reshape(split).transpose(order))
             part = part.reshape(-1, run)
             tiles = np.ravel_multi_index(
-                np.ix_(*(t for t, _, _ in group)), self.shape
+                np.ix_(*(c.tiles for c in group)), self.shape
             ).ravel()
             self.start[tiles] = offset + run * np.arange(len(tiles))
             if keep is None:
@@ -345,51 +459,72 @@ def _gather(array, index):
     return array
 
 
-def _window_sums(histograms, phases):
-    """Sum tile histograms over each window's box of tiles (float64)."""
+def _window_sums(histograms, tiling):
+    """Sum tile histograms over each window's box of tiles (float64).
+
+    Axis by axis, a product with the 0/1 matrix ``(windows, tiles)`` of the
+    windows' tile ranges (BLAS does the sums; float64 is exact for counts
+    below 2**53).
+    """
     values = histograms.astype(np.float64)
-    for d, (_, _, bounds, first, last) in enumerate(phases):
-        tiles = np.arange(len(bounds) - 1)
-        ranges = ((tiles >= first[:, None]) & (tiles < last[:, None])).astype(
-            np.float64
-        )
+    for d, axis in enumerate(tiling):
+        tiles = np.arange(axis.ntiles)
+        first, last = axis.first[:, None], axis.last[:, None]
+        ranges = ((tiles >= first) & (tiles < last)).astype(np.float64)
         values = np.moveaxis(np.tensordot(ranges, values, axes=(1, d)), 0, d)
     return values
 
 
-def _window_tiles(phases):
+def _window_tiles(tiling):
     """Flat tile ids of each window's tiles, ``(windows, max tiles)``.
 
     Windows with fewer tiles are padded with the id ``T`` (one past the last
-    tile), which callers map to an empty histogram.
+    tile), which callers map to an empty tile (or histogram).
     """
-    ndim = len(phases)
-    tiles = [len(b) - 1 for _, _, b, _, _ in phases]
-    total = math.prod(tiles)
+    ndim = len(tiling)
+    total = math.prod(axis.ntiles for axis in tiling)
     flat, invalid = 0, False
-    for d, (_, _, _, first, last) in enumerate(phases):
-        width = int((last - first).max())
-        index = first[:, None] + np.arange(width)
+    for d, axis in enumerate(tiling):
+        width = int((axis.last - axis.first).max())
+        index = axis.first[:, None] + np.arange(width)
         shape = [1] * (2 * ndim)
         shape[d], shape[ndim + d] = index.shape
-        flat = flat * tiles[d] + index.reshape(shape)
-        invalid = invalid | (index >= last[:, None]).reshape(shape)
+        flat = flat * axis.ntiles + index.reshape(shape)
+        invalid = invalid | (index >= axis.last[:, None]).reshape(shape)
     flat = np.where(invalid, total, flat)
-    windows = math.prod(len(r) for r, _, _, _, _ in phases)
+    windows = math.prod(len(axis.rows) for axis in tiling)
     return flat.reshape(windows, -1)
 
 
-def _sorting_pays(phases, searches):
-    """Whether sorted tiles beat tile histograms for one phase.
+def _sorting_pays(tiling, searches):
+    """Whether sorted tiles beat tile histograms for one phase (the cost model).
 
     Sorting costs about one pass over the samples; each of the `searches`
     steps of bisection then probes every tile of every window about
     log2(tile size) times. Histograms cost about two passes whatever the
-    windows. The factor 4 was measured on ClearMap's workloads.
+    windows. So sorting is chosen when
+
+        windows * tiles per window * searches * depth <= 4 * samples
+
+    with ``depth`` the bit length of the largest tile's size (a bound on the
+    probes of a binary search). The factor 4 was measured on ClearMap's
+    workloads.
+
+    Parameters
+    ----------
+    tiling : tuple of AxisTiling
+        The phase's tiling, one per axis.
+    searches : int
+        Bisection steps per window: the ranks wanted times the bit length
+        of the range of values.
+
+    Returns
+    -------
+    bool
     """
-    windows = math.prod(len(r) for r, _, _, _, _ in phases)
-    per_window = math.prod(int((last - first).max()) for _, _, _, first, last in phases)
-    sizes = [np.diff(b) for _, _, b, _, _ in phases]
+    windows = math.prod(len(axis.rows) for axis in tiling)
+    per_window = math.prod(int((axis.last - axis.first).max()) for axis in tiling)
+    sizes = [np.diff(axis.bounds) for axis in tiling]
     samples = math.prod(int(s.sum()) for s in sizes)
     depth = math.prod(int(s.max()) for s in sizes).bit_length()
     return windows * per_window * searches * depth <= 4 * samples
@@ -400,7 +535,7 @@ def _fine_shift(nbins):
     return max(4, math.ceil(math.log2(max(nbins, 2)) / 2))
 
 
-def _percentile_select(samples, phases, nbins, statistic, dtype):
+def _percentile_select(samples, tiling, nbins, statistic, dtype):
     """Kept counts per window and a selector of their order statistics.
 
     Coarse histograms locate the coarse bin of every rank the percentiles
@@ -411,10 +546,10 @@ def _percentile_select(samples, phases, nbins, statistic, dtype):
     ncoarse = ((nbins - 1) >> shift) + 1
     coarse = samples.histograms(ncoarse, shift)
     cumulative = np.cumsum(
-        _window_sums(coarse, phases).reshape(-1, ncoarse).astype(np.int64), axis=1
+        _window_sums(coarse, tiling).reshape(-1, ncoarse).astype(np.int64), axis=1
     )
     n = cumulative[:, -1]
-    tiles = _window_tiles(phases)
+    tiles = _window_tiles(tiling)
     total = math.prod(samples.shape)
 
     def locate(rank):
@@ -448,7 +583,14 @@ def _percentile_select(samples, phases, nbins, statistic, dtype):
 
 
 def _block_phases(origin, grid, start, stop):
-    """The tiled step phases of a block: one ``_axis_phases`` item per axis."""
+    """The tilings of a block, one per combination of the axes' step phases.
+
+    Returns
+    -------
+    list of tuple of AxisTiling
+        Each a tiling: one :class:`AxisTiling` per axis. Every window of the
+        block's centers lies in exactly one of them.
+    """
     axes = [
         list(_axis_phases(grid.windows(d, start[d], stop[d]), origin[d]))
         for d in range(grid.ndim)
@@ -465,26 +607,43 @@ def _kept_range(block, mask):
 def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histogram):
     """Window statistics of an integer block by tiles, or None.
 
-    Parameters are those of :func:`dask_localstats._kernels.reduce_block`
-    (the grid has no footprint); `histogram` tells whether `statistic` is a
-    :class:`~dask_localstats._kernels.Histogram` (else a Percentile).
-    Returns ``(samples, kept counts)``, or None when the histograms would be
-    too large to pay off.
+    Local histograms take the tile histograms path. For percentiles, the
+    cost model (:func:`_sorting_pays`) picks sorted tiles or tile histograms
+    for each tiling (step phase) of the block. The whole block is declined
+    when the tile histograms of some tiling would hold more entries than
+    the block has voxels (and more than ``_MAX_ENTRIES``): then the
+    gathering kernel of :mod:`dask_localstats._kernels` is cheaper.
+
+    Parameters
+    ----------
+    block, origin, grid, start, stop, dtype, mask
+        As for :func:`dask_localstats._kernels.reduce_block` (the grid has
+        no footprint, the block is of integers).
+    statistic : dask_localstats._kernels.Percentile or Histogram
+        The statistic.
+    histogram : bool
+        Whether `statistic` is a Histogram.
+
+    Returns
+    -------
+    tuple of numpy.ndarray or None
+        ``(values, kept counts)`` of the windows of centers ``start:stop``,
+        or None when declined.
     """
-    phases_list = _block_phases(origin, grid, start, stop)
+    tilings = _block_phases(origin, grid, start, stop)
     if histogram:
-        low, nbins = 0, statistic.max_bin
-        sort = [False] * len(phases_list)
+        low, high, nbins = 0, None, statistic.max_bin
+        sort = [False] * len(tilings)
     else:
         low, high = _kept_range(block, mask)
         nbins = high - low + 1
         searches = len(statistic.quantiles()) * nbins.bit_length()
-        sort = [_sorting_pays(phases, searches) for phases in phases_list]
+        sort = [_sorting_pays(tiling, searches) for tiling in tilings]
         nbins = ((nbins - 1) >> _fine_shift(nbins)) + 1  # coarse bins first
     most = max(
         (
-            math.prod(len(p[2]) - 1 for p in phases)
-            for phases, sorted_ in zip(phases_list, sort, strict=True)
+            math.prod(axis.ntiles for axis in tiling)
+            for tiling, sorted_ in zip(tilings, sort, strict=True)
             if not sorted_
         ),
         default=0,
@@ -495,51 +654,96 @@ def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histog
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     out = np.zeros(shape + statistic.fshape, dtype=dtype)
     counts = np.zeros(shape, dtype=np.int64)
-    for phases, sorted_ in zip(phases_list, sort, strict=True):
-        rows = np.ix_(*(r for r, _, _, _, _ in phases))
-        windows = tuple(len(r) for r, _, _, _, _ in phases)
+    for tiling, sorted_ in zip(tilings, sort, strict=True):
+        rows = np.ix_(*(axis.rows for axis in tiling))
         if histogram:
-            samples = _PhaseTiles(block, mask, phases, grid.step, low)
-            sums = _window_sums(samples.histograms(nbins, check=check), phases)
+            samples = _PhaseTiles(block, mask, tiling, grid.step, low)
+            sums = _window_sums(samples.histograms(nbins, check=check), tiling)
             out[rows] = sums
             counts[rows] = sums.sum(axis=-1)
-            continue
-        if sorted_:
-            tiles = _SortedTiles(block, mask, phases, grid.step)
-            ids = _window_tiles(phases)
-            n = tiles.kept[ids].sum(axis=1)
-            select = tiles.select(ids, low, high)
         else:
-            samples = _PhaseTiles(block, mask, phases, grid.step, low)
-            n, select = _percentile_select(
-                samples, phases, high - low + 1, statistic, block.dtype
+            out[rows], counts[rows] = _tiling_percentiles(
+                block, mask, tiling, grid.step, statistic, (low, high), sorted_
             )
-        out[rows] = statistic.combine(select, n).reshape(windows + statistic.fshape)
-        counts[rows] = n.reshape(windows)
     return out, counts
+
+
+def _tiling_percentiles(block, mask, tiling, steps, statistic, kept_range, sort):
+    """Percentiles and kept counts of the windows of one tiling.
+
+    Parameters
+    ----------
+    block, mask : numpy.ndarray
+        The block and its mask (or None).
+    tiling : tuple of AxisTiling
+        The tiling, one per axis.
+    steps : tuple of int
+        The grid's step per axis.
+    statistic : dask_localstats._kernels.Percentile
+        The percentiles.
+    kept_range : tuple of int
+        The least and greatest kept values of the block.
+    sort : bool
+        Sorted tiles (True) or tile histograms (False).
+
+    Returns
+    -------
+    values : numpy.ndarray
+        ``(*windows, *fshape)``, as ``statistic.combine`` gives them.
+    counts : numpy.ndarray
+        Kept voxels per window, ``windows``.
+    """
+    low, high = kept_range
+    if sort:
+        tiles = _SortedTiles(block, mask, tiling, steps)
+        ids = _window_tiles(tiling)
+        n = tiles.kept[ids].sum(axis=1)
+        select = tiles.select(ids, low, high)
+    else:
+        samples = _PhaseTiles(block, mask, tiling, steps, low)
+        n, select = _percentile_select(
+            samples, tiling, high - low + 1, statistic, block.dtype
+        )
+    windows = tuple(len(axis.rows) for axis in tiling)
+    values = statistic.combine(select, n).reshape(windows + statistic.fshape)
+    return values, n.reshape(windows)
 
 
 def tile_moments(block, origin, grid, start, stop, moment, mask):
     """Window means, variances or standard deviations of an integer block.
 
-    Tile sums of the values and of their squares, offset by the block's
-    minimum, are added up per window exactly (they stay below 2**53, else
-    this returns None, as it does for values that NumPy's float arithmetic
-    would round, beyond 2**53 in magnitude); the moment then follows from those integers with a
-    single rounding (``(n S2 - S1^2) / n^2`` for the variance), so it is
-    within float rounding of NumPy's two-pass ``numpy.var``.
+    The moments path. Tile sums of the kept values and of their squares,
+    offset by the block's least kept value (:meth:`_PhaseTiles.sums`), are
+    added up per window exactly (:func:`_window_sums`). They must stay below
+    2**53, else this returns None, as it does for values beyond 2**53 in
+    magnitude, which NumPy's float arithmetic would round. The moment then
+    follows from those integers with a single rounding (``(n S2 - S1^2) /
+    n^2`` for the variance), so it is within float rounding of NumPy's
+    two-pass ``numpy.var``.
 
-    Returns ``(values, kept counts)`` with NaN for empty windows, or None.
+    Parameters
+    ----------
+    block, origin, grid, start, stop, mask
+        As for :func:`dask_localstats._kernels.reduce_block` (the grid has
+        no footprint, the block is of integers).
+    moment : {"mean", "var", "std"}
+        The moment.
+
+    Returns
+    -------
+    tuple of numpy.ndarray or None
+        ``(values, kept counts)``, values float64 and NaN for empty windows;
+        or None when the sums would not be exact.
     """
     low, high = _kept_range(block, mask)
     if grid.full_count * (high - low) ** 2 >= 2**53 or max(-low, high) >= 2**53:
         return None  # inexact sums, or values NumPy would round to floats
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     sums = np.zeros((*shape, 3), dtype=np.int64)
-    for phases in _block_phases(origin, grid, start, stop):
-        samples = _PhaseTiles(block, mask, phases, grid.step, low)
-        rows = np.ix_(*(r for r, _, _, _, _ in phases))
-        sums[rows] = _window_sums(samples.sums(), phases)
+    for tiling in _block_phases(origin, grid, start, stop):
+        samples = _PhaseTiles(block, mask, tiling, grid.step, low)
+        rows = np.ix_(*(axis.rows for axis in tiling))
+        sums[rows] = _window_sums(samples.sums(), tiling)
     n, s1, s2 = (
         np.asarray(x, np.int64).astype(object) for x in np.moveaxis(sums, -1, 0)
     )

@@ -85,22 +85,41 @@ def test_the_cost_model_picks_sorting_for_few_large_tiles():
     small = make_grid((400, 400, 4), (200, 200, 1), (25, 25, 1))
     choices = []
     for grid in (large, small):
-        axes = [
+        tiling = [
             next(_tiles._axis_phases(grid.windows(d, 0, grid.counts[d]), 0))
             for d in range(3)
         ]
-        choices.append(_tiles._sorting_pays(axes, 13))
+        choices.append(_tiles._sorting_pays(tiling, 13))
     assert choices == [True, False]
+
+
+def test_axis_tilings_split_windows_by_step_phase():
+    grid = make_grid((8,), (4,), (2,), (2,))  # windows [0,3) [1,5) [3,7) [5,8)
+    even, odd = _tiles._axis_phases(grid.windows(0, 0, grid.counts[0]), 0)
+    assert isinstance(even, _tiles.AxisTiling)
+    assert even.phase == 0 and odd.phase == 1
+    np.testing.assert_array_equal(even.rows, [0])
+    np.testing.assert_array_equal(odd.rows, [1, 2, 3])
+    # odd windows, on samples 1 3 5 7: [0,2) [1,3) [2,4), so four tiles
+    np.testing.assert_array_equal(odd.bounds, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(odd.first, [0, 1, 2])
+    np.testing.assert_array_equal(odd.last, [2, 3, 4])
+    assert odd.ntiles == 4 and odd.region(2) == slice(1, 9, 2)
+    assert even.ntiles == 1 and even.region(2) == slice(0, 4, 2)
+    classes = list(_tiles._size_classes(odd))
+    assert [(c.size, c.tiles.tolist(), c.take) for c in classes] == [
+        (1, [0, 1, 2, 3], slice(0, 4))
+    ]
 
 
 def test_sorted_tiles_count_and_select():
     block = np.array([5, 1, 4, 4, 9, 0, 2, 7], np.uint16)
     grid = make_grid(block.shape, (4,), (2,))  # windows [0,3) [1,5) [3,7) [5,8)
-    phases = (next(_tiles._axis_phases(grid.windows(0, 0, grid.counts[0]), 0)),)
-    tiles = _tiles._SortedTiles(block, None, phases, grid.step)
+    tiling = (next(_tiles._axis_phases(grid.windows(0, 0, grid.counts[0]), 0)),)
+    tiles = _tiles._SortedTiles(block, None, tiling, grid.step)
     # tiles [5] [1 4] [4 9] [0 2] [7], sorted, the two of size 1 first
     np.testing.assert_array_equal(tiles.values, [5, 7, 1, 4, 4, 9, 0, 2])
-    ids = _tiles._window_tiles(phases)
+    ids = _tiles._window_tiles(tiling)
     np.testing.assert_array_equal(ids, [[0, 1], [1, 2], [2, 3], [3, 4]])
     np.testing.assert_array_equal(tiles.count(ids, 4), [[0, 2], [2, 1], [1, 2], [2, 0]])
     select = tiles.select(ids, 0, 9)
