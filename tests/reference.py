@@ -4,8 +4,9 @@ A deliberately simple, independent transcription of the contract in
 /work/shared/SPEC.md: one plain Python loop over every center, one window at a
 time, the statistic applied to the kept voxels, then `scipy.ndimage` for the
 resampling. NumPy inputs only; no dask and no input validation. The test-suite
-checks the real implementation against it voxel for voxel, and the benchmarks
-use it as "B1" (ClearMap's per-window loop).
+checks the real implementation against it voxel for voxel. (The benchmarks'
+baseline B1 is not this loop but ClearMap's own, less general and faster one,
+`benchmarks/clearmap.py`.)
 """
 
 import itertools
@@ -104,8 +105,14 @@ def _resample(coarse, shape, axes, spacing, order, align):
     for j in np.ndindex(coarse.shape[n:]):
         component = coarse[(Ellipsis, *j)]
         if align == "corners":
+            # mode="mirror", not zoom's default "constant": both prefilter with
+            # mirror boundaries, so the values are the same, except that
+            # "constant" maps the last output plane a hair past the grid for
+            # some sizes (coarse 8 -> 26 voxels: 25 * (7 / 25) > 7 in floats)
+            # and returns its cval 0 there. ClearMap inherits that artifact;
+            # the specification (and dask_localstats) does not have it.
             zoom = [s / k for s, k in zip(shape, m, strict=True)]
-            value = ndi.zoom(component, zoom=zoom, order=order)
+            value = ndi.zoom(component, zoom=zoom, order=order, mode="mirror")
         else:
             # Coarse sample i sits on its center voxel first + i * spacing;
             # beyond the outermost centers the value is held (clipping).

@@ -136,3 +136,30 @@ def test_large_blocks_evaluated_slab_by_slab_match_zoom(dtype, order):
         np.testing.assert_allclose(result, expected, rtol=1e-9, atol=1e-9)
     else:
         assert np.abs(result.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("order", [1, 3])
+@pytest.mark.parametrize(
+    ("count", "size", "artifact"),
+    [(8, 26, True), (15, 52, True), (9, 55, None)],
+)
+def test_last_plane_not_zero_where_zoom_returns_its_cval(count, size, order, artifact):
+    # scipy.ndimage.zoom's default mode="constant" computes the coordinate of
+    # the last output voxel as 25 * (7 / 25) = 7.000000000000001 for 8 -> 26,
+    # a hair past the coarse grid, and returns its cval 0 there (ClearMap
+    # inherits this). mode="mirror" prefilters the same way and has no such
+    # edge. Ours evaluates inside the grid: it equals zoom with mode="mirror".
+    # 9 -> 55 (named in issue #12) maps exactly with this scipy (54 * (8 /
+    # 54) == 8), so zoom may or may not show the artifact there.
+    coarse = np.random.default_rng(7).uniform(1, 2, (count, 3))
+    factors = (size / count, 5 / 3)
+    default = ndi.zoom(coarse, factors, order=order)
+    mirror = ndi.zoom(coarse, factors, order=order, mode="mirror")
+    result = _resample(coarse, (size, 5), order)
+    np.testing.assert_allclose(result, mirror, rtol=1e-12, atol=0)
+    assert (result[-1] != 0).all()
+    np.testing.assert_array_equal(default[:-1], mirror[:-1])
+    if artifact:
+        assert (default[-1] == 0).all()
+    else:
+        assert ((default[-1] == 0) | (default[-1] == mirror[-1])).all()
