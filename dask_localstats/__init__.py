@@ -8,7 +8,8 @@ arrays and zarr stores, with lazy, chunked results.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._api import apply_local_function, local_histogram, local_percentile
-from ._io import open_source, to_zarr
+from ._io import open_source
+from ._write import to_zarr
 
 try:
     __version__ = version("dask-localstats")

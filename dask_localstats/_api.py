@@ -9,6 +9,7 @@ go beyond ClearMap are keyword-only.
 from __future__ import annotations
 
 import math
+import warnings
 
 import dask.array as da
 import dask.threaded
@@ -19,6 +20,7 @@ from ._grid import make_grid
 from ._interpolate import ALIGNS
 from ._io import open_source
 from ._kernels import Function, Histogram, Missing, Percentile
+from ._stored import check_chunks
 
 
 def _check_interpolate(interpolate):
@@ -55,6 +57,104 @@ def _check_missing(grid, dtype, nan_policy, min_coverage, fill):
     return Missing(nan_policy == "omit", min_count, fill)
 
 
+def _open_inputs(source, mask):
+    """Open `source` and `mask`; returns ``(source, mask, lazy)``."""
+    source, lazy = open_source(source)
+    if source.ndim == 0:
+        msg = f"`source` must have at least one dimension, got shape {source.shape}"
+        raise ValueError(msg)
+    _check_known_chunks("source", source)
+    if mask is None:
+        return source, None, lazy
+    mask, mask_lazy = open_source(mask, "mask")
+    if mask.shape != source.shape:
+        msg = f"`mask` must have the shape of `source` {source.shape}, got {mask.shape}"
+        raise ValueError(msg)
+    if np.dtype(mask.dtype).kind not in "biu":
+        msg = (
+            f"`mask` must be boolean or integer (nonzero voxels are kept), got "
+            f"dtype {mask.dtype}; pass `mask > 0` for a float mask"
+        )
+        raise TypeError(msg)
+    _check_known_chunks("mask", mask)
+    return source, mask, lazy or mask_lazy
+
+
+def _check_known_chunks(name, array):
+    if isinstance(array, da.Array) and any(math.isnan(n) for n in array.shape):
+        msg = (
+            f"`{name}` is a dask array of unknown chunk sizes {array.chunks}; call "
+            "`compute_chunk_sizes()` on it first"
+        )
+        raise ValueError(msg)
+
+
+def _check_dtype(dtype, statistic, source_dtype):
+    """The result dtype, and the dtype to compute the coarse grid in.
+
+    A narrower integer dtype than the statistic's own is reached by a cast
+    that warns if values wrap (:func:`narrow`).
+    """
+    natural = statistic.default_dtype(source_dtype)
+    if dtype is None:
+        return natural, natural
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        msg = f"`dtype` must be a NumPy dtype, got {dtype!r}"
+        raise TypeError(msg) from None
+    if dtype.kind not in "iufc":
+        msg = (
+            f"`dtype` must be a numeric dtype that can hold the statistic, got {dtype}"
+        )
+        raise TypeError(msg)
+    narrower = (
+        dtype.kind in "iu"
+        and natural.kind in "iu"
+        and not np.can_cast(natural, dtype, casting="safe")
+    )
+    return dtype, natural if narrower else dtype
+
+
+def narrow(values, dtype):
+    """`values` cast to the integer `dtype`, warning if any value wraps."""
+    info = np.iinfo(dtype)
+    if values.size and (values.min() < info.min or values.max() > info.max):
+        msg = (
+            f"`dtype` {dtype} cannot hold values from {values.min()} to "
+            f"{values.max()}; they wrap, as in NumPy assignment"
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return values.astype(dtype)
+
+
+def _check_block_bytes(block_bytes):
+    if block_bytes is None:
+        return None
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, int | np.integer):
+        msg = f"`block_bytes` must be a positive int or None, got {block_bytes!r}"
+        raise TypeError(msg)
+    if block_bytes <= 0:
+        msg = f"`block_bytes` must be a positive int or None, got {block_bytes!r}"
+        raise ValueError(msg)
+    return int(block_bytes)
+
+
+def _check_chunks(chunks, shape):
+    if chunks is None:
+        return None
+    flat = [c for c in np.ravel(np.array(chunks, dtype=object)) if c is not None]
+    flat = [x for c in flat for x in (c if isinstance(c, tuple) else (c,))]
+    if any(isinstance(c, int | np.integer) and c <= 0 and c != -1 for c in flat):
+        msg = f"`chunks` must be positive sizes, got {chunks!r}"
+        raise ValueError(msg)
+    try:
+        return da.core.normalize_chunks(chunks, shape)
+    except (ValueError, TypeError) as error:
+        msg = f"`chunks` does not fit the shape {shape}: {chunks!r} ({error})"
+        raise ValueError(msg) from None
+
+
 def _local_statistic(
     source,
     statistic,
@@ -73,12 +173,10 @@ def _local_statistic(
     min_coverage,
     fill,
     clip,
+    missing_chunks,
 ):
-    source, lazy = open_source(source)
-    if source.ndim == 0:
-        msg = f"`source` must have at least one dimension, got shape {source.shape}"
-        raise ValueError(msg)
-    if getattr(statistic, "check_source", None):
+    source, mask, lazy = _open_inputs(source, mask)
+    if hasattr(statistic, "check_source"):
         statistic.check_source(np.dtype(source.dtype))
     grid = make_grid(source.shape, selem, spacing, step)
     interpolate = _check_interpolate(interpolate)
@@ -86,22 +184,23 @@ def _local_statistic(
     missing = _check_missing(
         grid, np.dtype(source.dtype), nan_policy, min_coverage, fill
     )
-    if mask is not None:
-        mask, mask_lazy = open_source(mask, "mask")
-        lazy = lazy or mask_lazy
-        if mask.shape != source.shape:
-            msg = f"`mask` must have the shape of `source` {source.shape}, got {mask.shape}"
-            raise ValueError(msg)
-    dtype = statistic.default_dtype(np.dtype(source.dtype)) if dtype is None else dtype
-    dtype = np.dtype(dtype)
-    result = coarse_stage(source, grid, statistic, dtype, mask, block_bytes, missing)
+    dtype, work = _check_dtype(dtype, statistic, np.dtype(source.dtype))
+    block_bytes = _check_block_bytes(block_bytes)
+    if chunks is None and interpolate is not None:
+        chunks = getattr(source, "chunks", None) if lazy else None
+        chunks = chunks or auto_chunks(grid.shape, np.dtype(np.float64).itemsize)
+    chunks = _check_chunks(chunks, grid.shape)
+    if hasattr(statistic, "check_function"):
+        statistic.check_function(np.dtype(source.dtype))
+    for name, array in (("source", source), ("mask", mask)):
+        check_chunks(array, name, missing_chunks)  # a listing: after the checks
+    result = coarse_stage(source, grid, statistic, work, mask, block_bytes, missing)
+    if work != dtype:
+        result = result.map_blocks(narrow, dtype, dtype=dtype)
     if interpolate is not None:
-        if chunks is None and lazy:
-            chunks = getattr(source, "chunks", None)
-        if chunks is None:
-            chunks = auto_chunks(grid.shape, np.dtype(np.float64).itemsize)
-        chunks = da.core.normalize_chunks(chunks, grid.shape)
-        result = resample_stage(result, grid, interpolate, align, chunks, bool(clip))
+        result = resample_stage(
+            result, grid, interpolate, align, chunks, bool(clip), block_bytes
+        )
     if not lazy:
         out = np.empty(result.shape, result.dtype)
         # the threaded scheduler itself: naming it would import distributed
@@ -130,6 +229,7 @@ def local_percentile(
     min_coverage=0.0,
     fill="zero",
     clip=False,
+    missing_chunks="error",
 ):
     """Local percentiles on a sub-grid, resampled to the source's shape.
 
@@ -173,6 +273,11 @@ def local_percentile(
     clip : bool
         Keep order >= 2 interpolation within the coarse grid's minimum and
         maximum (per component); off by default, as in ClearMap.
+    missing_chunks : {'error', 'fill'}
+        A zarr source or mask whose store lacks chunks (a listing, made
+        before computing) raises :class:`~dask_localstats.errors.MissingChunksError`
+        by default; ``'fill'`` reads them as the array's fill value, as zarr
+        does (for sparse stores).
 
     Returns
     -------
@@ -221,6 +326,7 @@ def local_percentile(
         min_coverage=min_coverage,
         fill=fill,
         clip=clip,
+        missing_chunks=missing_chunks,
     )
 
 
@@ -242,6 +348,7 @@ def local_histogram(
     min_coverage=0.0,
     fill="zero",
     clip=False,
+    missing_chunks="error",
 ):
     """Local histograms on a sub-grid.
 
@@ -253,7 +360,7 @@ def local_histogram(
         Number of bins; bin ``v`` counts the voxels of value ``v``.
     selem, spacing, step, interpolate, mask, return_centers
         As in :func:`local_percentile`; `interpolate` defaults to None.
-    align, chunks, block_bytes, nan_policy, min_coverage, fill, clip
+    align, chunks, block_bytes, nan_policy, min_coverage, fill, clip, missing_chunks
         As in :func:`local_percentile`.
     dtype : dtype or None
         Dtype of the counts; defaults to int64.
@@ -298,6 +405,7 @@ def local_histogram(
         min_coverage=min_coverage,
         fill=fill,
         clip=clip,
+        missing_chunks=missing_chunks,
     )
 
 
@@ -320,6 +428,7 @@ def apply_local_function(
     min_coverage=0.0,
     fill="zero",
     clip=False,
+    missing_chunks="error",
     vectorized=False,
 ):
     """Apply a function to the voxels of each window of a sub-grid.
@@ -333,7 +442,7 @@ def apply_local_function(
         array in C order, returns a scalar or an array of shape `fshape`.
     selem, spacing, step, mask, return_centers
         As in :func:`local_percentile`.
-    align, chunks, block_bytes, nan_policy, min_coverage, fill, clip
+    align, chunks, block_bytes, nan_policy, min_coverage, fill, clip, missing_chunks
         As in :func:`local_percentile`.
     vectorized : bool
         `function` takes an ``axis`` argument (like ``numpy.median`` or
@@ -378,4 +487,5 @@ def apply_local_function(
         min_coverage=min_coverage,
         fill=fill,
         clip=clip,
+        missing_chunks=missing_chunks,
     )

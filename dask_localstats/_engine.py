@@ -40,8 +40,9 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._interpolate import coordinates, prefilter, resample_block, taps_range
-from ._io import ChunkCache
+from ._io import ChunkCache, read_region
 from ._kernels import KEEP_ALL, fill_nearest, flagged_dtype, reduce_block
+from .errors import MemoryBudgetError
 
 DEFAULT_BLOCK_BYTES = 128 * 2**20
 # Decoded storage chunks kept for the neighbouring blocks, per block budget.
@@ -51,13 +52,15 @@ CACHE_BLOCKS = 2
 OUTPUT_CHUNK_BYTES = 16 * 2**20
 
 
-def _halve_to_fit(counts, extent, nbytes):
-    """Halve the counts of the longest axes until the extent fits `nbytes`.
+def _halve_to_fit(counts, extent, nbytes, cost=None):
+    """Halve the counts of the longest axes until their cost fits `nbytes`.
 
-    ``extent(counts)`` gives the extent per axis covered by `counts` items.
+    ``extent(counts)`` gives the extent per axis covered by `counts` items;
+    the cost is the product of the extents, or ``cost(counts)`` if given.
     """
+    cost = cost or (lambda counts: math.prod(extent(counts)))
     counts = list(counts)
-    while math.prod(extent(counts)) > nbytes:
+    while cost(counts) > nbytes:
         sizes = extent(counts)
         axes = [d for d in range(len(counts)) if counts[d] > 1]
         if not axes:
@@ -67,11 +70,18 @@ def _halve_to_fit(counts, extent, nbytes):
     return tuple(counts)
 
 
-def plan_blocks(grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES):
+def plan_blocks(grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES, per_center=0):
     """Number of centers per processing block on each axis.
 
-    Halves the axis whose region is longest until the region read by one
-    block fits in `block_bytes` (or every axis holds a single center).
+    Halves the axis whose region is longest until the block fits in
+    `block_bytes`: the source region it reads (`itemsize` bytes a voxel)
+    and `per_center` bytes for each of its centers (the statistic's output
+    and its temporaries, large for histograms of many bins).
+
+    Raises
+    ------
+    MemoryBudgetError
+        When a block of one center does not fit.
     """
 
     def extent(counts):
@@ -82,7 +92,19 @@ def plan_blocks(grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES):
             )
         ]
 
-    return _halve_to_fit(grid.counts, extent, block_bytes // itemsize)
+    def cost(counts):
+        return math.prod(extent(counts)) * itemsize + math.prod(counts) * per_center
+
+    counts = _halve_to_fit(grid.counts, extent, block_bytes, cost)
+    if cost(counts) > block_bytes:
+        msg = (
+            f"one window (extent {grid.extent}, {math.prod(grid.extent) * itemsize} "
+            f"bytes read) and its result ({per_center} bytes) need "
+            f"{cost(counts)} bytes, more than `block_bytes`={block_bytes}; raise "
+            "`block_bytes`, or use smaller windows or fewer bins"
+        )
+        raise MemoryBudgetError(msg)
+    return counts
 
 
 def auto_chunks(shape, itemsize, nbytes=OUTPUT_CHUNK_BYTES):
@@ -131,7 +153,7 @@ def _split(total, size, shift=0):
 
 def _read(array, slices, cache=None):
     if cache is None:
-        return np.asarray(array[slices])
+        return read_region(array, slices)
     return cache.read(array, slices)
 
 
@@ -230,6 +252,15 @@ def _coarse_block(*args):
     return result
 
 
+def _component_bytes(fshape, dtype):
+    """Bytes a sample of `fshape` components takes, with its temporaries.
+
+    The kernels count, sum and cast in 64-bit types, and hold a sample's
+    result and its window sums at once, hence twice 8 bytes a component.
+    """
+    return 2 * math.prod(fshape) * max(np.dtype(dtype).itemsize, 8)
+
+
 def _identity(array):
     """What names `array` in a task key: hashing NumPy data would cost a pass."""
     return uuid.uuid4().hex if isinstance(array, np.ndarray) else array
@@ -276,7 +307,8 @@ def coarse_stage(
     """
     itemsize = np.dtype(source.dtype).itemsize + (mask is not None)
     block_bytes = block_bytes or DEFAULT_BLOCK_BYTES
-    per_block = plan_blocks(grid, itemsize, block_bytes)
+    per_center = _component_bytes(statistic.fshape, dtype)
+    per_block = plan_blocks(grid, itemsize, block_bytes, per_center)
     chunks = align_blocks(grid, per_block, _storage_chunks(source))
     token = tokenize(
         _identity(source),
@@ -348,14 +380,34 @@ def _block_coordinates(grid, align, start, stop):
     ]
 
 
-def _resample(coefficients, offset, grid, order, align, start, stop, dtype, bounds):
+def _resample(
+    coefficients, offset, grid, order, align, start, stop, dtype, bounds, part
+):
+    """One output chunk: components `part` (a slice of the first trailing axis)."""
     coords = _block_coordinates(grid, align, start, stop)
+    if part is not None:
+        coefficients = coefficients[(slice(None),) * grid.ndim + (part,)]
+        bounds = None if bounds is None else bounds[:, part]
     return resample_block(
         coefficients, offset, coords, grid.counts, order, dtype, bounds
     )
 
 
-def resample_stage(coarse, grid, order, align, chunks, clip=False):
+def component_chunks(fshape, spatial, dtype, nbytes):
+    """Chunks of the trailing axes so an output chunk fits `nbytes`.
+
+    Only the first trailing axis is split, down to one component a chunk;
+    `spatial` is the largest number of voxels of a spatial chunk (the
+    spatial chunks are the caller's).
+    """
+    if not fshape:
+        return ()
+    per_component = spatial * _component_bytes(fshape[1:], dtype)
+    size = max(1, min(fshape[0], nbytes // per_component))
+    return (_split(fshape[0], size), *((f,) for f in fshape[1:]))
+
+
+def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=None):
     """Lazy full-resolution B-spline resampling of the coarse grid.
 
     Parameters
@@ -371,6 +423,9 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False):
     clip : bool
         Keep values within the coarse grid's minimum and maximum (per
         component); only orders 2 and up can overshoot them.
+    block_bytes : int or None
+        Memory budget of one output chunk: the first trailing axis (bins,
+        percentiles) is split so that a chunk fits.
 
     Returns
     -------
@@ -394,6 +449,15 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False):
         coefficients, grid.shape, grid.spacing, order, align, chunks, limits
     )
     name = f"localstats-resample-{token}"
+    spatial = math.prod(max(c) for c in chunks)
+    fchunks = component_chunks(
+        fshape, spatial, coarse.dtype, block_bytes or DEFAULT_BLOCK_BYTES
+    )
+    parts = [None]
+    if fshape:
+        bounds = list(itertools.accumulate(fchunks[0], initial=0))
+        parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+        parts = [None] if len(parts) == 1 else parts
     layer = {}
     edges = [np.cumsum((0, *c)) for c in chunks]
     for index in itertools.product(*(range(len(c)) for c in chunks)):
@@ -404,19 +468,23 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False):
             taps_range(x, m, order) for x, m in zip(coords, grid.counts, strict=True)
         ]
         offset = tuple(lo for lo, _ in region)
-        layer[(name, *index, *(0,) * len(fshape))] = (
-            _resample,
-            _region_task(coefficients, region),
-            offset,
-            grid,
-            order,
-            align,
-            start,
-            stop,
-            coarse.dtype,
-            limits,
-        )
-    out_chunks = tuple(chunks) + tuple((f,) for f in fshape)
+        source = _region_task(coefficients, region)
+        for j, part in enumerate(parts):
+            trailing = (j, *(0,) * (len(fshape) - 1)) if fshape else ()
+            layer[(name, *index, *trailing)] = (
+                _resample,
+                source,
+                offset,
+                grid,
+                order,
+                align,
+                start,
+                stop,
+                coarse.dtype,
+                limits,
+                part,
+            )
+    out_chunks = tuple(chunks) + tuple(fchunks)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)
     meta = np.empty((0,) * len(out_chunks), coarse.dtype)
     return da.Array(graph, name, out_chunks, dtype=coarse.dtype, meta=meta)

@@ -35,7 +35,11 @@ import dask.array as da
 import numpy as np
 import zarr
 
-__all__ = ["open_source", "to_zarr"]
+from ._ome import level_path
+from ._stored import locate
+from .errors import CorruptChunkError, LocalStatsError, SourceNotFoundError
+
+__all__ = ["open_source"]
 
 
 class ChunkCache:
@@ -131,7 +135,7 @@ class ChunkCache:
             for i, j, c, n in zip(first, last, array.chunks, array.shape, strict=True)
         )
         try:
-            data = np.asarray(array[region])
+            data = read_region(array, region)
         except BaseException as error:
             with self._lock:
                 for index in run:
@@ -152,6 +156,55 @@ class ChunkCache:
         return chunks
 
 
+def read_region(array, region):
+    """``array[region]`` as an ndarray, naming what is damaged if it fails.
+
+    Parameters
+    ----------
+    array : zarr array or any sliceable array
+    region : tuple of slice
+
+    Raises
+    ------
+    CorruptChunkError
+        When a stored chunk of a zarr array does not decode (a truncated or
+        overwritten file): the message names the chunk's key and the store.
+        TIFF files are named by :func:`_read_tiff` itself.
+    """
+    try:
+        return np.asarray(array[region])
+    except (MemoryError, LocalStatsError):
+        raise
+    except Exception as error:
+        if not isinstance(array, zarr.Array):
+            raise
+        raise _damaged_chunk(array, region, error) from error
+
+
+def _damaged_chunk(array, region, error):
+    """The error naming the first chunk of `region` that does not decode."""
+    shape = array.shards or array.chunks
+    ranges = [
+        range(s.start // c, -(-s.stop // c)) for s, c in zip(region, shape, strict=True)
+    ]
+    for index in itertools.product(*ranges):
+        chunk = tuple(
+            slice(i * c, min((i + 1) * c, n))
+            for i, c, n in zip(index, shape, array.shape, strict=True)
+        )
+        try:
+            array[chunk]
+        except Exception as chunk_error:  # this one is damaged
+            key = array.metadata.encode_chunk_key(index)
+            msg = (
+                f"chunk {key!r} of {locate(array)} cannot be read: "
+                f"{type(chunk_error).__name__}: {chunk_error}"
+            )
+            return CorruptChunkError(msg)
+    msg = f"reading {region} of {locate(array)} failed: {type(error).__name__}: {error}"
+    return CorruptChunkError(msg)
+
+
 def _runs(indices):
     """Split chunk indices (in C order) into runs consecutive on the last axis."""
     runs = []
@@ -164,19 +217,6 @@ def _runs(indices):
     return runs
 
 
-def _ome_level(group, level=0):
-    """Path of the `level`-th dataset of an OME-Zarr image group, or None."""
-    attrs = group.attrs.asdict()
-    multiscales = attrs.get("ome", attrs).get("multiscales")
-    if not multiscales:
-        return None
-    datasets = multiscales[0]["datasets"]
-    if not 0 <= level < len(datasets):
-        msg = f"`level` must be in [0, {len(datasets)}) for this image, got {level}"
-        raise ValueError(msg)
-    return datasets[level]["path"]
-
-
 def _open_zarr(path, name, level=0):
     try:
         node = zarr.open(
@@ -184,7 +224,7 @@ def _open_zarr(path, name, level=0):
         )
     except FileNotFoundError:
         msg = f"`{name}`: no zarr array or group at {path!r}"
-        raise FileNotFoundError(msg) from None
+        raise SourceNotFoundError(msg) from None
     except Exception as error:  # zarr raises several types for unreadable stores
         msg = f"`{name}`: cannot open {path!r} as zarr: {error}"
         raise ValueError(msg) from None
@@ -193,7 +233,7 @@ def _open_zarr(path, name, level=0):
             msg = f"`level` applies to OME-Zarr images; {path!r} is a plain array, got level {level}"
             raise ValueError(msg)
         return node
-    dataset = _ome_level(node, level)
+    dataset = level_path(node, level)
     if dataset is not None:
         return node[dataset]
     if level != 0:
@@ -283,15 +323,28 @@ def _read_tiff(path, selection, level=0, expect=None):
     ``(shape, dtype)`` pair, is checked against the file's header first.
     """
     tifffile = _tifffile()
-    with tifffile.TiffFile(path) as tif, tif.aszarr(series=0, level=level) as store:
-        array = zarr.open_array(store, mode="r")
-        if expect is not None and (tuple(array.shape), array.dtype) != expect:
-            msg = (
-                f"TIFF slice {path!r} has shape {array.shape} and dtype "
-                f"{array.dtype}; the stack's slices have {expect[0]} and {expect[1]}"
-            )
-            raise ValueError(msg)
-        return np.asarray(array[selection])
+    try:
+        with (
+            tifffile.TiffFile(path) as tif,
+            tif.aszarr(series=0, level=level) as store,
+        ):
+            array = zarr.open_array(store, mode="r")
+            if expect is not None and (tuple(array.shape), array.dtype) != expect:
+                msg = (
+                    f"TIFF slice {path!r} has shape {array.shape} and dtype "
+                    f"{array.dtype}; the stack's slices have {expect[0]} and "
+                    f"{expect[1]}"
+                )
+                raise CorruptChunkError(msg)
+            return np.asarray(array[selection])
+    except FileNotFoundError:
+        msg = f"TIFF file {path!r} is gone"
+        raise SourceNotFoundError(msg) from None
+    except (MemoryError, LocalStatsError):
+        raise
+    except Exception as error:  # tifffile, codecs and zarr raise many kinds
+        msg = f"TIFF file {path!r} cannot be read: {type(error).__name__}: {error}"
+        raise CorruptChunkError(msg) from error
 
 
 def _tiff_layout(path, name, level=0):
@@ -308,7 +361,7 @@ def _tiff_layout(path, name, level=0):
                 return tuple(z.shape), np.dtype(z.dtype), tuple(z.chunks)
     except FileNotFoundError:
         msg = f"`{name}`: no such file {path!r}"
-        raise FileNotFoundError(msg) from None
+        raise SourceNotFoundError(msg) from None
     except (tifffile.TiffFileError, IndexError, KeyError) as error:
         msg = f"`{name}`: cannot read {path!r} as TIFF: {error}"
         raise ValueError(msg) from None
@@ -423,7 +476,7 @@ def _open_tiff(kind, files, source, name, level=0):
         return TiffStack(files, level, name)
     if not files:
         msg = f"`{name}`: no file matches {os.fspath(source)!r}"
-        raise FileNotFoundError(msg)
+        raise SourceNotFoundError(msg)
     if level != 0:
         msg = f"`level` applies to OME-Zarr images and pyramidal TIFF files, not to a stack of slices, got level {level}"
         raise ValueError(msg)
@@ -475,53 +528,3 @@ def open_source(source, name="source", level=0):
         msg = f"`{name}` must be a numeric array, got dtype object"
         raise TypeError(msg)
     return array, False
-
-
-def to_zarr(
-    array, store, *, chunks=None, compressors="auto", overwrite=False, attributes=None
-):
-    """Store a (lazy) array into a new compressed zarr v3 array, chunk by chunk.
-
-    Parameters
-    ----------
-    array : dask array or ndarray
-        The result to store; it is computed block by block, never whole.
-    store : str, os.PathLike or zarr store
-        Where to create the zarr array.
-    chunks : tuple of int or None
-        Storage chunks; default: the first chunk shape of `array`.
-    compressors : codec, list of codecs or "auto"
-        zarr v3 compressors; "auto" is zarr's default (zstd).
-    overwrite : bool
-        Replace an existing array at `store`.
-    attributes : dict or None
-        User attributes to record in the array's metadata.
-
-    Returns
-    -------
-    zarr.Array
-        The written array.
-
-    Examples
-    --------
-    >>> import tempfile, dask.array as da
-    >>> path = tempfile.mkdtemp() + "/out.zarr"
-    >>> z = to_zarr(da.ones((4, 6), chunks=2), path)
-    >>> z.shape, z.chunks, int(z[:].sum())
-    ((4, 6), (2, 2), 24)
-    """
-    array = array if isinstance(array, da.Array) else da.from_array(np.asarray(array))
-    if chunks is None:
-        chunks = tuple(c[0] for c in array.chunks)
-    target = zarr.create_array(
-        store,
-        shape=array.shape,
-        chunks=chunks,
-        dtype=array.dtype,
-        compressors=compressors,
-        overwrite=overwrite,
-        attributes=attributes or {},
-        zarr_format=3,
-    )
-    array.rechunk(chunks).store(target, lock=False)
-    return target

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,10 @@ class Percentile:
 
     def __init__(self, percentile):
         self.scalar = np.ndim(percentile) == 0
+        items = np.ravel(np.asarray(percentile, dtype=object))
+        if any(isinstance(p, str | bytes | bool | np.bool_) for p in items):
+            msg = f"`percentile` must be made of numbers, got {percentile!r}"
+            raise TypeError(msg)
         if np.ndim(percentile) > 1 or np.size(percentile) == 0:
             msg = f"`percentile` must be a number or a 1-D sequence, got {percentile!r}"
             raise ValueError(msg)
@@ -215,12 +220,16 @@ class Histogram:
         kept = values if valid is None else values[valid]
         if kept.size:
             self.check_range(kept.min(), kept.max())
-        rows = np.arange(len(values))[:, None] * self.max_bin
-        keys = (
-            (rows + values.astype(np.intp)) if valid is None else (rows + values)[valid]
-        )
-        counts = np.bincount(keys.ravel(), minlength=len(values) * self.max_bin)
-        counts = counts.reshape(len(values), self.max_bin)
+        counts = np.empty((len(values), self.max_bin), dtype=np.int64)
+        size = max(1, _BATCH // self.max_bin)  # rows whose counts fit a batch
+        for i in range(0, len(values), size):
+            part = slice(i, i + size)
+            rows = np.arange(len(counts[part]))[:, None] * self.max_bin
+            v = values[part].astype(np.intp)
+            keys = (rows + v) if valid is None else (rows + v)[valid[part]]
+            counts[part] = np.bincount(
+                keys.ravel(), minlength=counts[part].size
+            ).reshape(counts[part].shape)
         return counts, counts.sum(axis=1)
 
 
@@ -265,6 +274,31 @@ class Function:
     def default_dtype(self, source_dtype):
         return source_dtype
 
+    def check_function(self, source_dtype):
+        """Call the function on a few values: its result must have `fshape`.
+
+        A function that fails on them is left to fail on real windows.
+        """
+        probe = np.arange(1, 9).astype(source_dtype)
+        try:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                if self.vectorized:
+                    shape = np.shape(self.function(probe[None], axis=-1))[1:]
+                else:
+                    shape = np.shape(self.function(probe))
+        except Exception:  # the user's function: checked again when computing
+            return
+        self._check_shape(shape)
+
+    def _check_shape(self, shape):
+        if tuple(shape) != self.fshape:
+            msg = (
+                f"`function` returns results of shape {tuple(shape)}, but "
+                f"`fshape` is {self.fshape}; pass fshape={tuple(shape) or None}"
+            )
+            raise ValueError(msg)
+
     def reduce(self, values, valid):
         n = np.full(len(values), values.shape[1]) if valid is None else valid.sum(1)
         if not self.vectorized:
@@ -273,7 +307,10 @@ class Function:
                 if valid is None
                 else (r[v] for r, v in zip(values, valid, strict=True))
             )
-            return np.asarray([self.function(row) for row in rows]), n
+            results = [np.asarray(self.function(row)) for row in rows]
+            for result in results[:1]:
+                self._check_shape(result.shape)
+            return np.asarray(results), n
         if valid is None:
             return self._call(values), n
         result = None

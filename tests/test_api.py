@@ -11,6 +11,12 @@ from strategies import geometries, images, masks, orders, percentiles
 
 import dask_localstats as dls
 
+
+def _fail(block):
+    """A dask source that fails if read: checks must come before computing."""
+    raise AssertionError("the source was read")
+
+
 SETTINGS = settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -377,10 +383,23 @@ def test_vectorized_functions_equal_the_per_window_path(with_mask):
     assert quartiles.shape == (*per_window.shape, 2)
 
 
-def test_vectorized_function_with_wrong_shape():
-    with pytest.raises(ValueError, match=r"vectorized=True must return shape"):
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_function_with_wrong_fshape_is_refused_before_computing(vectorized):
+    source = da.zeros((8, 8), chunks=4).map_blocks(_fail, dtype=float)
+    with pytest.raises(ValueError, match=r"shape \(\), but `fshape` is \(2,\)"):
         dls.apply_local_function(
-            np.zeros((8, 8)), np.sum, selem=(4, 4), fshape=(2,), vectorized=True
+            source, np.sum, selem=(4, 4), fshape=(2,), vectorized=vectorized
+        )
+
+
+def test_function_with_wrong_fshape_on_real_windows():
+    def quartiles_or_fail(kept):  # fails on the probe: checked on windows
+        assert kept.size > 8
+        return np.zeros(3)
+
+    with pytest.raises(ValueError, match=r"shape \(3,\), but `fshape` is \(2,\)"):
+        dls.apply_local_function(
+            np.zeros((8, 8)), quartiles_or_fail, selem=(4, 4), fshape=(2,)
         )
 
 

@@ -1,6 +1,7 @@
 """The chunked engine: lazy results that never depend on chunking."""
 
 import itertools
+import math
 from unittest import mock
 
 import dask
@@ -31,6 +32,7 @@ from dask_localstats._engine import (
 )
 from dask_localstats._grid import make_grid
 from dask_localstats._kernels import Percentile
+from dask_localstats.errors import MemoryBudgetError
 
 SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -56,7 +58,11 @@ def test_results_do_not_depend_on_chunking(data, geometry, percentile, order):
         if mask is None
         else da.from_array(mask, chunks=data.draw(chunkings(shape)))
     )
-    block_bytes = data.draw(st.sampled_from([1, 64, 2**20]))
+    # in units of the smallest budget: one window and its sample
+    extent = selem.shape if isinstance(selem, np.ndarray) else selem
+    window = math.prod(min(e, n) for e, n in zip(extent, shape, strict=True))
+    smallest = window * (source.dtype.itemsize + 1) + 16 * np.size(percentile)
+    block_bytes = smallest * data.draw(st.sampled_from([1, 64, 2**20]))
     out_chunks = data.draw(st.one_of(st.none(), chunkings(shape)))
     result = dls.local_percentile(
         lazy_source,
@@ -77,13 +83,13 @@ def test_histogram_and_function_are_lazy_for_dask_input():
     rng = np.random.default_rng(0)
     source = rng.integers(0, 16, (20, 24)).astype(np.uint8)
     lazy = da.from_array(source, chunks=(7, 5))
-    hist = dls.local_histogram(lazy, 16, selem=(5, 6), block_bytes=64)
+    hist = dls.local_histogram(lazy, 16, selem=(5, 6), block_bytes=512)
     np.testing.assert_array_equal(
         hist.compute(), dls.local_histogram(source, 16, selem=(5, 6))
     )
     func = dls.apply_local_function(
         lazy, np.max, selem=(5, 6), interpolate=None, block_bytes=64
-    )
+    )  # 30 bytes a window, 16 a sample: one center a block
     np.testing.assert_array_equal(
         func.compute(),
         dls.apply_local_function(source, np.max, selem=(5, 6), interpolate=None),
@@ -141,6 +147,36 @@ def test_plan_blocks_fits_the_budget():
     assert np.prod(extent) * 2 > 64 * 2**20 / 8
 
 
+def test_histogram_blocks_and_chunks_fit_the_budget(tmp_path):
+    """The bins count in the budget of blocks and of output chunks."""
+    source = zarr.create_array(
+        tmp_path / "empty.zarr", shape=(512,) * 3, chunks=(64,) * 3, dtype="u2"
+    )  # never written: nothing is computed here
+    budget = 128 * 2**20
+    for interpolate in (None, 1):
+        hist = dls.local_histogram(
+            source, 4096, selem=8, interpolate=interpolate, missing_chunks="fill"
+        )
+        per_block = [max(c) for c in hist.chunks]
+        assert math.prod(per_block) * 8 <= budget, per_block
+        if interpolate is None:  # blocks: the region read and the counts
+            centers = math.prod(per_block[:3])
+            assert centers * 8**3 * 3 + centers * 4096 * 16 <= budget
+    assert hist.chunks[-1] != (4096,)  # the bins axis is split
+
+
+def test_a_task_over_the_budget_is_refused_before_computing(tmp_path):
+    source = da.zeros((64, 64), chunks=32, dtype="u2").map_blocks(_fail, dtype="u2")
+    with pytest.raises(MemoryBudgetError, match=r"more than `block_bytes`=134217728"):
+        dls.local_histogram(source, 2**24, selem=8)
+    with pytest.raises(MemoryBudgetError, match=r"`block_bytes`=1000"):
+        dls.local_percentile(source, 0.5, selem=(30, 30), block_bytes=1000)
+
+
+def _fail(block):
+    raise AssertionError("the source was read")
+
+
 def test_auto_chunks():
     assert auto_chunks((100, 10), 8, 800) == ((7,) * 14 + (2,), (10,))
     assert auto_chunks((3,), 8, 1) == ((1, 1, 1),)
@@ -168,7 +204,7 @@ def test_overlapping_blocks_decode_each_storage_chunk_once(tmp_path):
     # chunks; the cache is made big enough to hold every chunk
     with mock.patch.object(_engine, "CACHE_BLOCKS", 100):
         coarse = coarse_stage(
-            z, grid, Percentile(0.5), np.dtype(np.uint16), block_bytes=432
+            z, grid, Percentile(0.5), np.dtype(np.uint16), block_bytes=1200
         )
     assert min(coarse.numblocks) > 2
     np.testing.assert_array_equal(

@@ -11,6 +11,7 @@ from strategies import Counting, write_zarr
 
 import dask_localstats as dls
 from dask_localstats._io import ChunkCache
+from dask_localstats.errors import MissingChunksError
 
 KWARGS = dict(selem=(6, 8, 5), spacing=(4, 5, 5))
 
@@ -84,9 +85,14 @@ def test_zarr_mask_with_other_chunks(tmp_path, image):
     zmask = zarr.create_array(
         tmp_path / "mask.zarr", shape=mask.shape, chunks=(4, 4, 4), dtype=bool
     )
-    zmask[:] = mask
+    zmask[:] = mask  # zarr leaves out the chunks that are all False
+    assert zmask.nchunks_initialized < zmask.nchunks
     z = _write(tmp_path / "image.zarr", image)
-    result = dls.local_percentile(z, 0.5, mask=str(tmp_path / "mask.zarr"), **KWARGS)
+    with pytest.raises(MissingChunksError, match=r"`mask` .*mask.zarr lacks \d+ of"):
+        dls.local_percentile(z, 0.5, mask=str(tmp_path / "mask.zarr"), **KWARGS)
+    result = dls.local_percentile(
+        z, 0.5, mask=str(tmp_path / "mask.zarr"), missing_chunks="fill", **KWARGS
+    )
     expected = dls.local_percentile(image, 0.5, mask=mask, **KWARGS)
     np.testing.assert_array_equal(result.compute(), expected)
 

@@ -1,0 +1,639 @@
+"""Writing results into zarr stores: chunk by chunk, resumable, safe.
+
+:func:`to_zarr` stores a lazy result so that an interrupted run can be
+continued and nothing that is not the writer's own is ever touched:
+
+- **Whole chunks.** The output's chunks are regular, and one task computes
+  and writes one whole chunk (one shard, when sharded), so no two tasks
+  write the same object. zarr's local store writes a chunk to a temporary
+  file and renames it into place (zarr-python 3.1.6 and later), so a process
+  killed with SIGKILL leaves whole chunks and stray ``*.partial`` files, never
+  a torn chunk. Empty chunks are written too, so "the chunk exists" means
+  "the chunk is done".
+- **A record.** The array's attributes hold a ``dask_localstats`` record: the
+  package version, a fingerprint of the computation (the dask graph's name,
+  shape, dtype, chunks and the caller's ``provenance``), an inventory of each
+  stored input (see :class:`~dask_localstats._stored.Inventory`) and
+  ``"complete": false`` until the last chunk is written and the inputs are
+  found unchanged.
+- **Resume.** ``resume=True`` checks the record, refuses inputs whose
+  inventory changed, removes stray temporary files and computes only the
+  chunks that are missing.
+- **One writer.** A lock file created atomically in the output
+  (``.dask_localstats.lock``, holding the pid, the host and the start time)
+  is held for the whole run. A second writer is refused, naming the holder;
+  a lock whose process is gone (same host) is reported, and cleared by
+  ``overwrite`` or ``resume``.
+- **Only its own.** The output is never an input, inside one or holding one,
+  whatever the spelling of either (:class:`~dask_localstats._stored.Location`).
+  ``overwrite`` replaces an existing store only when every file in it is a
+  zarr entry (metadata, chunk keys of its arrays, the lock, temporary files):
+  a folder holding anything else is refused, and only the proven entries are
+  deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import itertools
+import json
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from ._stored import Inventory, locate, locations, stored_sources
+from .errors import InputChangedError, LockedError, RefusedError
+
+__all__ = ["to_zarr"]
+
+RECORD = "dask_localstats"
+LOCK = ".dask_localstats.lock"
+_METADATA = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
+_CHUNK_KEY = re.compile(r"^(c([/.]\d+)*|\d+([/.]\d+)*)$")
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+try:  # recent zarr renames whole chunk files into place (zarr-python #3412)
+    from zarr.storage._local import _atomic_write  # noqa: F401
+
+    ATOMIC_CHUNKS = True
+except ImportError:  # pragma: no cover - older zarr: check chunks on resume
+    ATOMIC_CHUNKS = False
+
+
+def _version():
+    from . import __version__
+
+    return __version__
+
+
+# --- the output's place and content ----------------------------------------------
+
+
+def _output_path(store):
+    """The local folder of `store` (path, ``file://`` URL or LocalStore)."""
+    if isinstance(store, zarr.storage.LocalStore):
+        return Path(store.root)
+    if isinstance(store, str | os.PathLike):
+        text = os.fspath(store)
+        text = text[len("file://") :] if text.startswith("file://") else text
+        if "://" not in text:
+            return Path(os.path.abspath(os.path.expanduser(text)))
+    msg = f"`store` must be a local path or file:// URL, got {store!r}"
+    raise ValueError(msg)
+
+
+def _check_not_input(where, inputs):
+    """Refuse an output that is, is inside, or holds one of the inputs."""
+    for label, source in inputs.items():
+        for place in locations(source):
+            if place.contains(where):
+                msg = f"the output {where} is {label} or inside it ({place}); refusing to write there"
+                raise RefusedError(msg)
+            if where.contains(place):
+                msg = f"the output {where} holds {label} ({place}); refusing to write there"
+                raise RefusedError(msg)
+
+
+def _array_folders(root):
+    """Folders below `root` (itself included) that hold a zarr array."""
+    folders = set()
+    for folder, _, files in os.walk(root):
+        if ".zarray" in files:
+            folders.add(Path(folder))
+        elif "zarr.json" in files:
+            try:
+                meta = json.loads((Path(folder) / "zarr.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if meta.get("node_type") == "array":
+                folders.add(Path(folder))
+    return folders
+
+
+def _entries(root):
+    """Every file of the store at `root`, and the first that is not zarr's.
+
+    Returns ``(files, foreign)``: the paths of the store's entries (metadata,
+    chunk keys of its arrays, the lock, zarr's temporary files), and the
+    first path that is none of those (a symlink counts), or None.
+    """
+    arrays = _array_folders(root)
+    files = []
+    for folder, dirs, names in os.walk(root):
+        for name in dirs:
+            if (Path(folder) / name).is_symlink():
+                return files, Path(folder) / name
+        for name in names:
+            path = Path(folder) / name
+            if path.is_symlink() or not _is_entry(root, path, arrays):
+                return files, path
+            files.append(path)
+    return files, None
+
+
+def _is_entry(root, path, arrays):
+    if path.name in _METADATA or path == root / LOCK:
+        return True
+    holder = next((a for a in [path.parent, *path.parents] if a in arrays), None)
+    if holder is None:
+        return False
+    key = path.relative_to(holder).as_posix()
+    return bool(_CHUNK_KEY.match(_PARTIAL.sub("", key)))
+
+
+def _check_replaceable(path):
+    """Refuse replacing `path` unless it is a folder of zarr entries only."""
+    if path.is_symlink() or not path.is_dir():
+        msg = f"the output {path} exists and is not a folder; refusing to replace it"
+        raise RefusedError(msg)
+    files, foreign = _entries(path)
+    if foreign is not None:
+        msg = (
+            f"the output {path} holds {foreign.relative_to(path)}, which is not a "
+            "zarr entry; refusing to delete it (remove it yourself, or choose "
+            "another output)"
+        )
+        raise RefusedError(msg)
+    return files
+
+
+def _clear(path):
+    """Delete the zarr entries of the store at `path`, then its empty folders."""
+    for file in _check_replaceable(path):
+        if file != path / LOCK:
+            file.unlink()
+    for folder, dirs, _ in os.walk(path, topdown=False):
+        for name in dirs:
+            with contextlib.suppress(OSError):  # not empty: not ours to remove
+                (Path(folder) / name).rmdir()
+
+
+# --- the lock --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds an output's lock."""
+
+    pid: int
+    host: str
+    started: str
+
+    def __str__(self):
+        return f"pid {self.pid} on {self.host}, since {self.started}"
+
+    @property
+    def gone(self):
+        """Whether the process has ended (only known on this host)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def _holder(lock):
+    try:
+        return Holder(**json.loads(lock.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def _locked(path, clear_stale):
+    """Hold the lock file of the output folder `path` while in the block."""
+    lock = path / LOCK
+    me = Holder(
+        os.getpid(),
+        socket.gethostname(),
+        datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+    text = json.dumps(me.__dict__)
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(lock)
+            if attempt or holder is None or not holder.gone:
+                who = holder or "an unreadable lock file"
+                msg = f"the output {path} is being written by another run ({who}); wait for it, or stop it first"
+                raise LockedError(msg) from None
+            if not clear_stale:
+                msg = (
+                    f"the output {path} holds the lock of a run that is gone "
+                    f"({holder}); pass resume=True (--resume) to continue it or "
+                    "overwrite=True (--overwrite) to start again"
+                )
+                raise LockedError(msg) from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text() == text:
+                lock.unlink()
+
+
+# --- the record -----------------------------------------------------------------
+
+
+def _fingerprint(array, chunks, provenance):
+    described = {
+        "version": _version(),
+        "graph": array.name,
+        "shape": list(array.shape),
+        "dtype": array.dtype.str,
+        "chunks": list(chunks),
+        "provenance": provenance,
+    }
+    text = json.dumps(described, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _inventories(inputs):
+    """``{label: Inventory}`` of the stored arrays among the inputs."""
+    found = {}
+    for label, source in inputs.items():
+        for k, stored in enumerate(stored_sources(source)):
+            found[label if k == 0 else f"{label} ({k + 1})"] = Inventory.of(stored)
+    return found
+
+
+def _input_changes(recorded, inventories):
+    """Words on how the inputs differ from the recorded ones, or None."""
+    changes = []
+    for label, inventory in inventories.items():
+        change = inventory.changes(recorded.get(label, {}))
+        if change:
+            changes.append(f"{label} {inventory.where}: {change}")
+    return "; ".join(changes) or None
+
+
+def _changed(old, new, prefix=""):
+    """``"key: old then, new now"`` for each differing entry, a level deep."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+            changes += _changed(a, b, f"{key} ")
+        else:
+            changes.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return changes
+
+
+def _differences(previous, record):
+    """Short text of what differs between two records' fingerprinted parts."""
+    old, new = previous.get("provenance") or {}, record.get("provenance") or {}
+    changes = _changed(old, new)
+    if previous.get("version") != record["version"]:
+        changes.append(
+            f"version {previous.get('version')} then, {record['version']} now"
+        )
+    return "; ".join(changes) or "the computation differs"
+
+
+# --- opening and creating the output ----------------------------------------------
+
+
+@dataclass
+class _Output:
+    """The node holding the record (array or OME group) and the array."""
+
+    node: zarr.Array | zarr.Group
+    array: zarr.Array
+
+    def mark(self, record):
+        self.array.attrs[RECORD] = record
+        if self.node is not self.array:
+            self.node.attrs[RECORD] = record
+
+
+def _create(path, array, chunks, record, compressors, attributes, ome):
+    options = dict(
+        shape=array.shape,
+        chunks=chunks,
+        dtype=array.dtype,
+        compressors=compressors,
+        fill_value=0,
+        attributes={**(attributes or {}), RECORD: record},
+        config={"write_empty_chunks": True},
+    )
+    if ome is None:
+        target = zarr.create_array(str(path), zarr_format=3, **options)
+        return _Output(target, target)
+    group = zarr.create_group(
+        str(path), zarr_format=3, attributes={"ome": ome.attributes(), RECORD: record}
+    )
+    target = group.create_array("0", dimension_names=ome.dimension_names, **options)
+    return _Output(group, target)
+
+
+def _reopen(path, record, array, chunks, inventories):
+    """The output of an interrupted run at `path`, checked for resuming."""
+    try:
+        node = zarr.open(store=str(path), mode="r+")
+        target = node["0"] if isinstance(node, zarr.Group) else node
+        previous = target.attrs[RECORD]
+    except Exception:  # anything unreadable: not ours to continue
+        msg = f"resume: the output {path} is not a store written by dask_localstats; overwrite=True (--overwrite) replaces it"
+        raise RefusedError(msg) from None
+    if previous.get("fingerprint") != record["fingerprint"]:
+        msg = (
+            f"resume: the output {path} was written by another computation "
+            f"({_differences(previous, record)}); rerun the same one, or overwrite=True (--overwrite)"
+        )
+        raise RefusedError(msg)
+    if previous.get("complete"):
+        msg = f"resume: the output {path} is complete; nothing to resume (overwrite=True, --overwrite, computes it again)"
+        raise RefusedError(msg)
+    if (target.shape, target.dtype, target.chunks) != (
+        array.shape,
+        array.dtype,
+        chunks,
+    ):
+        msg = f"resume: the output {path} has another shape, dtype or chunks; overwrite=True (--overwrite) replaces it"
+        raise RefusedError(msg)
+    changes = _input_changes(previous.get("inputs", {}), inventories)
+    if changes:
+        msg = (
+            f"resume: the inputs changed since the output {path} was begun "
+            f"({changes}); its chunks would mix results: overwrite=True (--overwrite) starts again"
+        )
+        raise InputChangedError(msg)
+    return _Output(node, target)
+
+
+# --- computing -------------------------------------------------------------------
+
+
+def _write_chunk(target, block, region):
+    """Write one whole chunk; a task of the write graph."""
+    target[region] = block
+    return np.ones(1, dtype=bool)
+
+
+def _regions(array):
+    bounds = [np.cumsum((0, *c)) for c in array.chunks]
+    for index in itertools.product(*(range(len(c)) for c in array.chunks)):
+        region = tuple(
+            slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, index, strict=True)
+        )
+        yield index, region
+
+
+def _written(target, root, indices, check=not ATOMIC_CHUNKS):
+    """The chunk indices whose files exist (and, with `check`, decode).
+
+    Stray temporary files of interrupted writes are removed first. With
+    `check` (zarr versions whose local store writes in place), a chunk that
+    does not decode is deleted and counted as missing.
+    """
+    for partial in root.rglob("*.partial"):
+        if _PARTIAL.search(partial.name):
+            partial.unlink(missing_ok=True)
+    done = set()
+    for index in indices:
+        path = root / target.metadata.encode_chunk_key(index)
+        if not path.is_file():
+            continue
+        if check:
+            try:
+                target.get_block_selection(index)
+            except Exception:  # a torn chunk: recompute it
+                path.unlink()
+                continue
+        done.add(index)
+    return done
+
+
+def _write_graph(array, target, todo):
+    """A dask array whose computation writes the chunks `todo` of `array`."""
+    name = "localstats-write-" + tokenize(array.name, str(locate(target)), todo)
+    layer = {
+        (name, i): (_write_chunk, target, (array.name, *index), region)
+        for i, (index, region) in enumerate(todo)
+    }
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[array])
+    chunks = ((1,) * len(todo),)
+    return da.Array(graph, name, chunks, dtype=bool, meta=np.empty((0,), bool))
+
+
+def _client():
+    """The current dask.distributed client, if one is in use."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import default_client
+
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def _compute(writes, progress):
+    client = _client()
+    if client is None:
+        from dask.diagnostics import ProgressBar
+
+        bar = ProgressBar(1.0, out=sys.stderr) if progress else contextlib.nullcontext()
+        with bar:
+            writes.compute()
+        return
+    future = client.compute(writes)
+    if progress:
+        from distributed import progress as show
+
+        with contextlib.redirect_stdout(sys.stderr):
+            show(future)
+        print(file=sys.stderr)
+    future.result()
+
+
+def _regular(array, chunks):
+    """`array` and its chunk shape, rechunked to regular chunks if needed."""
+    if chunks is None:
+        chunks = tuple(c[0] for c in array.chunks)
+    chunks = tuple(int(c) for c in chunks)
+    if len(chunks) != array.ndim or any(c <= 0 for c in chunks):
+        msg = f"`chunks` must be {array.ndim} positive ints, got {chunks!r}"
+        raise ValueError(msg)
+    if array.chunks != da.core.normalize_chunks(chunks, array.shape):
+        array = array.rechunk(chunks)
+    return array, chunks
+
+
+def _as_dask(array):
+    if isinstance(array, da.Array):
+        return array
+    if isinstance(array, zarr.Array):
+        return da.from_zarr(array)
+    return da.from_array(np.asarray(array))
+
+
+def to_zarr(
+    array,
+    store,
+    *,
+    chunks=None,
+    compressors="auto",
+    overwrite=False,
+    resume=False,
+    attributes=None,
+    inputs=None,
+    provenance=None,
+    ome=None,
+    progress=False,
+):
+    """Store a (lazy) array into a new zarr v3 array, chunk by chunk, resumably.
+
+    Parameters
+    ----------
+    array : dask array, zarr array or array_like
+        The result to store; it is computed one output chunk per task, never
+        whole.
+    store : str, os.PathLike or zarr LocalStore
+        Where to create the zarr array: a local path or ``file://`` URL.
+    chunks : tuple of int or None
+        Storage chunks; default: the first chunk shape of `array`.
+    compressors : codec, list of codecs or "auto"
+        zarr v3 compressors; ``"auto"`` is zarr's default (zstd).
+    overwrite : bool
+        Replace an existing store, only if it holds nothing but zarr entries
+        (and clear a lock left by a run that is gone).
+    resume : bool
+        Continue an interrupted run into `store`: write only the missing
+        chunks, after checking that the computation and its stored inputs
+        are the same.
+    attributes : dict or None
+        User attributes of the array.
+    inputs : dict or None
+        ``{label: source}`` of the inputs to protect and identify; default:
+        the zarr arrays and TIFF files that `array` reads, found in its graph.
+    provenance : dict or None
+        JSON-able description of the computation (parameters, command),
+        stored in the record and part of its fingerprint.
+    ome : OmeImage or None
+        Write an OME-Zarr 0.5 image (a group whose level ``"0"`` is the array)
+        with these axes, scale and translation.
+    progress : bool
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    zarr.Array
+        The written array; its ``attrs["dask_localstats"]`` is the record.
+
+    Raises
+    ------
+    RefusedError
+        The store exists (without `overwrite` or `resume`), holds files that
+        are not zarr's, is an input or holds one, or cannot be resumed.
+    LockedError
+        Another run is writing the store, or left its lock.
+    InputChangedError
+        An input changed since the store was begun, or during the run: the
+        store is left incomplete.
+
+    Examples
+    --------
+    >>> import tempfile, dask.array as da
+    >>> path = tempfile.mkdtemp() + "/out.zarr"
+    >>> z = to_zarr(da.ones((4, 6), chunks=2), path)
+    >>> z.shape, z.chunks, int(z[:].sum()), z.attrs["dask_localstats"]["complete"]
+    ((4, 6), (2, 2), 24, True)
+    """
+    if overwrite and resume:
+        msg = "`overwrite` and `resume` exclude each other"
+        raise ValueError(msg)
+    array, chunks = _regular(_as_dask(array), chunks)
+    path = _output_path(store)
+    inputs = inputs if inputs is not None else {"an input": array}
+    _check_not_input(locate(path), inputs)
+    provenance = json.loads(json.dumps(provenance or {}, default=str))
+    inventories = _inventories(inputs)
+    record = {
+        "version": _version(),
+        "fingerprint": _fingerprint(array, chunks, provenance),
+        "provenance": provenance,
+        "inputs": {k: v.record() for k, v in inventories.items()},
+        "complete": False,
+    }
+    exists = path.exists() or path.is_symlink()
+    if exists and not (overwrite or resume):
+        holder = _holder(path / LOCK) if (path / LOCK).exists() else None
+        busy = "" if holder is None else f" (and holds the lock of {holder})"
+        msg = (
+            f"the output {path} exists{busy}; pass overwrite=True (--overwrite) to "
+            "replace it, or resume=True (--resume) to continue an interrupted run"
+        )
+        raise RefusedError(msg)
+    if resume and not exists:
+        msg = f"resume: the output {path} does not exist; nothing to resume"
+        raise RefusedError(msg)
+    if exists and overwrite:
+        _check_replaceable(path)
+    if resume:  # refusals need no lock: checked first, and again under it
+        _reopen(path, record, array, chunks, inventories)
+    if not exists:
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            msg = f"the output {path} appeared meanwhile (another run?); refusing to write there"
+            raise RefusedError(msg) from None
+    with _locked(path, clear_stale=overwrite or resume):
+        if resume:
+            output = _reopen(path, record, array, chunks, inventories)
+        else:
+            if exists:
+                _clear(path)
+            output = _create(path, array, chunks, record, compressors, attributes, ome)
+        written = _fill(array, output.array, resume, progress, path)
+        changes = _input_changes(record["inputs"], _inventories(inputs))
+        if changes:
+            msg = (
+                f"the inputs changed while the output {path} was written "
+                f"({changes}); it is left incomplete: overwrite=True (--overwrite) starts again"
+            )
+            raise InputChangedError(msg)
+        output.mark({**record, "complete": True, "written": written})
+    return output.array
+
+
+def _fill(array, target, resume, progress, path):
+    """Compute and write the chunks of `target` not written yet; how many."""
+    regions = list(_regions(array))
+    done = set()
+    if resume:
+        root = Path(target.store_path.store.root) / target.store_path.path
+        done = _written(target, root, [index for index, _ in regions])
+    todo = [(index, region) for index, region in regions if index not in done]
+    if todo:
+        try:
+            _compute(_write_graph(array, target, todo), progress)
+        except Exception as error:
+            error.add_note(
+                f"the output {path} is left incomplete; resume=True (--resume) continues it"
+            )
+            raise
+    return len(todo)

@@ -1,0 +1,61 @@
+"""The exceptions of dask_localstats.
+
+Each refines the built-in exception a caller would catch anyway
+(``ValueError``, ``FileNotFoundError``), and all derive from
+:class:`LocalStatsError`, so a program (the command line among them) can tell
+a refusal or a damaged input, which the user can act on, from a bug.
+
+Bad parameters raise plain ``ValueError`` or ``TypeError`` naming the
+parameter and the value, before anything is computed.
+
+Examples
+--------
+>>> from dask_localstats.errors import LocalStatsError, RefusedError
+>>> issubclass(RefusedError, ValueError) and issubclass(RefusedError, LocalStatsError)
+True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CorruptChunkError",
+    "InputChangedError",
+    "LocalStatsError",
+    "LockedError",
+    "MemoryBudgetError",
+    "MissingChunksError",
+    "RefusedError",
+    "SourceNotFoundError",
+]
+
+
+class LocalStatsError(Exception):
+    """Base class of the errors this library raises on purpose."""
+
+
+class RefusedError(LocalStatsError, ValueError):
+    """Writing was refused, to protect data: nothing was changed."""
+
+
+class LockedError(RefusedError):
+    """Another run holds the output's lock, or left it behind."""
+
+
+class InputChangedError(RefusedError):
+    """An input differs from the one an output was computed from."""
+
+
+class MissingChunksError(LocalStatsError, ValueError):
+    """A stored input lacks chunks (see ``missing_chunks``)."""
+
+
+class CorruptChunkError(LocalStatsError, ValueError):
+    """A stored chunk or file of an input cannot be read or decoded."""
+
+
+class MemoryBudgetError(LocalStatsError, ValueError):
+    """The smallest task of a job would need more memory than its budget."""
+
+
+class SourceNotFoundError(LocalStatsError, FileNotFoundError):
+    """An input does not exist."""

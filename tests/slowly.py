@@ -1,0 +1,33 @@
+"""Run the command line with slow chunk writes, so that tests can kill it.
+
+``python tests/slowly.py DELAY ARGS...`` runs ``dask-localstats ARGS...``
+after making zarr's local store sleep `DELAY` seconds before writing each
+chunk (metadata is written at once). The delay is zarr's, not the
+library's: the library runs unchanged.
+"""
+
+import sys
+import time
+
+from zarr.storage import LocalStore
+
+METADATA = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
+
+
+def slow_writes(delay):
+    """Make every chunk write of zarr's LocalStore take `delay` seconds more."""
+    original = LocalStore.set
+
+    async def set(self, key, value, *args, **kwargs):
+        if not key.endswith(METADATA):
+            time.sleep(delay)
+        return await original(self, key, value, *args, **kwargs)
+
+    LocalStore.set = set
+
+
+if __name__ == "__main__":
+    slow_writes(float(sys.argv[1]))
+    from dask_localstats._cli import main
+
+    sys.exit(main(sys.argv[2:]))
