@@ -67,6 +67,7 @@ def _open_inputs(source, mask):
     if mask is None:
         return source, None, lazy
     mask, mask_lazy = open_source(mask, "mask")
+    _check_known_chunks("mask", mask)
     if mask.shape != source.shape:
         msg = f"`mask` must have the shape of `source` {source.shape}, got {mask.shape}"
         raise ValueError(msg)
@@ -76,7 +77,6 @@ def _open_inputs(source, mask):
             f"dtype {mask.dtype}; pass `mask > 0` for a float mask"
         )
         raise TypeError(msg)
-    _check_known_chunks("mask", mask)
     return source, mask, lazy or mask_lazy
 
 

@@ -152,9 +152,14 @@ def _graph_sources(array):
 
 
 def stored_sources(array):
-    """The stored arrays (zarr arrays, TIFF sources) that `array` reads."""
-    from ._io import _TiffSource
+    """The stored arrays (zarr arrays, TIFF sources) that `array` reads.
 
+    `array` may also be a path or URL, of anything :func:`open_source` opens.
+    """
+    from ._io import _TiffSource, open_source
+
+    if isinstance(array, str | os.PathLike):
+        array = open_source(array)[0]
     if isinstance(array, zarr.Array | _TiffSource):
         return [array]
     if isinstance(array, da.Array):

@@ -188,12 +188,25 @@ BAD_INPUT = [
         ValueError,
         r"`selem` must have 2 dimensions",
     ),
+    (dict(mask=np.full((20, 30), "a")), TypeError, r"`mask` must be boolean or int"),
+    (dict(mask=np.full((20, 30), np.nan)), TypeError, r"got dtype float64; pass `m"),
+    (dict(dtype=bool), TypeError, r"`dtype` must be a numeric dtype .* got bool"),
+    (dict(dtype=object), TypeError, r"`dtype` must be a numeric dtype .* got object"),
+    (dict(dtype="U4"), TypeError, r"`dtype` must be a numeric dtype .* got <U4"),
+    (dict(dtype="nonsense"), TypeError, r"`dtype` must be a NumPy dtype"),
+    (dict(block_bytes=0), ValueError, r"`block_bytes` must be a positive int .* 0"),
+    (dict(block_bytes=-5), ValueError, r"`block_bytes` must be .* got -5"),
+    (dict(block_bytes=1.5), TypeError, r"`block_bytes` must be .* got 1\.5"),
+    (dict(chunks=0), ValueError, r"`chunks` must be positive sizes, got 0"),
+    (dict(chunks=(-3, 5)), ValueError, r"`chunks` must be positive sizes"),
+    (dict(chunks=(5, 5, 5)), ValueError, r"`chunks` does not fit the shape"),
+    (dict(missing_chunks="zero"), ValueError, r"`missing_chunks` must be one of"),
 ]
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), BAD_INPUT)
 def test_bad_input_is_rejected_before_computing(kwargs, error, match):
-    source = np.zeros((20, 30), np.uint16)
+    source = da.zeros((20, 30), np.uint16, chunks=10).map_blocks(_fail, dtype="u2")
     arguments = dict(selem=(5, 5)) | kwargs
     with pytest.raises(error, match=match):
         dls.local_percentile(source, 0.5, **arguments)
@@ -210,6 +223,36 @@ def test_bad_input_is_rejected_before_computing(kwargs, error, match):
 def test_bad_percentile(percentile, match):
     with pytest.raises(ValueError, match=match):
         dls.local_percentile(np.zeros((8, 8)), percentile, selem=(4, 4))
+
+
+@pytest.mark.parametrize("percentile", ["0.5", True, ["0.1", 0.2], np.bool_(False)])
+def test_percentile_of_strings_or_bools_is_a_type_error(percentile):
+    with pytest.raises(TypeError, match=r"`percentile` must be made of numbers"):
+        dls.local_percentile(np.zeros((8, 8)), percentile, selem=(4, 4))
+
+
+def test_dask_source_of_unknown_chunks():
+    source = da.from_array(np.arange(64.0).reshape(8, 8), chunks=4)
+    source = source[source[:, 0] > 10]
+    with pytest.raises(ValueError, match=r"`source` is a dask array of unknown chunk"):
+        dls.local_percentile(source, 0.5, selem=(4, 4))
+    with pytest.raises(ValueError, match=r"`mask` is a dask array of unknown chunk"):
+        dls.local_percentile(np.zeros((6, 8)), 0.5, selem=(3, 4), mask=source > 0)
+
+
+def test_narrower_result_dtypes_cast_like_numpy_and_warn_when_values_wrap():
+    ones = np.ones((32, 32), np.uint8)
+    with pytest.warns(
+        RuntimeWarning, match=r"`dtype` uint8 cannot hold values .* 1024"
+    ):
+        counts = dls.local_histogram(ones, 2, selem=32, dtype=np.uint8)
+    np.testing.assert_array_equal(counts, np.array([[[0, 1024 % 256]]], np.uint8))
+    image = np.arange(64, dtype=np.int32).reshape(8, 8) * 10
+    narrow = dls.local_percentile(image, 0.5, selem=4, dtype=np.int16, interpolate=None)
+    np.testing.assert_array_equal(
+        narrow, dls.local_percentile(image, 0.5, selem=4, interpolate=None)
+    )
+    assert narrow.dtype == np.int16
 
 
 def test_histogram_rejects_float_source():

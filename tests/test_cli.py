@@ -509,3 +509,119 @@ def test_console_script_and_help():
     assert result[0].stdout.strip() == dls.__version__
     for option in ["--percentile", "--subtract", "--resume", "--scheduler"]:
         assert option in result[1].stdout
+
+
+def test_urls_symlinks_and_masks_never_become_the_output(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    mask = write_zarr(tmp_path / "m.zarr", image > 100, chunks=(12, 30, 25))
+    (tmp_path / "link.zarr").symlink_to(source)
+    thesis = write_zarr(tmp_path / "thesis", image[:2])
+    (thesis / "thesis.tex").write_text("four years of work")
+    (thesis / "raw").mkdir()
+    (thesis / "raw" / "data.bin").write_bytes(b"\x00" * 10)
+    args = ["--percentile", "0.5", *CLI_GEOMETRY, "--overwrite"]
+    cases = [
+        ([f"file://{source}", "in.zarr", *args], "is IN or inside it"),
+        (["in.zarr", f"file://{source}/", *args], "is IN or inside it"),
+        (["in.zarr", "link.zarr", *args], "is IN or inside it"),
+        (["in.zarr", "m.zarr", "--mask", f"file://{mask}", *args],
+         "is MASK or inside it"),
+        (["in.zarr", "thesis", *args], "which is not a zarr entry"),
+    ]  # fmt: skip
+    before = chunk_files(tmp_path)
+    results = run_all(*(command("percentile", *c) for c, _ in cases), cwd=tmp_path)
+    for result, (_, match) in zip(results, cases, strict=True):
+        refused(result, match)
+    assert chunk_files(tmp_path) == before
+
+
+def _kill_when(proc, done, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
+def test_resume_refuses_a_changed_input_then_accepts_it_restored(tmp_path):
+    image = np.random.default_rng(2).integers(0, 4000, (8, 32, 32), np.uint16)
+    source = write_zarr(tmp_path / "in.zarr", image, chunks=(4, 8, 8))
+    out = tmp_path / "out.zarr"
+    args = ["percentile", source, out, "--percentile", "0.3", "--selem", "4", "8",
+            "8", "--spacing", "2", "4", "4", "--quiet"]  # fmt: skip
+    env = {**os.environ, "DASK_NUM_WORKERS": "1"}
+    proc = subprocess.Popen(slow_command(0.15, *args), env=env, stderr=subprocess.PIPE)
+    _kill_when(proc, lambda: len(chunk_files(out)) >= 4)
+    chunk = source / "c" / "1" / "2" / "3"
+    data, info = chunk.read_bytes(), chunk.stat()
+    z = zarr.open_array(source, mode="r+")
+    z[4:8, 16:24, 24:32] = 1  # the chunk c/1/2/3, rewritten
+    before = chunk_files(out)
+    refused(run(*args, "--resume"), "IN ")
+    refused(run(*args, "--resume"), "modified since: c/1/2/3")
+    assert chunk_files(out) == before
+    chunk.write_bytes(data)  # restored as it was, stamp included
+    os.utime(chunk, ns=(info.st_atime_ns, info.st_mtime_ns))
+    ok(run(*args, "--resume"))
+    expected = dls.local_percentile(image, 0.3, selem=(4, 8, 8), spacing=(2, 4, 4))
+    np.testing.assert_array_equal(zarr.open_array(out)[:], expected, strict=True)
+
+
+def test_one_writer_at_a_time(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    out = tmp_path / "out.zarr"
+    args = ["percentile", source, out, *CLI_GEOMETRY, "--quiet"]
+    env = {**os.environ, "DASK_NUM_WORKERS": "1"}
+    first = subprocess.Popen(
+        slow_command(0.1, *args, "--percentile", "0.2"),
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (out / LOCK).exists():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    second = run(*args, "--percentile", "0.9", "--overwrite")
+    refused(second, f"is being written by another run (pid {first.pid} on")
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    expected = dls.local_percentile(image, 0.2, **GEOMETRY)
+    np.testing.assert_array_equal(zarr.open_array(out)[:], expected, strict=True)
+    assert not (out / LOCK).exists()
+
+
+def test_damaged_inputs_and_budgets_are_one_line(tmp_path, image):
+    args = ["--percentile", "0.5", *CLI_GEOMETRY]
+    torn = write_zarr(tmp_path / "torn.zarr", image)
+    chunk = torn / "c" / "1" / "2" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:7])
+    holes = write_zarr(tmp_path / "holes.zarr", image)
+    (holes / "c" / "0" / "1" / "2").unlink()
+    results = run_all(
+        command("percentile", torn, tmp_path / "a.zarr", *args),
+        command("percentile", torn, tmp_path / "b.zarr", *args, "--debug"),
+        command("percentile", holes, tmp_path / "c.zarr", *args),
+        command("percentile", holes, tmp_path / "d.zarr", *args, "--quiet",
+                "--missing-chunks", "fill"),
+        command("histogram", holes, tmp_path / "e.zarr", "--max-bin", 2**24,
+                "--selem", "4", "--missing-chunks", "fill"),
+    )  # fmt: skip
+    refused(results[0], f"chunk 'c/1/2/0' of {torn} cannot be read")
+    refused(results[0], f"the output {tmp_path / 'a.zarr'} is left incomplete; ")
+    assert record(tmp_path / "a.zarr")["complete"] is False
+    assert not (tmp_path / "a.zarr" / LOCK).exists()
+    assert "Traceback" in results[1].stderr
+    assert results[1].stderr.splitlines()[-1].startswith("dask-localstats: error: ")
+    refused(results[2], f"{holes} lacks 1 of its 36 chunks (c/0/1/2)")
+    assert not (tmp_path / "c.zarr").exists()
+    ok(results[3])
+    filled = image.copy()
+    filled[0:4, 8:16, 18:27] = 0
+    expected = dls.local_percentile(filled, 0.5, **GEOMETRY)
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "d.zarr")[:], expected)
+    refused(results[4], "more than `block_bytes`=134217728")
+    assert not (tmp_path / "e.zarr").exists()

@@ -1,0 +1,301 @@
+"""Writing results: refusals, the lock, the record, resuming, input checks."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from strategies import write_zarr
+
+import dask_localstats as dls
+from dask_localstats._write import LOCK, _written
+from dask_localstats.errors import (
+    InputChangedError,
+    LockedError,
+    RefusedError,
+)
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def image():
+    return np.random.default_rng(0).integers(0, 1000, (12, 30, 25)).astype(np.uint16)
+
+
+def files(path):
+    """``{relative path: bytes}`` of every file below `path`."""
+    return {
+        p.relative_to(path): p.read_bytes()
+        for p in sorted(Path(path).rglob("*"))
+        if p.is_file()
+    }
+
+
+def background(source):
+    return dls.local_percentile(source, 0.5, selem=(6, 8, 5), spacing=(4, 5, 5))
+
+
+def test_the_output_is_never_an_input_whatever_its_spelling(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    mask = write_zarr(tmp_path / "mask.zarr", image > 100, chunks=(12, 30, 25))
+    (tmp_path / "link.zarr").symlink_to(source)
+    before = files(tmp_path)
+    url = f"file://{source}"
+    result = dls.local_percentile(
+        dls.open_source(url)[0], 0.5, selem=6, mask=f"file://{mask}/"
+    )
+    os.chdir(tmp_path)
+    for out, match in [
+        (source, "is an input or inside it"),
+        ("in.zarr", "is an input or inside it"),
+        ("in.zarr/", "is an input or inside it"),
+        ("./sub/../in.zarr", "is an input or inside it"),
+        (url, "is an input or inside it"),
+        (tmp_path / "link.zarr", "is an input or inside it"),
+        (source / "c" / "new", "is an input or inside it"),
+        (mask, "is an input or inside it"),
+        (tmp_path, "holds an input"),
+    ]:
+        with pytest.raises(RefusedError, match=match):
+            dls.to_zarr(result, out, overwrite=True)
+    with pytest.raises(RefusedError, match=r"mask.zarr is MASK or inside it"):
+        dls.to_zarr(result, mask, overwrite=True, inputs={"MASK": mask})
+    assert files(tmp_path) == before
+
+
+def test_overwrite_replaces_only_folders_of_zarr_entries(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    result = background(source)
+    thesis = tmp_path / "thesis"
+    write_zarr(thesis, image[:2])
+    (thesis / "thesis.tex").write_text("four years of work")
+    (thesis / "raw").mkdir()
+    (thesis / "raw" / "data.bin").write_bytes(b"\x00" * 10)
+    stray = tmp_path / "stray.zarr"  # a zarr array with a foreign file in c/
+    write_zarr(stray, image[:2])
+    (stray / "c" / "notes.txt").write_text("mine")
+    linked = tmp_path / "linked.zarr"
+    write_zarr(linked, image[:2])
+    (linked / "c" / "elsewhere").symlink_to(tmp_path / "in.zarr")
+    for out, match in [
+        (thesis, r"holds (thesis\.tex|raw/data\.bin), which is not a zarr entry"),
+        (stray, r"holds c/notes\.txt, which is not a zarr entry"),
+        (linked, r"holds c/elsewhere, which is not a zarr entry"),
+        (tmp_path / "in.zarr" / "zarr.json", "is an input"),
+    ]:
+        before = files(out)
+        with pytest.raises(RefusedError, match=match):
+            dls.to_zarr(result, out, overwrite=True)
+        assert files(out) == before
+    file = tmp_path / "file.zarr"
+    file.write_text("a file")
+    with pytest.raises(RefusedError, match="is not a folder"):
+        dls.to_zarr(result, file, overwrite=True)
+
+    # zarr entries only: a plain array, a group of arrays, our own output
+    group = zarr.open_group(tmp_path / "group.zarr", mode="w")
+    group.create_array("a/b", shape=(3,), dtype="u1")[:] = 1
+    write_zarr(tmp_path / "plain.zarr", image[:2], zarr_format=2)
+    ours = dls.to_zarr(result, tmp_path / "ours.zarr")
+    expected = background(image)
+    for name in ("group.zarr", "plain.zarr", "ours.zarr"):
+        z = dls.to_zarr(result, tmp_path / name, overwrite=True)
+        np.testing.assert_array_equal(z[:], expected)
+    assert ours.attrs["dask_localstats"]["complete"]
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_reported(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    out = tmp_path / "out.zarr"
+    dls.to_zarr(background(source), out)
+    z = zarr.open_array(out, mode="r+")
+    z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
+    lock = out / LOCK
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(
+            f'{{"pid": {alive.pid}, "host": "{os.uname().nodename}", '
+            '"started": "2026-01-01T00:00:00"}'
+        )
+        before = files(out)
+        for options in (dict(overwrite=True), dict(resume=True)):
+            with pytest.raises(LockedError, match=f"another run .pid {alive.pid} on"):
+                dls.to_zarr(background(source), out, **options)
+        with pytest.raises(RefusedError, match=f"holds the lock of pid {alive.pid}"):
+            dls.to_zarr(background(source), out)
+        assert files(out) == before
+    finally:
+        alive.kill()
+        alive.wait()
+    # the process is gone: its lock is stale, reported, and resume clears it
+    with pytest.raises(RefusedError, match=f"holds the lock of pid {alive.pid}"):
+        dls.to_zarr(background(source), out)
+    dls.to_zarr(background(source), out, resume=True)
+    assert not lock.exists()
+    assert zarr.open_array(out).attrs["dask_localstats"]["complete"]
+
+
+def test_resume_writes_only_missing_chunks_and_checks_the_computation(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    out = tmp_path / "out.zarr"
+    dls.to_zarr(background(source), out)
+    z = zarr.open_array(out, mode="r+")
+    z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
+    gone = sorted((out / "c").rglob("*"))[-1]
+    gone.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (out / "c").rglob("*") if p.is_file()}
+    other = dls.local_percentile(source, 0.4, selem=(6, 8, 5), spacing=(4, 5, 5))
+    with pytest.raises(RefusedError, match="written by another computation"):
+        dls.to_zarr(other, out, resume=True)
+    written = dls.to_zarr(background(source), out, resume=True)
+    assert written.attrs["dask_localstats"]["written"] == 1
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    np.testing.assert_array_equal(written[:], background(image))
+    with pytest.raises(RefusedError, match="is complete; nothing to resume"):
+        dls.to_zarr(background(source), out, resume=True)
+    with pytest.raises(RefusedError, match="does not exist; nothing to resume"):
+        dls.to_zarr(background(source), tmp_path / "new.zarr", resume=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        dls.to_zarr(background(source), out, resume=True, overwrite=True)
+
+
+def _rewrite_chunk(path, key):
+    """Rewrite one stored chunk with other values (and a new mtime)."""
+    z = zarr.open_array(path, mode="r+")
+    index = tuple(int(i) for i in key.split("/")[1:])
+    z.set_block_selection(index, z.get_block_selection(index) + 1)
+    return key
+
+
+def test_inputs_changed_since_the_start_are_refused(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    out = tmp_path / "out.zarr"
+    dls.to_zarr(background(source), out)
+    z = zarr.open_array(out, mode="r+")
+    z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
+    time.sleep(0.01)
+    key = _rewrite_chunk(source, "c/1/2/0")
+    before = files(out)
+    with pytest.raises(InputChangedError, match=f"modified since: {key}"):
+        dls.to_zarr(background(source), out, resume=True)
+    assert files(out) == before
+
+
+def test_inputs_changed_during_the_run_leave_the_output_incomplete(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+
+    def meddle(block, block_info=None):
+        if block_info[0]["chunk-location"] == (0, 0, 0):
+            _rewrite_chunk(source, "c/0/0/0")
+        return block
+
+    result = background(source).map_blocks(meddle, dtype=np.uint16)
+    with pytest.raises(InputChangedError, match="changed while the output"):
+        dls.to_zarr(result, tmp_path / "out.zarr", inputs={"IN": source})
+    record = zarr.open_array(tmp_path / "out.zarr").attrs["dask_localstats"]
+    assert record["complete"] is False
+
+
+def test_a_failed_computation_leaves_a_resumable_output(tmp_path, image):
+    def fail(block):
+        raise RuntimeError("a codec failed")
+
+    source = write_zarr(tmp_path / "in.zarr", image)
+    result = background(source).map_blocks(fail, dtype=np.uint16)
+    with pytest.raises(RuntimeError, match="a codec failed") as error:
+        dls.to_zarr(result, tmp_path / "out.zarr")
+    assert "is left incomplete; resume=True (--resume)" in error.value.__notes__[0]
+    assert not (tmp_path / "out.zarr" / LOCK).exists()
+    dls.to_zarr(background(source), tmp_path / "other.zarr")
+
+
+def test_ome_output_and_record(tmp_path, image):
+    from dask_localstats._ome import OmeImage
+
+    image_meta = OmeImage.default(3, name="bg")
+    z = dls.to_zarr(
+        da.from_array(image, chunks=(6, 15, 25)),
+        tmp_path / "o.zarr",
+        ome=image_meta,
+        provenance={"what": "copy"},
+    )
+    group = zarr.open_group(tmp_path / "o.zarr", mode="r")
+    assert group.attrs["ome"]["multiscales"][0]["axes"][0]["name"] == "z"
+    assert group.attrs["dask_localstats"] == z.attrs["dask_localstats"]
+    assert z.metadata.dimension_names == ("z", "y", "x")
+    np.testing.assert_array_equal(group["0"][:], image)
+
+
+def test_written_skips_torn_chunks_and_removes_temporary_files(tmp_path):
+    z = zarr.create_array(
+        tmp_path / "a.zarr", shape=(4, 4), chunks=(2, 2), dtype="u2", fill_value=0
+    )
+    z[:] = np.arange(16).reshape(4, 4)
+    torn = tmp_path / "a.zarr" / "c" / "1" / "0"
+    torn.write_bytes(torn.read_bytes()[:5])
+    partial = "0." + "ab" * 16 + ".partial"
+    (tmp_path / "a.zarr" / "c" / "0" / partial).write_bytes(b"xx")
+    blocks = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    done = _written(z, tmp_path / "a.zarr", blocks, check=True)
+    assert done == {(0, 0), (0, 1), (1, 1)}
+    assert not torn.exists()
+    assert not list((tmp_path / "a.zarr").rglob("*.partial"))
+
+
+RESUMABLE = """
+import sys
+sys.path.insert(0, {tests!r})
+from slowly import slow_writes
+import dask_localstats as dls
+
+slow_writes({delay})
+source = dls.open_source({source!r})[0]
+bg = dls.local_percentile(source, 0.3, selem=(4, 8, 8), spacing=(2, 4, 4))
+dls.to_zarr(bg, {out!r}, resume={resume})
+"""
+
+
+def _python(tmp_path, out, delay=0.0, resume=False):
+    code = RESUMABLE.format(
+        tests=str(TESTS), delay=delay, source=str(tmp_path / "in.zarr"),
+        out=str(out), resume=resume,
+    )  # fmt: skip
+    env = {**os.environ, "DASK_NUM_WORKERS": "1"}
+    return [sys.executable, "-c", textwrap.dedent(code)], env
+
+
+def test_python_resume_after_sigkill_is_byte_identical(tmp_path):
+    image = np.random.default_rng(1).integers(0, 4000, (8, 32, 32), np.uint16)
+    write_zarr(tmp_path / "in.zarr", image, chunks=(4, 8, 8))
+    out = tmp_path / "out.zarr"
+    argv, env = _python(tmp_path, out, delay=0.15)
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(list((out / "c").rglob("*"))) < 8:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert (out / LOCK).exists()  # left behind, stale
+    for path, resume in [(out, True), (tmp_path / "fresh.zarr", False)]:
+        argv, env = _python(tmp_path, path, resume=resume)
+        subprocess.run(argv, env=env, check=True)
+    resumed, fresh = (zarr.open_array(p) for p in (out, tmp_path / "fresh.zarr"))
+    record = resumed.attrs["dask_localstats"]
+    assert record["complete"] is True
+    assert 0 < record.pop("written") < 32
+    assert fresh.attrs["dask_localstats"].pop("written") == 32
+    assert record == fresh.attrs["dask_localstats"]  # the same fingerprint
+    chunks = files(out)
+    del chunks[Path("zarr.json")]
+    assert chunks.items() <= files(tmp_path / "fresh.zarr").items()
