@@ -7,7 +7,12 @@ arrays and zarr stores, with lazy, chunked results.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._api import apply_local_function, local_histogram, local_percentile
+from ._api import (
+    apply_local_function,
+    local_histogram,
+    local_percentile,
+    subtract_background,
+)
 from ._io import open_source
 from ._write import to_zarr
 
@@ -22,5 +27,6 @@ __all__ = [
     "local_histogram",
     "local_percentile",
     "open_source",
+    "subtract_background",
     "to_zarr",
 ]

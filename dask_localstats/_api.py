@@ -14,6 +14,7 @@ import warnings
 import dask.array as da
 import dask.threaded
 import numpy as np
+from dask.base import tokenize
 
 from ._engine import auto_chunks, coarse_stage, resample_stage
 from ._grid import make_grid
@@ -59,14 +60,16 @@ def _check_missing(grid, dtype, nan_policy, min_coverage, fill):
 
 def _open_inputs(source, mask):
     """Open `source` and `mask`; returns ``(source, mask, lazy)``."""
-    source, lazy = open_source(source)
+    source = open_source(source)
+    lazy = not isinstance(source, np.ndarray)
     if source.ndim == 0:
         msg = f"`source` must have at least one dimension, got shape {source.shape}"
         raise ValueError(msg)
     _check_known_chunks("source", source)
     if mask is None:
         return source, None, lazy
-    mask, mask_lazy = open_source(mask, "mask")
+    mask = open_source(mask, "mask")
+    mask_lazy = not isinstance(mask, np.ndarray)
     _check_known_chunks("mask", mask)
     if mask.shape != source.shape:
         msg = f"`mask` must have the shape of `source` {source.shape}, got {mask.shape}"
@@ -489,3 +492,66 @@ def apply_local_function(
         clip=clip,
         missing_chunks=missing_chunks,
     )
+
+
+def background_dtype(dtype):
+    """The float dtype that holds a percentile of `dtype` values closely enough.
+
+    float32 for integers of up to 16 bits (exact) and float32 images,
+    float64 otherwise.
+
+    Examples
+    --------
+    >>> background_dtype(np.dtype("uint16")), background_dtype(np.dtype("int32"))
+    (dtype('float32'), dtype('float64'))
+    """
+    dtype = np.dtype(dtype)
+    small = dtype.kind in "iub" and dtype.itemsize <= 2
+    return np.dtype(np.float32 if small or dtype == np.float32 else np.float64)
+
+
+def subtract_background(source, background, *, dtype=None):
+    """``source - background``, rounded and clipped to `dtype`, lazily.
+
+    Parameters
+    ----------
+    source : array_like, dask array, zarr array or path
+        The image.
+    background : dask array or ndarray
+        Of the shape of `source`, for example from :func:`local_percentile`
+        with a float `dtype` (see :func:`background_dtype`).
+    dtype : dtype or None
+        Result dtype; default the source's. Integer results are rounded to
+        the nearest integer and clipped to the dtype's range (a background
+        above the image gives 0 for unsigned types, never a wrapped value).
+
+    Returns
+    -------
+    dask array
+        Lazy, chunked like `background`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.array([[10, 20], [30, 40]], np.uint16)
+    >>> subtract_background(image, np.full((2, 2), 25.4)).compute()
+    array([[ 0,  0],
+           [ 5, 15]], dtype=uint16)
+    """
+    source = open_source(source)
+    dtype = np.dtype(source.dtype if dtype is None else dtype)
+    if dtype.kind not in "iuf":
+        msg = f"`dtype` must be an integer or float dtype, got {dtype}"
+        raise TypeError(msg)
+    if not isinstance(background, da.Array):
+        background = da.from_array(np.asarray(background))
+    if background.shape != source.shape:
+        msg = f"`background` must have the shape of `source` {source.shape}, got {background.shape}"
+        raise ValueError(msg)
+    name = "localstats-source-" + tokenize(background.name, "subtract")
+    image = da.from_array(source, chunks=background.chunks, name=name, asarray=True)
+    difference = image.astype(np.float64) - background.astype(np.float64)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        difference = da.clip(da.rint(difference), info.min, info.max)
+    return difference.astype(dtype)

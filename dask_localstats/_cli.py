@@ -15,20 +15,23 @@ OUT can be resumed; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shlex
 import sys
-import textwrap
 import traceback
 from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
 import zarr
-from dask.base import tokenize
 
 from . import __version__
-from ._api import local_histogram, local_percentile
+from ._api import (
+    background_dtype,
+    local_histogram,
+    local_percentile,
+    subtract_background,
+)
+from ._cluster import connect
 from ._grid import make_grid
 from ._io import open_source
 from ._ome import output_image, read_image
@@ -153,11 +156,9 @@ def build_parser():
     percentile = commands.add_parser(
         "percentile",
         help="local percentiles (background estimation and removal)",
-        description=textwrap.fill(
-            "Local percentiles of IN on a grid of windows, resampled to full "
-            "resolution (or the coarse grid with --coarse), written to OUT. "
-            "With --subtract, OUT is IN minus that background."
-        ),
+        description="Local percentiles of IN on a grid of windows, resampled to "
+        "full resolution (or the coarse grid with --coarse), written to OUT;\n"
+        "with --subtract, OUT is IN minus that background.",
         **layout,
     )
     _add_geometry(percentile, interpolate=1, dtype="IN's")
@@ -171,11 +172,9 @@ def build_parser():
     histogram = commands.add_parser(
         "histogram",
         help="local histograms of an integer image",
-        description=textwrap.fill(
-            "Counts of each value 0 .. MAX_BIN-1 in every window of IN (the "
-            "coarse grid unless --interpolate), written to OUT with a last axis "
-            "of length MAX_BIN (the first axis with --ome)."
-        ),
+        description="Counts of each value 0 .. MAX_BIN-1 in every window of IN "
+        "(the coarse grid unless --interpolate),\nwritten to OUT with a last "
+        "axis of length MAX_BIN (the first axis with --ome).",
         **layout,
     )
     _add_geometry(histogram, interpolate=None, dtype="int64")
@@ -187,6 +186,25 @@ def build_parser():
 
 
 # --- planning ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A command's arguments, as the library takes them.
+
+    `options` are the keyword arguments of :func:`local_percentile` or
+    :func:`local_histogram` but `mask`; `ome` None means "when IN is
+    OME-Zarr"; `subtract` writes IN minus the background.
+    """
+
+    statistic: str
+    input: str
+    output: str
+    options: dict
+    mask: str | None = None
+    level: int = 0
+    ome: bool | None = None
+    subtract: bool = False
 
 
 @dataclass
@@ -206,193 +224,141 @@ def _sizes(values):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _background_dtype(dtype):
-    """Float type that holds a percentile of `dtype` values exactly enough."""
-    small = dtype.kind in "iub" and dtype.itemsize <= 2
-    return np.dtype(np.float32 if small or dtype == np.float32 else np.float64)
-
-
-def _subtract(source, background, dtype):
-    """``source - background`` rounded and clipped to `dtype`, lazily."""
-    if dtype.kind not in "iuf":
-        msg = f"--subtract needs a numeric output dtype, got {dtype}"
-        raise ValueError(msg)
-    name = "localstats-input-" + tokenize(background.name, "source")
-    image = da.from_array(source, chunks=background.chunks, name=name, asarray=True)
-    difference = image.astype(np.float64) - background.astype(np.float64)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        difference = da.clip(da.rint(difference), info.min, info.max)
-    return difference.astype(dtype)
-
-
-def _statistic(args, source, dtype, common):
-    """The lazy result, its trailing axis ``(name, length)`` or None."""
+def _request(args):
+    """The :class:`Request` of parsed arguments (the entry point's mapping)."""
+    options = dict(
+        selem=_sizes(args.selem),
+        spacing=_sizes(args.spacing),
+        step=_sizes(args.step),
+        interpolate=None if args.coarse else args.interpolate,
+        align=args.align,
+        dtype=args.dtype,
+        missing_chunks=args.missing_chunks,
+    )
     if args.command == "histogram":
-        result = local_histogram(source, args.max_bin, dtype=dtype, **common)
-        return result, ("bin", args.max_bin)
-    several = len(args.percentile) > 1
-    percentile = args.percentile if several else args.percentile[0]
-    if not args.subtract:
-        result = local_percentile(source, percentile, dtype=dtype, **common)
+        options["max_bin"] = args.max_bin
+    else:
+        options["percentile"] = _sizes(args.percentile)
+    return Request(
+        args.command, args.input, args.output, options, args.mask, args.level,
+        args.ome, getattr(args, "subtract", False),
+    )  # fmt: skip
+
+
+def _statistic(request, source, mask):
+    """The lazy result, and its trailing axis ``(name, length)`` or None."""
+    options = {**request.options, "mask": mask}
+    if request.statistic == "histogram":
+        return local_histogram(source, **options), ("bin", options["max_bin"])
+    percentile = options["percentile"]
+    several = np.ndim(percentile) > 0
+    if not request.subtract:
+        result = local_percentile(source, **options)
         return result, ("percentile", len(percentile)) if several else None
-    if common["interpolate"] is None:
+    if options["interpolate"] is None:
         msg = "--subtract needs the full-resolution background; drop --coarse"
         raise ValueError(msg)
     if several:
-        msg = f"--subtract takes one --percentile, got {args.percentile}"
+        msg = f"--subtract takes one --percentile, got {list(percentile)}"
         raise ValueError(msg)
-    background_dtype = _background_dtype(np.dtype(source.dtype))
-    background = local_percentile(source, percentile, dtype=background_dtype, **common)
-    dtype = np.dtype(source.dtype) if dtype is None else np.dtype(dtype)
-    return _subtract(source, background, dtype), None
+    dtype = options.pop("dtype")
+    background = local_percentile(
+        source, dtype=background_dtype(source.dtype), **options
+    )
+    return subtract_background(source, background, dtype=dtype), None
 
 
 def _describe(path, array):
+    """Resolved path (a glob as given), shape and dtype of an input."""
     if array is None:
         return None
-    where = getattr(array, "files", None)
-    return {
-        "path": path if where and len(where) > 1 else str(locate(path)),
-        "shape": list(array.shape),
-        "dtype": np.dtype(array.dtype).str,
-    }
+    several = len(getattr(array, "files", ())) > 1
+    where = path if several else str(locate(path))
+    return {"path": where, "shape": array.shape, "dtype": np.dtype(array.dtype).str}
 
 
-def plan(args):
-    """Open the inputs and build the lazy result of a command; nothing is written.
-
-    Returns
-    -------
-    Job
-    """
-    source = open_source(args.input, "IN", level=args.level)[0]
-    mask = None if args.mask is None else open_source(args.mask, "--mask")[0]
-    interpolate = None if args.coarse else args.interpolate
-    selem, spacing, step = _sizes(args.selem), _sizes(args.spacing), _sizes(args.step)
-    common = dict(selem=selem, spacing=spacing, step=step, interpolate=interpolate,
-                  mask=mask, align=args.align, missing_chunks=args.missing_chunks)  # fmt: skip
-    result, extra = _statistic(args, source, args.dtype, common)
-    grid = make_grid(source.shape, selem, spacing, step)
-    parameters = {k: v for k, v in vars(args).items() if k in _FINGERPRINTED}
-    parameters.update(interpolate=interpolate, dtype=result.dtype.str)
-    if "percentile" in parameters:  # one value: a number, as the library takes it
-        parameters["percentile"] = _sizes(parameters["percentile"])
-    ome_in = (
-        read_image(args.input, args.level, source.ndim)
-        if isinstance(source, zarr.Array)
-        else None
+def plan(request):
+    """The :class:`Job` of a :class:`Request`: inputs opened, nothing written."""
+    source = open_source(request.input, "IN", level=request.level)
+    mask = None if request.mask is None else open_source(request.mask, "--mask")
+    result, extra = _statistic(request, source, mask)
+    options = request.options
+    grid = make_grid(
+        source.shape, options["selem"], options["spacing"], options["step"]
     )
-    ome = ome_in is not None if args.ome is None else args.ome
+    ome_in = None
+    if isinstance(source, zarr.Array):
+        ome_in = read_image(request.input, request.level, source.ndim)
+    ome = ome_in is not None if request.ome is None else request.ome
     image = None
     if ome:
-        name = str(locate(args.output)).rsplit("/", 1)[-1]
-        image, position = output_image(
-            ome_in, source.ndim, grid, interpolate is None, extra, name
-        )
+        name = str(locate(request.output)).rsplit("/", 1)[-1]
+        coarse = options["interpolate"] is None
+        image, position = output_image(ome_in, source.ndim, grid, coarse, extra, name)
         if position is not None:
             result = da.moveaxis(result, -1, position)
+    parameters = {**options, "dtype": result.dtype.str, "level": request.level,
+                  "subtract": request.subtract, "ome": bool(ome)}  # fmt: skip
     provenance = {
-        "statistic": args.command,
-        "parameters": {**parameters, "ome": bool(ome)},
-        "input": _describe(args.input, source),
-        "mask": _describe(args.mask, mask),
-        "grid": {
-            "first": list(grid.first),
-            "spacing": list(grid.spacing),
-            "count": list(grid.counts),
-        },
+        "statistic": request.statistic,
+        "parameters": parameters,
+        "input": _describe(request.input, source),
+        "mask": _describe(request.mask, mask),
+        "grid": {"first": grid.first, "spacing": grid.spacing, "count": grid.counts},
     }
     inputs = {"IN": source} if mask is None else {"IN": source, "MASK": mask}
     return Job(result, inputs, provenance, image)
 
 
-_FINGERPRINTED = ("selem", "spacing", "step", "align", "level", "percentile",
-                  "subtract", "max_bin")  # fmt: skip
-
-
 # --- running ------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _client(args):
-    """A dask.distributed client for --scheduler or --workers, else None."""
-    if args.scheduler is None and args.workers is None:
-        yield None
-        return
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError:  # pragma: no cover - the `distributed` extra is missing
-        msg = (
-            "--scheduler and --workers need: pip install 'dask-localstats[distributed]'"
-        )
-        raise ValueError(msg) from None
-    if args.scheduler is not None:
-        try:
-            client = Client(args.scheduler)
-        except OSError as error:
-            msg = f"--scheduler: cannot connect to {args.scheduler!r}: {error}"
-            raise ValueError(msg) from None
-        with client:
-            yield client
-        return
-    cluster = LocalCluster(n_workers=args.workers, processes=True,
-                           dashboard_address=":0",
-                           memory_limit=args.memory_limit or "auto")  # fmt: skip
-    with cluster, Client(cluster) as client:
-        if not args.quiet:
+def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=False):
+    """Plan a request, write its result, report; see :func:`main`.
+
+    Parameters
+    ----------
+    request : Request
+    argv : list of str
+        The command line, recorded in OUT's attributes.
+    overwrite, resume : bool
+        As in :func:`dask_localstats.to_zarr`.
+    cluster : dict or None
+        Keyword arguments of :func:`dask_localstats._cluster.connect`.
+    quiet : bool
+        No progress bar or summary line.
+    """
+    job = plan(request)
+    with connect(**(cluster or {})) as client:
+        if client is not None and not quiet:
             print(f"{PROG}: dashboard at {client.dashboard_link}", file=sys.stderr)
-        yield client
-
-
-def _check_run_options(args):
-    if args.workers is not None and args.workers < 1:
-        msg = f"--workers must be a positive number of processes, got {args.workers}"
-        raise ValueError(msg)
-    if args.memory_limit is None or args.memory_limit == "auto":
-        return
-    if args.workers is None:
-        msg = "--memory-limit applies to --workers"
-        raise ValueError(msg)
-    from dask.utils import parse_bytes
-
-    try:
-        parse_bytes(args.memory_limit)
-    except (ValueError, TypeError):
-        msg = f"--memory-limit must be a size such as 4GB or 'auto', got {args.memory_limit!r}"
-        raise ValueError(msg) from None
-
-
-def run(args, argv):
-    """Run a parsed command; see :func:`main`."""
-    _check_run_options(args)
-    job = plan(args)
-    with _client(args):
         written = to_zarr(
             job.result,
-            args.output,
-            overwrite=args.overwrite,
-            resume=args.resume,
+            request.output,
             inputs=job.inputs,
             provenance=job.provenance,
             attributes={"command": shlex.join([PROG, *argv])},
             ome=job.ome,
-            progress=not args.quiet,
+            progress=not quiet,
+            overwrite=overwrite,
+            resume=resume,
         )
-    if not args.quiet:
-        record = written.attrs["dask_localstats"]
-        print(
-            f"{PROG}: wrote {args.output} (shape {written.shape}, {written.dtype}): "
-            f"{record['written']} of {written.nchunks} chunks computed",
-            file=sys.stderr,
-        )
+    if not quiet:
+        count = f"{written.attrs['dask_localstats']['written']} of {written.nchunks}"
+        shape = f"shape {written.shape}, {written.dtype}"
+        print(f"{PROG}: wrote {request.output} ({shape}): {count} chunks computed",
+              file=sys.stderr)  # fmt: skip
 
 
-def _one_line(error):
-    """The message of an error on one line, with its notes."""
+_EXPECTED = LocalStatsError | ValueError | TypeError | OSError | MemoryError
+
+
+def _one_line(error, debug):
+    """An error's message and notes on one line; unexpected ones say so."""
     text = " ".join(str(error).split()) or type(error).__name__
-    if not isinstance(error, LocalStatsError | ValueError | TypeError | OSError):
+    if not isinstance(error, _EXPECTED):
         text = f"{type(error).__name__}: {text}"
+        text += "" if debug else " (unexpected: --debug shows the traceback)"
     return "; ".join([text, *getattr(error, "__notes__", [])])
 
 
@@ -412,21 +378,18 @@ def main(argv=None):
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    cluster = dict(scheduler=args.scheduler, workers=args.workers,
+                   memory_limit=args.memory_limit)  # fmt: skip
     try:
-        run(args, argv)
+        run(_request(args), argv, overwrite=args.overwrite, resume=args.resume,
+            cluster=cluster, quiet=args.quiet)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; continue with --resume", file=sys.stderr)
         return 130
     except Exception as error:  # every failure: one line, exit 2
         if args.debug:
             traceback.print_exc()
-        known = isinstance(
-            error, LocalStatsError | ValueError | TypeError | OSError | MemoryError
-        )
-        hint = (
-            "" if known or args.debug else " (unexpected: --debug shows the traceback)"
-        )
-        print(f"{PROG}: error: {_one_line(error)}{hint}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(error, args.debug)}", file=sys.stderr)
         return 2
     return 0
 

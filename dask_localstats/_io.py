@@ -484,7 +484,7 @@ def _open_tiff(kind, files, source, name, level=0):
 
 
 def open_source(source, name="source", level=0):
-    """Return ``(array, lazy)`` for any supported kind of source.
+    """Open any supported kind of source as an array, reading no data.
 
     Parameters
     ----------
@@ -499,27 +499,32 @@ def open_source(source, name="source", level=0):
 
     Returns
     -------
-    array : ndarray, dask array, zarr array, TiffStack or TiffSlices
-    lazy : bool
-        Whether results should stay lazy (everything but NumPy input).
+    ndarray, dask array, zarr array, TiffStack or TiffSlices
+        An ndarray only for in-memory input (lists, NumPy arrays); the
+        others are read region by region when computing. A dask array that
+        plainly wraps a zarr array (``da.from_zarr``) gives that zarr array.
+
+    Raises
+    ------
+    SourceNotFoundError
+        A path that does not exist (a ``FileNotFoundError``).
+    ValueError, TypeError
+        A path that cannot be opened as an image, or a non-numeric array.
 
     Examples
     --------
-    >>> array, lazy = open_source([[1, 2], [3, 4]])
-    >>> array.shape, lazy
-    ((2, 2), False)
+    >>> open_source([[1, 2], [3, 4]]).shape
+    (2, 2)
     """
     if isinstance(source, str | os.PathLike):
         tiff = _tiff_files(source)
         if tiff is not None:
-            return _open_tiff(*tiff, source, name, level), True
-        return _open_zarr(source, name, level), True
-    if isinstance(source, _TiffSource):
-        return source, True
+            return _open_tiff(*tiff, source, name, level)
+        return _open_zarr(source, name, level)
+    if isinstance(source, _TiffSource | zarr.Array):
+        return source
     if isinstance(source, da.Array):
-        return _zarr_behind(source), True
-    if isinstance(source, zarr.Array):
-        return source, True
+        return _zarr_behind(source)
     if source is None:
         msg = f"`{name}` must be an array or the path of a zarr array, got None"
         raise TypeError(msg)
@@ -527,4 +532,4 @@ def open_source(source, name="source", level=0):
     if array.dtype == object:
         msg = f"`{name}` must be a numeric array, got dtype object"
         raise TypeError(msg)
-    return array, False
+    return array

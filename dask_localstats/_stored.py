@@ -159,7 +159,7 @@ def stored_sources(array):
     from ._io import _TiffSource, open_source
 
     if isinstance(array, str | os.PathLike):
-        array = open_source(array)[0]
+        array = open_source(array)
     if isinstance(array, zarr.Array | _TiffSource):
         return [array]
     if isinstance(array, da.Array):

@@ -225,15 +225,15 @@ def test_tiff_sources_are_small_lazy_and_sliceable(tmp_path, image):
         tifffile.imwrite(tmp_path / "slices" / f"Z{z}.tif", plane)
     tifffile.imwrite(tmp_path / "stack.tif", image, tile=(16, 16))
     for path in [tmp_path / "slices", tmp_path / "stack.tif"]:
-        source, lazy = dls.open_source(path)
-        assert lazy
+        source = dls.open_source(path)
+        assert not isinstance(source, np.ndarray)
         assert (source.shape, source.dtype, source.ndim) == (image.shape, "u2", 3)
         assert len(pickle.dumps(source)) < 2000  # names, no data
         assert tokenize(source) == tokenize(pickle.loads(pickle.dumps(source)))
         for key in [np.s_[2:5, 3:9, 1:4], np.s_[..., 1], np.s_[3], np.s_[4:4]]:
             np.testing.assert_array_equal(source[key], image[key], strict=True)
     tifffile.imwrite(tmp_path / "slices" / "Z99.tif", image[0, :5])
-    source, _ = dls.open_source(tmp_path / "slices")
+    source = dls.open_source(tmp_path / "slices")
     with pytest.raises(ValueError, match=r"Z99\.tif' has shape \(5, 25\)"):
         source[-1]
     with pytest.raises(ValueError, match=r"slices must be 2-D images"):
@@ -409,9 +409,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, image, capsys):
         ([source, out, *p, "--selem", "4", "--level", "1"], "`level`"),
         ([source, out, *p, "--selem", "4", "--workers", "0"], "--workers"),
         ([source, out, *p, "--selem", "4", "--memory-limit", "1GB"],
-         "--memory-limit applies to --workers"),
+         "`memory_limit` (--memory-limit) applies to `workers` (--workers)"),
         ([source, out, *p, "--selem", "4", "--workers", "1", "--memory-limit",
-          "lots"], "--memory-limit must be a size"),
+          "lots"], "(--memory-limit) must be a size"),
         ([source, out, "--percentile", "0.1", "0.2", "--subtract", "--selem", "4"],
          "one --percentile"),
         ([source, out, *p, "--selem", "4", "--subtract", "--coarse"],
@@ -440,7 +440,7 @@ def test_sigkill_then_resume_finishes_without_recomputing(tmp_path):
     env = {**os.environ, "DASK_NUM_WORKERS": "1"}
     proc = subprocess.Popen(slow_command(0.15, *args), env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while len(chunk_files(out)) < 4:
+    while len([p for p in chunk_files(out) if ".partial" not in p.name]) < 4:
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline
         time.sleep(0.02)
@@ -554,7 +554,7 @@ def test_resume_refuses_a_changed_input_then_accepts_it_restored(tmp_path):
             "8", "--spacing", "2", "4", "4", "--quiet"]  # fmt: skip
     env = {**os.environ, "DASK_NUM_WORKERS": "1"}
     proc = subprocess.Popen(slow_command(0.15, *args), env=env, stderr=subprocess.PIPE)
-    _kill_when(proc, lambda: len(chunk_files(out)) >= 4)
+    _kill_when(proc, lambda: len(chunk_files(out)) >= 4)  # some chunks written
     chunk = source / "c" / "1" / "2" / "3"
     data, info = chunk.read_bytes(), chunk.stat()
     z = zarr.open_array(source, mode="r+")

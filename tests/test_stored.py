@@ -53,7 +53,7 @@ def test_locations_of_arrays_lazy_results_and_tiff_slices(tmp_path):
     assert locations(lazy) == [a]
     result = dls.local_percentile(str(tmp_path / "a.zarr"), 0.5, selem=(3, 2, 5))
     assert locations(result) == [a]
-    slices = dls.open_source(tmp_path / "slices")[0]
+    slices = dls.open_source(tmp_path / "slices")
     assert locations(slices) == [
         locate(tmp_path / "slices" / f"Z{z}.tif") for z in range(3)
     ]

@@ -50,7 +50,7 @@ def test_the_output_is_never_an_input_whatever_its_spelling(tmp_path, image):
     before = files(tmp_path)
     url = f"file://{source}"
     result = dls.local_percentile(
-        dls.open_source(url)[0], 0.5, selem=6, mask=f"file://{mask}/"
+        dls.open_source(url), 0.5, selem=6, mask=f"file://{mask}/"
     )
     os.chdir(tmp_path)
     for out, match in [
@@ -257,7 +257,7 @@ from slowly import slow_writes
 import dask_localstats as dls
 
 slow_writes({delay})
-source = dls.open_source({source!r})[0]
+source = dls.open_source({source!r})
 bg = dls.local_percentile(source, 0.3, selem=(4, 8, 8), spacing=(2, 4, 4))
 dls.to_zarr(bg, {out!r}, resume={resume})
 """
