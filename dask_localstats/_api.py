@@ -179,8 +179,6 @@ def _local_statistic(
     missing_chunks,
 ):
     source, mask, lazy = _open_inputs(source, mask)
-    if hasattr(statistic, "check_source"):
-        statistic.check_source(np.dtype(source.dtype))
     grid = make_grid(source.shape, selem, spacing, step)
     interpolate = _check_interpolate(interpolate)
     _check_choice("align", align, ALIGNS)
@@ -193,8 +191,7 @@ def _local_statistic(
         chunks = getattr(source, "chunks", None) if lazy else None
         chunks = chunks or auto_chunks(grid.shape, np.dtype(np.float64).itemsize)
     chunks = _check_chunks(chunks, grid.shape)
-    if hasattr(statistic, "check_function"):
-        statistic.check_function(np.dtype(source.dtype))
+    statistic.check(np.dtype(source.dtype))
     for name, array in (("source", source), ("mask", mask)):
         check_chunks(array, name, missing_chunks)  # a listing: after the checks
     result = coarse_stage(source, grid, statistic, work, mask, block_bytes, missing)

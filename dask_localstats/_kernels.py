@@ -12,7 +12,10 @@ reduces the rows of that array with vectorized NumPy, so there is no Python
 loop over windows, and the work is proportional to the voxels the windows
 hold. Batches are capped at about :data:`_BATCH` elements to bound memory.
 
-Statistics are small objects that know their output shape and dtype:
+Statistics are small objects following one protocol, :class:`Statistic`:
+the shape and default dtype of a sample, a check of the source made before
+computing, a reduction of gathered windows, and an optional fast path over a
+whole block (``block_reduce``, the tile paths), which the engine tries first:
 
 - :class:`Percentile`: exact order statistics (``np.partition`` when every
   window is complete, a sort with sentinels otherwise), combined with the very
@@ -45,7 +48,48 @@ from ._tiles import tile_moments, tile_reduce
 _BATCH = 1 << 24
 
 
-class Percentile:
+class Statistic:
+    """What the engine asks of a statistic: the protocol of all of them.
+
+    A statistic knows the shape and default dtype of one sample, checks a
+    source before anything is computed, and reduces windows: the rows of a
+    gathered ``(windows, voxels)`` array (:meth:`reduce`, always available),
+    or a whole block at once by a faster path where one applies
+    (:meth:`block_reduce`).
+
+    Attributes
+    ----------
+    fshape : tuple of int
+        Trailing shape of one sample: ``()`` for a scalar.
+    """
+
+    fshape = ()
+
+    def default_dtype(self, source_dtype):
+        """The result dtype when the caller gives none."""
+        return source_dtype
+
+    def check(self, source_dtype):
+        """Raise ``TypeError`` or ``ValueError`` for a source it cannot take."""
+
+    def reduce(self, values, valid):
+        """Samples of the rows of `values` (``valid``: kept voxels, or None).
+
+        Returns ``(samples, counts)``: an array of shape
+        ``(rows,) + fshape`` and the kept count of each row.
+        """
+        raise NotImplementedError
+
+    def block_reduce(self, block, origin, grid, start, stop, dtype, mask):
+        """Samples of centers ``start:stop`` from a block by a fast path.
+
+        Parameters are those of :func:`reduce_block` (with no footprint).
+        Returns ``(samples, counts)``, or None where no fast path applies.
+        """
+        return None
+
+
+class Percentile(Statistic):
     """Local percentiles, bit-identical to ``numpy.percentile`` per window.
 
     Parameters
@@ -78,15 +122,16 @@ class Percentile:
         p = self.percentiles[0] if self.scalar else self.percentiles
         return f"Percentile({p!r})"
 
-    def default_dtype(self, source_dtype):
-        return source_dtype
-
-    def check_source(self, dtype):
-        if dtype.kind not in "iuf":
-            msg = (
-                f"`source` must have a numeric dtype for local_percentile, got {dtype}"
-            )
+    def check(self, source_dtype):
+        if source_dtype.kind not in "iuf":
+            msg = f"`source` must have a numeric dtype for local_percentile, got {source_dtype}"
             raise TypeError(msg)
+
+    def block_reduce(self, block, origin, grid, start, stop, dtype, mask):
+        """Order statistics from sorted tiles or tile histograms (integers)."""
+        if block.dtype.kind not in "biu":
+            return None
+        return tile_reduce(block, origin, grid, start, stop, self, dtype, mask, False)
 
     def reduce(self, values, valid):
         if valid is None:
@@ -174,7 +219,7 @@ def _positions(n, q):
     return lo, hi, gamma
 
 
-class Histogram:
+class Histogram(Statistic):
     """Local histograms: counts of each value ``0 .. max_bin - 1``.
 
     Parameters
@@ -199,12 +244,14 @@ class Histogram:
     def default_dtype(self, source_dtype):
         return np.dtype(np.int64)
 
-    def check_source(self, dtype):
-        if dtype.kind not in "biu":
-            msg = (
-                f"`source` must have an integer dtype for local_histogram, got {dtype}"
-            )
+    def check(self, source_dtype):
+        if source_dtype.kind not in "biu":
+            msg = f"`source` must have an integer dtype for local_histogram, got {source_dtype}"
             raise TypeError(msg)
+
+    def block_reduce(self, block, origin, grid, start, stop, dtype, mask):
+        """Window histograms as sums of tile histograms."""
+        return tile_reduce(block, origin, grid, start, stop, self, dtype, mask, True)
 
     def check_range(self, low, high):
         """Raise if `low` or `high` falls outside ``[0, max_bin)``."""
@@ -233,7 +280,7 @@ class Histogram:
         return counts, counts.sum(axis=1)
 
 
-class Function:
+class Function(Statistic):
     """A user function of the kept voxels of each window.
 
     Parameters
@@ -271,10 +318,7 @@ class Function:
             f"vectorized={self.vectorized})"
         )
 
-    def default_dtype(self, source_dtype):
-        return source_dtype
-
-    def check_function(self, source_dtype):
+    def check(self, source_dtype):
         """Call the function on a few values: its result must have `fshape`.
 
         A function that fails on them is left to fail on real windows.
@@ -326,6 +370,13 @@ class Function:
     def moment(self):
         """'mean', 'var' or 'std' when the function is NumPy's own, else None."""
         return {np.mean: "mean", np.var: "var", np.std: "std"}.get(self.function)
+
+    def block_reduce(self, block, origin, grid, start, stop, dtype, mask):
+        """``numpy.mean``, ``var`` and ``std`` of integers from exact tile sums."""
+        if not self.moment or self.fshape or block.dtype.kind not in "biu":
+            return None
+        done = tile_moments(block, origin, grid, start, stop, self.moment, mask)
+        return None if done is None else (done[0].astype(dtype), done[1])
 
     def _call(self, windows):
         result = np.asarray(self.function(windows, axis=-1))
@@ -432,7 +483,7 @@ def reduce_block(
         Sampling geometry.
     start, stop : tuple of int
         Range of center indices per axis.
-    statistic : Percentile, Histogram or Function
+    statistic : Statistic
         What to compute on each window.
     dtype : numpy dtype
         Output dtype; values are cast as by NumPy assignment.
@@ -448,18 +499,8 @@ def reduce_block(
         ``value`` and ``missing`` when missing samples are to be filled later.
     """
     done = None
-    if grid.footprint is None and block.dtype.kind in "biu":
-        if isinstance(statistic, Percentile | Histogram):
-            histogram = isinstance(statistic, Histogram)
-            done = tile_reduce(
-                block, origin, grid, start, stop, statistic, dtype, mask, histogram
-            )
-        elif statistic.moment and not statistic.fshape:
-            done = tile_moments(
-                block, origin, grid, start, stop, statistic.moment, mask
-            )
-            if done is not None:
-                done = done[0].astype(dtype), done[1]
+    if grid.footprint is None:
+        done = statistic.block_reduce(block, origin, grid, start, stop, dtype, mask)
     if done is not None:
         return missing.apply(*done)
     ndim = grid.ndim
