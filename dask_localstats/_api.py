@@ -21,6 +21,7 @@ from ._grid import make_grid
 from ._interpolate import ALIGNS
 from ._io import open_source
 from ._kernels import Function, Histogram, Missing, Percentile
+from ._public import public
 from ._stored import check_chunks
 
 
@@ -211,6 +212,7 @@ def _local_statistic(
     return result
 
 
+@public
 def local_percentile(
     source,
     percentile,
@@ -240,15 +242,24 @@ def local_percentile(
         results; anything else gives lazy dask arrays.
     percentile : float or sequence of float
         Fraction(s) in ``[0, 1]``; a sequence adds a trailing axis.
-    selem, spacing, step
-        Sampling geometry, see Notes.
+    selem : int, tuple of int or bool ndarray
+        Window extent per axis (an int: the same on every axis), or a boolean
+        footprint whose shape is the extent and whose true entries are kept.
+        Default ``(50, 50)``, ClearMap's.
+    spacing : int, tuple of int or None
+        Distance between window centers per axis; default: the extent.
+    step : int, tuple of (int or None) or None
+        Take every ``step``-th voxel of a window per axis, from its clipped
+        start; None: every voxel.
     interpolate : int or None
         B-spline order 0..5 to resample to full resolution (0 is nearest
-        neighbour), or None for the coarse grid.
+        neighbour, default 1), or None for the coarse grid.
     mask : array_like, dask array, zarr array, path or None
-        Only voxels where the mask is true are used.
+        Only voxels where the mask is true (nonzero) are used; boolean or
+        integer, of the shape of `source`, chunked in any way.
     dtype : dtype or None
-        Result dtype; defaults to the source's.
+        Result dtype; defaults to the source's. Values are cast as NumPy
+        assignment casts them (a narrower integer type warns when they wrap).
     return_centers : bool
         Also return the ``(*m, ndim)`` array of center coordinates.
     align : {'corners', 'centers'}
@@ -258,11 +269,12 @@ def local_percentile(
     chunks : tuple or None
         Chunks of the full-resolution result; default: the source's.
     block_bytes : int or None
-        Memory budget of the source region read by one task (128 MiB).
+        Memory budget of one task: the source region it reads and its
+        results (128 MiB by default).
     nan_policy : {'propagate', 'omit'}
         With ``'omit'``, NaN voxels of a float source are left out of the
         windows like masked ones; ``'propagate'`` (default) gives NaN for a
-        window holding one, as ``numpy.percentile`` does.
+        window holding one, as NumPy does.
     min_coverage : float
         Fraction of a full window's voxels that must be kept (after mask,
         footprint, clipping and NaN omission); a window with fewer, or with
@@ -294,10 +306,12 @@ def local_percentile(
 
     Notes
     -----
-    There are ``m = S // spacing`` centers per axis, centered in the image;
-    a center's window ``[c - E // 2, c + E - E // 2)`` is clipped to the
-    image. The value is ``numpy.percentile(kept, 100 * p)`` over the kept
-    voxels, 0 for an empty window.
+    There are ``m = S // spacing`` centers per axis, centered in the image
+    (the first at ``(S - (m - 1) * spacing) // 2``); a center's window
+    ``[c - E // 2, c + E - E // 2)`` is clipped to the image. The kept voxels
+    of a window (footprint and mask true) are seen in C order.
+    The value is ``numpy.percentile(kept, 100 * p)`` over the kept voxels,
+    0 for an empty window.
 
     Examples
     --------
@@ -330,6 +344,7 @@ def local_percentile(
     )
 
 
+@public
 def local_histogram(
     source,
     max_bin=4096,
@@ -355,15 +370,59 @@ def local_histogram(
     Parameters
     ----------
     source : array_like, dask array, zarr array or path
-        Integer image with values in ``[0, max_bin)``.
+        Integer image with values in ``[0, max_bin)`` (any number of
+        dimensions). A NumPy array gives NumPy results; anything else gives
+        lazy dask arrays.
     max_bin : int
         Number of bins; bin ``v`` counts the voxels of value ``v``.
-    selem, spacing, step, interpolate, mask, return_centers
-        As in :func:`local_percentile`; `interpolate` defaults to None.
-    align, chunks, block_bytes, nan_policy, min_coverage, fill, clip, missing_chunks
-        As in :func:`local_percentile`.
+    selem : int, tuple of int or bool ndarray
+        Window extent per axis (an int: the same on every axis), or a boolean
+        footprint whose shape is the extent and whose true entries are kept.
+        Default ``(50, 50)``, ClearMap's.
+    spacing : int, tuple of int or None
+        Distance between window centers per axis; default: the extent.
+    step : int, tuple of (int or None) or None
+        Take every ``step``-th voxel of a window per axis, from its clipped
+        start; None: every voxel.
+    interpolate : int or None
+        B-spline order 0..5 to resample every bin to full resolution (0 is
+        nearest neighbour), or None (default) for the coarse grid.
+    mask : array_like, dask array, zarr array, path or None
+        Only voxels where the mask is true (nonzero) are used; boolean or
+        integer, of the shape of `source`, chunked in any way.
     dtype : dtype or None
-        Dtype of the counts; defaults to int64.
+        Dtype of the counts; defaults to int64 (a narrower integer type
+        warns when counts wrap).
+    return_centers : bool
+        Also return the ``(*m, ndim)`` array of center coordinates.
+    align : {'corners', 'centers'}
+        ``'corners'`` stretches the coarse grid from the first to the last
+        voxel (ClearMap); ``'centers'`` puts each sample on its center voxel
+        and holds the value beyond the outermost centers.
+    chunks : tuple or None
+        Chunks of the full-resolution result; default: the source's.
+    block_bytes : int or None
+        Memory budget of one task: the source region it reads and its
+        results (128 MiB by default).
+    nan_policy : {'propagate', 'omit'}
+        With ``'omit'``, NaN voxels of a float source are left out of the
+        windows like masked ones; ``'propagate'`` (default) gives NaN for a
+        window holding one, as NumPy does.
+    min_coverage : float
+        Fraction of a full window's voxels that must be kept (after mask,
+        footprint, clipping and NaN omission); a window with fewer, or with
+        none, is *missing*. Default 0: only empty windows are.
+    fill : {'zero', 'nearest'}
+        Missing samples are 0 (default, as in ClearMap), or take the value
+        of the nearest valid sample of the grid, before interpolation.
+    clip : bool
+        Keep order >= 2 interpolation within the coarse grid's minimum and
+        maximum (per component); off by default, as in ClearMap.
+    missing_chunks : {'error', 'fill'}
+        A zarr source or mask whose store lacks chunks (a listing, made
+        before computing) raises :class:`~dask_localstats.errors.MissingChunksError`
+        by default; ``'fill'`` reads them as the array's fill value, as zarr
+        does (for sparse stores).
 
     Returns
     -------
@@ -379,6 +438,13 @@ def local_histogram(
         For a float source.
     ValueError
         For bad arguments, or (when computing) a value outside ``[0, max_bin)``.
+
+    Notes
+    -----
+    There are ``m = S // spacing`` centers per axis, centered in the image
+    (the first at ``(S - (m - 1) * spacing) // 2``); a center's window
+    ``[c - E // 2, c + E - E // 2)`` is clipped to the image. The kept voxels
+    of a window (footprint and mask true) are seen in C order.
 
     Examples
     --------
@@ -409,6 +475,7 @@ def local_histogram(
     )
 
 
+@public
 def apply_local_function(
     source,
     function,
@@ -436,25 +503,67 @@ def apply_local_function(
     Parameters
     ----------
     source : array_like, dask array, zarr array or path
-        The image.
+        The image (any number of dimensions). A NumPy array gives NumPy
+        results; anything else gives lazy dask arrays.
     function : callable
         ``function(kept)``, with ``kept`` the window's kept voxels as a 1-D
         array in C order, returns a scalar or an array of shape `fshape`.
-    selem, spacing, step, mask, return_centers
-        As in :func:`local_percentile`.
-    align, chunks, block_bytes, nan_policy, min_coverage, fill, clip, missing_chunks
-        As in :func:`local_percentile`.
+    selem : int, tuple of int or bool ndarray
+        Window extent per axis (an int: the same on every axis), or a boolean
+        footprint whose shape is the extent and whose true entries are kept.
+        Default ``(50, 50)``, ClearMap's.
+    spacing : int, tuple of int or None
+        Distance between window centers per axis; default: the extent.
+    step : int, tuple of (int or None) or None
+        Take every ``step``-th voxel of a window per axis, from its clipped
+        start; None: every voxel.
+    interpolate : int or None
+        B-spline order 0..5 to resample to full resolution (0 is nearest
+        neighbour, default 2), or None for the coarse grid.
+    mask : array_like, dask array, zarr array, path or None
+        Only voxels where the mask is true (nonzero) are used; boolean or
+        integer, of the shape of `source`, chunked in any way.
+    fshape : tuple of int or None
+        Shape of the function's output; None for a scalar. Checked on a few
+        values before computing.
+    dtype : dtype or None
+        Result dtype; defaults to the source's. Values are cast as NumPy
+        assignment casts them.
+    return_centers : bool
+        Also return the ``(*m, ndim)`` array of center coordinates.
+    align : {'corners', 'centers'}
+        ``'corners'`` stretches the coarse grid from the first to the last
+        voxel (ClearMap); ``'centers'`` puts each sample on its center voxel
+        and holds the value beyond the outermost centers.
+    chunks : tuple or None
+        Chunks of the full-resolution result; default: the source's.
+    block_bytes : int or None
+        Memory budget of one task: the source region it reads and its
+        results (128 MiB by default).
+    nan_policy : {'propagate', 'omit'}
+        With ``'omit'``, NaN voxels of a float source are left out of the
+        windows like masked ones; ``'propagate'`` (default) gives NaN for a
+        window holding one, as NumPy does.
+    min_coverage : float
+        Fraction of a full window's voxels that must be kept (after mask,
+        footprint, clipping and NaN omission); a window with fewer, or with
+        none, is *missing*. Default 0: only empty windows are.
+    fill : {'zero', 'nearest'}
+        Missing samples are 0 (default, as in ClearMap), or take the value
+        of the nearest valid sample of the grid, before interpolation.
+    clip : bool
+        Keep order >= 2 interpolation within the coarse grid's minimum and
+        maximum (per component); off by default, as in ClearMap.
+    missing_chunks : {'error', 'fill'}
+        A zarr source or mask whose store lacks chunks (a listing, made
+        before computing) raises :class:`~dask_localstats.errors.MissingChunksError`
+        by default; ``'fill'`` reads them as the array's fill value, as zarr
+        does (for sparse stores).
     vectorized : bool
         `function` takes an ``axis`` argument (like ``numpy.median`` or
         ``numpy.std``): call it once per batch of windows with equal kept
         counts, as ``function(windows, axis=-1)`` on a 2-D array, instead of
         once per window. The result must have shape ``(windows,) + fshape``.
-    interpolate : int or None
-        B-spline order 0..5 (default 2), or None for the coarse grid.
-    fshape : tuple of int or None
-        Shape of the function's output; None for a scalar.
-    dtype : dtype or None
-        Result dtype; defaults to the source's.
 
     Returns
     -------
@@ -462,6 +571,18 @@ def apply_local_function(
         Shape ``source.shape + fshape`` (``m + fshape`` for the coarse grid).
     centers : ndarray, optional
         Center coordinates, with `return_centers`.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For bad arguments, before anything is computed.
+
+    Notes
+    -----
+    There are ``m = S // spacing`` centers per axis, centered in the image
+    (the first at ``(S - (m - 1) * spacing) // 2``); a center's window
+    ``[c - E // 2, c + E - E // 2)`` is clipped to the image. The kept voxels
+    of a window (footprint and mask true) are seen in C order.
 
     Examples
     --------
@@ -507,6 +628,7 @@ def background_dtype(dtype):
     return np.dtype(np.float32 if small or dtype == np.float32 else np.float64)
 
 
+@public
 def subtract_background(source, background, *, dtype=None):
     """``source - background``, rounded and clipped to `dtype`, lazily.
 

@@ -36,6 +36,7 @@ import numpy as np
 import zarr
 
 from ._ome import level_path
+from ._public import public
 from ._stored import locate
 from .errors import CorruptChunkError, LocalStatsError, SourceNotFoundError
 
@@ -483,6 +484,7 @@ def _open_tiff(kind, files, source, name, level=0):
     return TiffSlices(_tifffile().natural_sorted(files), name)
 
 
+@public
 def open_source(source, name="source", level=0):
     """Open any supported kind of source as an array, reading no data.
 

@@ -52,6 +52,7 @@ import zarr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from ._public import public
 from ._stored import Inventory, locate, locations, stored_sources
 from .errors import InputChangedError, LockedError, RefusedError
 
@@ -491,6 +492,7 @@ def _as_dask(array):
     return da.from_array(np.asarray(array))
 
 
+@public
 def to_zarr(
     array,
     store,
