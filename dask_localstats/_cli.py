@@ -57,14 +57,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _dtype(text):
-    try:
-        return np.dtype(text)
-    except TypeError:
-        msg = f"a NumPy dtype such as uint16 or float32, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-
-
 def _add_geometry(parser, interpolate, dtype):
     parser.add_argument("input", metavar="IN", help="the image: see INPUTS below")
     parser.add_argument("output", metavar="OUT", help="the zarr store to write")
@@ -91,7 +83,7 @@ def _add_geometry(parser, interpolate, dtype):
                         default="corners", help="'corners' (ClearMap) stretches"
                         " the coarse grid over the image; 'centers' puts each "
                         "sample on its window center (default: corners)")  # fmt: skip
-    parser.add_argument("--dtype", type=_dtype,
+    parser.add_argument("--dtype", type=np.dtype,
                         help=f"dtype of the result (default: {dtype})")  # fmt: skip
     parser.add_argument("--mask", metavar="MASK", help="only voxels where MASK "
                         "(same shape as IN, any input kind) is nonzero are used")  # fmt: skip
@@ -104,6 +96,14 @@ def _add_common(parser):
     group.add_argument("--ome", action=argparse.BooleanOptionalAction,
                        default=None, help="write OUT as an OME-Zarr 0.5 image "
                        "(default: when IN is OME-Zarr)")  # fmt: skip
+    sizes = dict(nargs="+", type=int, metavar="N")
+    group.add_argument("--chunks", **sizes, help="chunk shape of OUT (default: "
+                       "IN's, or the processing blocks with --coarse)")  # fmt: skip
+    group.add_argument("--shards", **sizes, help="store chunks together in "
+                       "shards of this shape (multiples of the chunks)")  # fmt: skip
+    group.add_argument("--compression", default="auto", metavar="SPEC",
+                       help="zstd[:LEVEL], blosc-zstd[:LEVEL], blosc-lz4[:LEVEL] "
+                       "or none (default: zarr's zstd)")  # fmt: skip
     group.add_argument("--missing-chunks", choices=MISSING_CHUNKS,
                        default="error", help="chunks absent from a zarr IN or "
                        "MASK: refuse (default), or read them as the fill value "
@@ -205,6 +205,7 @@ class Request:
     level: int = 0
     ome: bool | None = None
     subtract: bool = False
+    layout: dict | None = None
 
 
 @dataclass
@@ -219,9 +220,7 @@ class Job:
 
 def _sizes(values):
     """A list of sizes from the command line: one value stands for every axis."""
-    if values is None:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
+    return values[0] if values and len(values) == 1 else values and tuple(values)
 
 
 def _request(args):
@@ -239,9 +238,10 @@ def _request(args):
         options["max_bin"] = args.max_bin
     else:
         options["percentile"] = _sizes(args.percentile)
+    layout = dict(chunks=args.chunks, shards=args.shards, compressors=args.compression)
     return Request(
         args.command, args.input, args.output, options, args.mask, args.level,
-        args.ome, getattr(args, "subtract", False),
+        args.ome, getattr(args, "subtract", False), layout,
     )  # fmt: skip
 
 
@@ -342,6 +342,7 @@ def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=Fal
             progress=not quiet,
             overwrite=overwrite,
             resume=resume,
+            **(request.layout or {}),
         )
     if not quiet:
         count = f"{written.attrs['dask_localstats']['written']} of {written.nchunks}"

@@ -257,13 +257,14 @@ def _locked(path, clear_stale):
 # --- the record -----------------------------------------------------------------
 
 
-def _fingerprint(array, chunks, provenance):
+def _fingerprint(array, layout, provenance):
     described = {
         "version": _version(),
         "graph": array.name,
         "shape": list(array.shape),
         "dtype": array.dtype.str,
-        "chunks": list(chunks),
+        "chunks": list(layout.chunks),
+        "shards": layout.shards and list(layout.shards),
         "provenance": provenance,
     }
     text = json.dumps(described, sort_keys=True, default=str)
@@ -330,12 +331,13 @@ class _Output:
             self.node.attrs[RECORD] = record
 
 
-def _create(path, array, chunks, record, compressors, attributes, ome):
+def _create(path, array, layout, record, attributes, ome):
     options = dict(
         shape=array.shape,
-        chunks=chunks,
+        chunks=layout.chunks,
+        shards=layout.shards,
         dtype=array.dtype,
-        compressors=compressors,
+        compressors=layout.compressors,
         fill_value=0,
         attributes={**(attributes or {}), RECORD: record},
         config={"write_empty_chunks": True},
@@ -350,7 +352,7 @@ def _create(path, array, chunks, record, compressors, attributes, ome):
     return _Output(group, target)
 
 
-def _reopen(path, record, array, chunks, inventories):
+def _reopen(path, record, array, layout, inventories):
     """The output of an interrupted run at `path`, checked for resuming."""
     try:
         node = zarr.open(store=str(path), mode="r+")
@@ -368,11 +370,8 @@ def _reopen(path, record, array, chunks, inventories):
     if previous.get("complete"):
         msg = f"resume: the output {path} is complete; nothing to resume (overwrite=True, --overwrite, computes it again)"
         raise RefusedError(msg)
-    if (target.shape, target.dtype, target.chunks) != (
-        array.shape,
-        array.dtype,
-        chunks,
-    ):
+    stored = (target.shape, target.dtype, target.chunks, target.shards)
+    if stored != (array.shape, array.dtype, layout.chunks, layout.shards):
         msg = f"resume: the output {path} has another shape, dtype or chunks; overwrite=True (--overwrite) replaces it"
         raise RefusedError(msg)
     changes = _input_changes(previous.get("inputs", {}), inventories)
@@ -471,17 +470,104 @@ def _compute(writes, progress):
     future.result()
 
 
-def _regular(array, chunks):
-    """`array` and its chunk shape, rechunked to regular chunks if needed."""
+def _regular(array, unit):
+    """`array` rechunked, if needed, to regular blocks of the write unit."""
+    if array.chunks != da.core.normalize_chunks(unit, array.shape):
+        array = array.rechunk(unit)
+    return array
+
+
+COMPRESSIONS = ("zstd[:LEVEL]", "blosc-zstd[:LEVEL]", "blosc-lz4[:LEVEL]", "none")
+
+
+def compressors_of(compression):
+    """zarr v3 compressors of a compression spec (or codecs, as they are).
+
+    Parameters
+    ----------
+    compression : str, codec, list of codecs or None
+        ``"auto"`` (zarr's default, zstd), ``"zstd[:LEVEL]"``,
+        ``"blosc-zstd[:LEVEL]"`` or ``"blosc-lz4[:LEVEL]"`` (blosc with byte
+        shuffle, which helps integer images), ``"none"`` or None; anything
+        else is passed to zarr as it is.
+
+    Examples
+    --------
+    >>> compressors_of("zstd:3")
+    [ZstdCodec(level=3, checksum=False)]
+    >>> compressors_of("none") is None
+    True
+    """
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if compression is None or not isinstance(compression, str):
+        return compression
+    if compression in ("auto", "none"):
+        return None if compression == "none" else "auto"
+    name, _, level = compression.partition(":")
+    try:
+        level = int(level) if level else None
+    except ValueError:
+        level = -1
+    makers = {
+        "zstd": lambda n: ZstdCodec(level=3 if n is None else n),
+        "blosc-zstd": lambda n: BloscCodec(
+            cname="zstd", clevel=5 if n is None else n, shuffle="shuffle"
+        ),
+        "blosc-lz4": lambda n: BloscCodec(
+            cname="lz4", clevel=5 if n is None else n, shuffle="shuffle"
+        ),
+    }
+    if name not in makers or (level is not None and not 0 <= level <= 22):
+        msg = f"`compression` must be one of {COMPRESSIONS} (levels 0..22), got {compression!r}"
+        raise ValueError(msg)
+    return [makers[name](level)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an output array is stored.
+
+    Attributes
+    ----------
+    chunks : tuple of int
+        The chunk shape: what a reader decodes at once.
+    shards : tuple of int or None
+        The shard shape (zarr v3 sharding): chunks stored together in one
+        object. One task writes one whole shard, so no two tasks write the
+        same object.
+    compressors : codec list, "auto" or None
+    """
+
+    chunks: tuple
+    shards: tuple | None
+    compressors: object
+
+    @property
+    def unit(self):
+        """The region one task writes: a shard, or a chunk."""
+        return self.shards or self.chunks
+
+
+def _sizes(name, sizes, ndim):
+    sizes = tuple(int(c) for c in sizes)
+    if len(sizes) != ndim or any(c <= 0 for c in sizes):
+        msg = f"`{name}` must be {ndim} positive ints, got {sizes!r}"
+        raise ValueError(msg)
+    return sizes
+
+
+def _layout(array, chunks, shards, compressors):
+    """The :class:`Layout` of an output, checked against `array`."""
     if chunks is None:
         chunks = tuple(c[0] for c in array.chunks)
-    chunks = tuple(int(c) for c in chunks)
-    if len(chunks) != array.ndim or any(c <= 0 for c in chunks):
-        msg = f"`chunks` must be {array.ndim} positive ints, got {chunks!r}"
-        raise ValueError(msg)
-    if array.chunks != da.core.normalize_chunks(chunks, array.shape):
-        array = array.rechunk(chunks)
-    return array, chunks
+    chunks = _sizes("chunks", chunks, array.ndim)
+    if shards is not None:
+        shards = _sizes("shards", shards, array.ndim)
+        if any(s % c for s, c in zip(shards, chunks, strict=True)):
+            msg = f"`shards` {shards} must be multiples of `chunks` {chunks}"
+            raise ValueError(msg)
+    return Layout(chunks, shards, compressors_of(compressors))
 
 
 def _as_dask(array):
@@ -498,6 +584,7 @@ def to_zarr(
     store,
     *,
     chunks=None,
+    shards=None,
     compressors="auto",
     overwrite=False,
     resume=False,
@@ -518,8 +605,14 @@ def to_zarr(
         Where to create the zarr array: a local path or ``file://`` URL.
     chunks : tuple of int or None
         Storage chunks; default: the first chunk shape of `array`.
-    compressors : codec, list of codecs or "auto"
-        zarr v3 compressors; ``"auto"`` is zarr's default (zstd).
+    shards : tuple of int or None
+        Store chunks together in shards of this shape (multiples of
+        `chunks`; zarr v3's sharding codec), far fewer files for large
+        volumes. One task computes and writes one whole shard.
+    compressors : str, codec, list of codecs or None
+        ``"auto"`` (zarr's default, zstd), a spec such as ``"zstd:3"``,
+        ``"blosc-zstd:5"``, ``"blosc-lz4"`` or ``"none"`` (see
+        :func:`compressors_of`), or zarr v3 codecs.
     overwrite : bool
         Replace an existing store, only if it holds nothing but zarr entries
         (and clear a lock left by a run that is gone).
@@ -568,7 +661,9 @@ def to_zarr(
     if overwrite and resume:
         msg = "`overwrite` and `resume` exclude each other"
         raise ValueError(msg)
-    array, chunks = _regular(_as_dask(array), chunks)
+    array = _as_dask(array)
+    layout = _layout(array, chunks, shards, compressors)
+    array = _regular(array, layout.unit)
     path = _output_path(store)
     inputs = inputs if inputs is not None else {"an input": array}
     _check_not_input(locate(path), inputs)
@@ -576,7 +671,7 @@ def to_zarr(
     inventories = _inventories(inputs)
     record = {
         "version": _version(),
-        "fingerprint": _fingerprint(array, chunks, provenance),
+        "fingerprint": _fingerprint(array, layout, provenance),
         "provenance": provenance,
         "inputs": {k: v.record() for k, v in inventories.items()},
         "complete": False,
@@ -596,7 +691,7 @@ def to_zarr(
     if exists and overwrite:
         _check_replaceable(path)
     if resume:  # refusals need no lock: checked first, and again under it
-        _reopen(path, record, array, chunks, inventories)
+        _reopen(path, record, array, layout, inventories)
     if not exists:
         try:
             path.mkdir(parents=True)
@@ -605,11 +700,11 @@ def to_zarr(
             raise RefusedError(msg) from None
     with _locked(path, clear_stale=overwrite or resume):
         if resume:
-            output = _reopen(path, record, array, chunks, inventories)
+            output = _reopen(path, record, array, layout, inventories)
         else:
             if exists:
                 _clear(path)
-            output = _create(path, array, chunks, record, compressors, attributes, ome)
+            output = _create(path, array, layout, record, attributes, ome)
         written = _fill(array, output.array, resume, progress, path)
         changes = _input_changes(record["inputs"], _inventories(inputs))
         if changes:

@@ -625,3 +625,18 @@ def test_damaged_inputs_and_budgets_are_one_line(tmp_path, image):
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "d.zarr")[:], expected)
     refused(results[4], "more than `block_bytes`=134217728")
     assert not (tmp_path / "e.zarr").exists()
+
+
+def test_output_layout_options(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    out = tmp_path / "out.zarr"
+    ok(run("percentile", source, out, "--percentile", "0.5", *CLI_GEOMETRY,
+           "--chunks", "4", "10", "5", "--shards", "8", "30", "25",
+           "--compression", "blosc-zstd:3", "--quiet"))  # fmt: skip
+    z = zarr.open_array(out, mode="r")
+    assert (z.chunks, z.shards) == ((4, 10, 5), (8, 30, 25))
+    assert z.compressors[0].cname.value == "zstd"
+    expected = dls.local_percentile(image, 0.5, **GEOMETRY)
+    np.testing.assert_array_equal(z[:], expected, strict=True)
+    refused(run("percentile", source, tmp_path / "x.zarr", "--percentile", "0.5",
+                *CLI_GEOMETRY, "--compression", "lzma"), "`compression` must be one of")  # fmt: skip

@@ -299,3 +299,46 @@ def test_python_resume_after_sigkill_is_byte_identical(tmp_path):
     chunks = files(out)
     del chunks[Path("zarr.json")]
     assert chunks.items() <= files(tmp_path / "fresh.zarr").items()
+
+
+@pytest.mark.parametrize(
+    ("spec", "codec"),
+    [("zstd:5", "ZstdCodec"), ("blosc-lz4", "BloscCodec"), ("blosc-zstd:3", "Blosc")],
+)
+def test_shards_and_codecs(tmp_path, spec, codec):
+    image = np.arange(32 * 64 * 60, dtype=np.uint16).reshape(32, 64, 60)
+    lazy = da.from_array(image, chunks=(8, 16, 16))
+    z = dls.to_zarr(lazy, tmp_path / "s.zarr", shards=(16, 32, 32), compressors=spec)
+    assert (z.chunks, z.shards) == ((8, 16, 16), (16, 32, 32))
+    assert type(z.compressors[0]).__name__.startswith(codec)
+    shards = [p for p in (tmp_path / "s.zarr" / "c").rglob("*") if p.is_file()]
+    assert len(shards) == 2 * 2 * 2  # one object a shard, not a chunk
+    np.testing.assert_array_equal(z[:], image, strict=True)
+    # resume counts shards: one removed, one recomputed
+    z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
+    shards[0].unlink()
+    again = dls.to_zarr(
+        lazy, tmp_path / "s.zarr", shards=(16, 32, 32), compressors=spec, resume=True
+    )
+    assert again.attrs["dask_localstats"]["written"] == 1
+    np.testing.assert_array_equal(again[:], image, strict=True)
+    with pytest.raises(RefusedError, match="written by another computation"):
+        dls.to_zarr(lazy, tmp_path / "s.zarr", chunks=(8, 8, 8), resume=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (dict(shards=(16, 30)), r"`shards` \(16, 30\) must be multiples of `chunks`"),
+        (dict(chunks=(0, 4)), r"`chunks` must be 2 positive ints, got \(0, 4\)"),
+        (dict(shards=(8,)), r"`shards` must be 2 positive ints"),
+        (dict(compressors="gzip"), r"`compression` must be one of .*'gzip'"),
+        (dict(compressors="zstd:x"), r"`compression` must be one of .*'zstd:x'"),
+        (dict(compressors="blosc-lz4:99"), r"levels 0\.\.22"),
+    ],
+)
+def test_bad_layouts_are_refused_before_anything_is_written(tmp_path, options, match):
+    lazy = da.zeros((16, 16), chunks=8, dtype="u2")
+    with pytest.raises(ValueError, match=match):
+        dls.to_zarr(lazy, tmp_path / "x.zarr", **options)
+    assert not (tmp_path / "x.zarr").exists()
