@@ -669,8 +669,36 @@ def subtract_background(source, background, *, dtype=None):
         raise ValueError(msg)
     name = "localstats-source-" + tokenize(background.name, "subtract")
     image = da.from_array(source, chunks=background.chunks, name=name, asarray=True)
-    difference = image.astype(np.float64) - background.astype(np.float64)
+    return da.map_blocks(
+        _subtract_block,
+        image,
+        background,
+        dtype,
+        dtype=dtype,
+        name="localstats-subtract",
+    )
+
+
+def _subtract_block(image, background, dtype):
+    """``image - background`` in float64, rounded and clipped to `dtype`.
+
+    One plane (first axis) at a time, so the float64 temporaries stay in
+    cache and each voxel is read once and written once.
+    """
+    out = np.empty(image.shape, dtype)
+    if image.ndim == 0 or image.size == 0:
+        out[...] = _subtract_plane(image, background, dtype)
+        return out
+    for i in range(image.shape[0]):
+        out[i] = _subtract_plane(image[i], background[i], dtype)
+    return out
+
+
+def _subtract_plane(image, background, dtype):
+    difference = image.astype(np.float64)
+    difference -= background
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        difference = da.clip(da.rint(difference), info.min, info.max)
-    return difference.astype(dtype)
+        np.rint(difference, out=difference)
+        np.clip(difference, info.min, info.max, out=difference)
+    return difference

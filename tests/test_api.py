@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import reference
 import scipy.ndimage as ndi
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from strategies import geometries, images, masks, orders, percentiles
 
@@ -15,11 +15,6 @@ import dask_localstats as dls
 def _fail(block):
     """A dask source that fails if read: checks must come before computing."""
     raise AssertionError("the source was read")
-
-
-SETTINGS = settings(
-    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
 
 
 def assert_matches(result, expected, interpolated):
@@ -40,7 +35,6 @@ def assert_matches(result, expected, interpolated):
         assert diff.max(initial=0) <= 1
 
 
-@SETTINGS
 @given(data=st.data(), geometry=geometries(), percentile=percentiles, order=orders)
 def test_percentile_matches_reference(data, geometry, percentile, order):
     shape, selem, spacing, step = geometry
@@ -68,7 +62,6 @@ def test_percentile_matches_reference(data, geometry, percentile, order):
     np.testing.assert_array_equal(source, original)
 
 
-@SETTINGS
 @given(data=st.data(), geometry=geometries(), max_bin=st.integers(301, 320))
 def test_histogram_matches_reference(data, geometry, max_bin):
     shape, selem, spacing, step = geometry
@@ -96,7 +89,6 @@ def _summary(kept):
     return np.array([kept.sum(), (kept * np.arange(kept.size)).sum()])
 
 
-@SETTINGS
 @given(data=st.data(), geometry=geometries(), order=orders)
 def test_function_matches_reference(data, geometry, order):
     shape, selem, spacing, step = geometry
@@ -116,7 +108,6 @@ def test_function_matches_reference(data, geometry, order):
     assert_matches(result, expected, order is not None)
 
 
-@SETTINGS
 @given(data=st.data(), geometry=geometries(max_ndim=3), order=st.integers(0, 5))
 def test_centers_alignment_matches_reference(data, geometry, order):
     shape, selem, spacing, step = geometry
@@ -307,7 +298,6 @@ def _holes(shape, seed=0):
     return source
 
 
-@SETTINGS
 @given(data=st.data(), geometry=geometries(max_ndim=3), percentile=percentiles)
 def test_nan_policy_omit_leaves_nan_out_like_a_mask(data, geometry, percentile):
     shape, selem, spacing, step = geometry
@@ -462,3 +452,27 @@ def test_function_with_wrong_fshape_on_real_windows():
 def test_bad_missing_data_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         dls.local_percentile(np.zeros((8, 8)), 0.5, selem=(4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [None, np.int16, np.float32])
+def test_subtract_background_rounds_and_clips_like_numpy(dtype):
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 4000, (6, 20, 30)).astype(np.uint16)
+    background = rng.integers(-100, 9000, image.shape) / 2  # ties at .5
+    background = da.from_array(background.astype(np.float32), chunks=(4, 10, 30))
+    got = dls.subtract_background(image, background, dtype=dtype)
+    out = np.dtype(image.dtype if dtype is None else dtype)
+    difference = image.astype(np.float64) - background.compute().astype(np.float64)
+    if out.kind in "iu":
+        info = np.iinfo(out)
+        difference = np.clip(np.rint(difference), info.min, info.max)
+    assert got.chunks == background.chunks
+    np.testing.assert_array_equal(got.compute(), difference.astype(out), strict=True)
+
+
+def test_subtract_background_checks():
+    image = np.zeros((4, 4), np.uint16)
+    with pytest.raises(ValueError, match=r"`background` must have the shape"):
+        dls.subtract_background(image, np.zeros((4, 5)))
+    with pytest.raises(TypeError, match=r"`dtype` must be an integer or float"):
+        dls.subtract_background(image, np.zeros((4, 4)), dtype=bool)
