@@ -16,13 +16,15 @@ import dask.threaded
 import numpy as np
 from dask.base import tokenize
 
-from ._engine import auto_chunks, coarse_stage, resample_stage
+from ._engine import OUTPUT_CHUNK_BYTES, auto_chunks, coarse_stage, resample_stage
 from ._grid import make_grid
 from ._interpolate import ALIGNS
-from ._io import open_source
+from ._io import TiffSlices, open_source
 from ._kernels import Function, Histogram, Missing, Percentile
 from ._public import public
 from ._stored import check_chunks
+
+_PLANES = 4  # TIFF slices a full-resolution chunk holds at least
 
 
 def _check_interpolate(interpolate):
@@ -132,6 +134,24 @@ def narrow(values, dtype):
     return values.astype(dtype)
 
 
+def _default_chunks(source, lazy, shape):
+    """Chunks of a full-resolution result: the source's, when it has some.
+
+    TIFF slices, stored one plane a file, give chunks of a few whole planes
+    (one chunk a plane would make one output file a slice, and a chunk of
+    part of a plane would read each file several times); sources in memory
+    get chunks from the output budget.
+    """
+    itemsize = np.dtype(np.float64).itemsize
+    if isinstance(source, TiffSlices) and len(shape) > 1:
+        plane = math.prod(shape[1:]) * itemsize
+        if plane <= OUTPUT_CHUNK_BYTES:
+            depth = max(_PLANES, OUTPUT_CHUNK_BYTES // plane)
+            return (min(depth, shape[0]), *shape[1:])
+    chunks = getattr(source, "chunks", None) if lazy else None
+    return auto_chunks(shape, itemsize) if chunks is None else chunks
+
+
 def _check_block_bytes(block_bytes):
     if block_bytes is None:
         return None
@@ -189,8 +209,7 @@ def _local_statistic(
     dtype, work = _check_dtype(dtype, statistic, np.dtype(source.dtype))
     block_bytes = _check_block_bytes(block_bytes)
     if chunks is None and interpolate is not None:
-        chunks = getattr(source, "chunks", None) if lazy else None
-        chunks = chunks or auto_chunks(grid.shape, np.dtype(np.float64).itemsize)
+        chunks = _default_chunks(source, lazy, grid.shape)
     chunks = _check_chunks(chunks, grid.shape)
     statistic.check(np.dtype(source.dtype))
     for name, array in (("source", source), ("mask", mask)):

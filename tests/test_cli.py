@@ -211,6 +211,8 @@ def test_tiff_stack_folder_and_glob(tmp_path, image):
     for name in "ab":
         got = zarr.open_array(tmp_path / f"{name}.zarr", mode="r")[:]
         np.testing.assert_array_equal(got, expected, strict=True)
+    # slices: chunks of whole planes, several deep (not one file a slice)
+    assert zarr.open_array(tmp_path / "b.zarr").chunks == image.shape
     background = dls.local_percentile(image, 0.3, dtype=np.float32, **GEOMETRY)
     subtracted = np.clip(np.rint(image - background.astype(np.float64)), 0, None)
     got = zarr.open_array(tmp_path / "c.zarr", mode="r")[:]
