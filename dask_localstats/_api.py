@@ -19,10 +19,11 @@ from dask.base import tokenize
 from ._engine import OUTPUT_CHUNK_BYTES, auto_chunks, coarse_stage, resample_stage
 from ._grid import make_grid
 from ._interpolate import ALIGNS
-from ._io import TiffSlices, open_source
+from ._io import open_source
 from ._kernels import Function, Histogram, Missing, Percentile
 from ._public import public
 from ._stored import check_chunks
+from ._tiff import TiffSlices
 
 _PLANES = 4  # TIFF slices a full-resolution chunk holds at least
 

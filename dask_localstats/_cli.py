@@ -45,8 +45,9 @@ INPUTS = """\
 INPUTS (all read lazily, never loaded whole):
   a zarr v2 or v3 array, a zarr group holding one array, an OME-Zarr image
   (level 0 unless --level), a multi-page TIFF file, or a folder or glob of
-  2-D TIFF slices (quote the glob: 'stack/Z*.tif'), stacked in natural order.
-  Paths may be file:// URLs.
+  2-D TIFF slices (quote the glob: 'stack/Z*.tif') of one series (names that
+  differ only in the plane number; pick one with --series), in plane order.
+  Brackets match literally first ('UltraII[00 x 00]'). Paths may be file:// URLs.
 """
 
 
@@ -93,6 +94,8 @@ def _add_common(parser):
     group = parser.add_argument_group("input and output")
     group.add_argument("--level", type=int, default=0, help="resolution level "
                        "of an OME-Zarr image or pyramidal TIFF (default: 0)")  # fmt: skip
+    group.add_argument("--series", metavar="LABEL", help="the series of TIFF "
+                       "slices to stack (a channel, tile...), see INPUTS")  # fmt: skip
     group.add_argument("--ome", action=argparse.BooleanOptionalAction,
                        default=None, help="write OUT as an OME-Zarr 0.5 image "
                        "(default: when IN is OME-Zarr)")  # fmt: skip
@@ -206,6 +209,7 @@ class Request:
     ome: bool | None = None
     subtract: bool = False
     layout: dict | None = None
+    series: str | None = None
 
 
 @dataclass
@@ -241,7 +245,7 @@ def _request(args):
     layout = dict(chunks=args.chunks, shards=args.shards, compressors=args.compression)
     return Request(
         args.command, args.input, args.output, options, args.mask, args.level,
-        args.ome, getattr(args, "subtract", False), layout,
+        args.ome, getattr(args, "subtract", False), layout, args.series,
     )  # fmt: skip
 
 
@@ -279,7 +283,7 @@ def _describe(path, array):
 
 def plan(request):
     """The :class:`Job` of a :class:`Request`: inputs opened, nothing written."""
-    source = open_source(request.input, "IN", level=request.level)
+    source = open_source(request.input, "IN", request.level, request.series)
     mask = None if request.mask is None else open_source(request.mask, "--mask")
     result, extra = _statistic(request, source, mask)
     options = request.options

@@ -6,13 +6,8 @@ OME-Zarr image (its full-resolution level, or another with `level`). Zarr
 sources stay zarr arrays: the engine's tasks slice them directly, so nothing
 is read before computing.
 
-TIFF sources (with the ``tiff`` extra) are a multi-page TIFF file, or a
-folder or glob of 2-D TIFF slices (ClearMap names them ``Z0000.tif``, ...).
-They open as :class:`TiffStack` or :class:`TiffSlices`: small, picklable
-objects holding only file names, shape and dtype, sliced like arrays. Each
-slice opens the file(s) it needs through tifffile's zarr interface, reads the
-region and closes them again, so a task reads only its region, no handle
-outlives a read, and the graph carries no data to a distributed cluster.
+TIFF sources (a multi-page file, or a folder or glob of slices) open as the
+lazy arrays of :mod:`dask_localstats._tiff`.
 
 Processing blocks overlap by the reach of the windows, and a storage chunk
 is decoded whole whichever part of it a block needs, so blocks reading a
@@ -25,7 +20,6 @@ in bounded memory.
 from __future__ import annotations
 
 import collections
-import glob
 import itertools
 import os
 import threading
@@ -38,6 +32,7 @@ import zarr
 from ._ome import level_path
 from ._public import public
 from ._stored import locate
+from ._tiff import TiffSource, open_tiff, tiff_files
 from .errors import CorruptChunkError, LocalStatsError, SourceNotFoundError
 
 __all__ = ["open_source"]
@@ -266,226 +261,8 @@ def _zarr_behind(array):
     return array
 
 
-_TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf2", ".tf8")
-_ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup", ".zmetadata")
-
-
-def _tifffile():
-    try:
-        import tifffile
-    except ImportError:  # pragma: no cover - the `tiff` extra is not installed
-        msg = "reading TIFF needs tifffile: pip install 'dask-localstats[tiff]'"
-        raise ImportError(msg) from None
-    return tifffile
-
-
-class _TiffSource:
-    """A TIFF image opened lazily: shape, dtype and file names only.
-
-    Subclasses implement ``__getitem__`` by opening the file(s) a selection
-    needs through tifffile's zarr interface and closing them afterwards.
-    """
-
-    files: tuple
-    shape: tuple
-    dtype: np.dtype
-    chunks: tuple
-
-    @property
-    def ndim(self):
-        return len(self.shape)
-
-    @property
-    def size(self):
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self):
-        return self.size * self.dtype.itemsize
-
-    def __len__(self):
-        return self.shape[0]
-
-    def __repr__(self):
-        more = ", ..." if len(self.files) > 1 else ""
-        return (
-            f"{type(self).__name__}({self.files[0]!r}{more}, "
-            f"shape={self.shape}, dtype={self.dtype})"
-        )
-
-    def __dask_tokenize__(self):
-        return (type(self).__name__, self.files, self.shape, self.dtype.str)
-
-
-def _read_tiff(path, selection, level=0, expect=None):
-    """``selection`` of the first series of the TIFF at `path`, via zarr.
-
-    Only the pages, strips or tiles under `selection` are read. `expect`, a
-    ``(shape, dtype)`` pair, is checked against the file's header first.
-    """
-    tifffile = _tifffile()
-    try:
-        with (
-            tifffile.TiffFile(path) as tif,
-            tif.aszarr(series=0, level=level) as store,
-        ):
-            array = zarr.open_array(store, mode="r")
-            if expect is not None and (tuple(array.shape), array.dtype) != expect:
-                msg = (
-                    f"TIFF slice {path!r} has shape {array.shape} and dtype "
-                    f"{array.dtype}; the stack's slices have {expect[0]} and "
-                    f"{expect[1]}"
-                )
-                raise CorruptChunkError(msg)
-            return np.asarray(array[selection])
-    except FileNotFoundError:
-        msg = f"TIFF file {path!r} is gone"
-        raise SourceNotFoundError(msg) from None
-    except (MemoryError, LocalStatsError):
-        raise
-    except Exception as error:  # tifffile, codecs and zarr raise many kinds
-        msg = f"TIFF file {path!r} cannot be read: {type(error).__name__}: {error}"
-        raise CorruptChunkError(msg) from error
-
-
-def _tiff_layout(path, name, level=0):
-    """``(shape, dtype, chunks)`` of the TIFF at `path`, reading headers only."""
-    tifffile = _tifffile()
-    try:
-        with tifffile.TiffFile(path) as tif:
-            levels = len(tif.series[0].levels)
-            if not 0 <= level < levels:
-                msg = f"`level` must be in [0, {levels}) for {path!r}, got {level}"
-                raise ValueError(msg)
-            with tif.aszarr(series=0, level=level) as store:
-                z = zarr.open_array(store, mode="r")
-                return tuple(z.shape), np.dtype(z.dtype), tuple(z.chunks)
-    except FileNotFoundError:
-        msg = f"`{name}`: no such file {path!r}"
-        raise SourceNotFoundError(msg) from None
-    except (tifffile.TiffFileError, IndexError, KeyError) as error:
-        msg = f"`{name}`: cannot read {path!r} as TIFF: {error}"
-        raise ValueError(msg) from None
-
-
-class TiffStack(_TiffSource):
-    """A multi-page TIFF file (its first series), read lazily.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The TIFF file.
-    level : int
-        Pyramid level of the series, 0 for full resolution.
-    name : str
-        Parameter name used in error messages.
-    """
-
-    def __init__(self, path, level=0, name="source"):
-        path = os.path.abspath(os.fspath(path))
-        self.files = (path,)
-        self.level = int(level)
-        self.shape, self.dtype, self.chunks = _tiff_layout(path, name, self.level)
-
-    def __getitem__(self, key):
-        return _read_tiff(self.files[0], key, self.level)
-
-    def __dask_tokenize__(self):
-        return (*super().__dask_tokenize__(), self.level)
-
-
-class TiffSlices(_TiffSource):
-    """A stack of 2-D TIFF files, one per index of the first axis.
-
-    Parameters
-    ----------
-    files : sequence of str or os.PathLike
-        The slices, in order.
-    name : str
-        Parameter name used in error messages.
-
-    Notes
-    -----
-    Only the first file's header is read on opening; a slice of another
-    shape or dtype is reported when it is read.
-    """
-
-    def __init__(self, files, name="source"):
-        self.files = tuple(os.path.abspath(os.fspath(f)) for f in files)
-        plane, self.dtype, chunks = _tiff_layout(self.files[0], name)
-        if len(plane) != 2:
-            msg = (
-                f"`{name}`: slices must be 2-D images, got shape {plane} "
-                f"in {self.files[0]!r}"
-            )
-            raise ValueError(msg)
-        self.shape = (len(self.files), *plane)
-        self.chunks = (1, *chunks)
-
-    def _plane(self, index, selection):
-        expect = (self.shape[1:], self.dtype)
-        return _read_tiff(self.files[index], selection, expect=expect)
-
-    def __getitem__(self, key):
-        key = key if isinstance(key, tuple) else (key,)
-        if any(k is Ellipsis for k in key):
-            i = next(i for i, k in enumerate(key) if k is Ellipsis)
-            key = (
-                *key[:i],
-                *(slice(None),) * (self.ndim - len(key) + 1),
-                *key[i + 1 :],
-            )
-        first, rest = (key[0], key[1:]) if key else (slice(None), ())
-        indices = np.arange(len(self.files))[first]
-        if indices.ndim == 0:
-            return self._plane(int(indices), rest)
-        planes = [self._plane(int(i), rest) for i in indices]
-        if planes:
-            return np.stack(planes)
-        # an empty selection: the shape of `rest` without reading anything
-        shape = np.broadcast_to(np.zeros((), self.dtype), self.shape[1:])[rest].shape
-        return np.empty((0, *shape), self.dtype)
-
-
-def _tiff_files(source):
-    """``("stack", path)``, ``("slices", files)`` or None (not TIFF)."""
-    text = os.fspath(source)
-    if "://" in text:
-        return None
-    if os.path.isdir(text):
-        if any(os.path.exists(os.path.join(text, m)) for m in _ZARR_METADATA):
-            return None
-        files = [
-            os.path.join(text, f)
-            for f in os.listdir(text)
-            if f.lower().endswith(_TIFF_SUFFIXES)
-            and os.path.isfile(os.path.join(text, f))
-        ]
-        return ("slices", files) if files else None
-    if os.path.exists(text):
-        return ("stack", text) if text.lower().endswith(_TIFF_SUFFIXES) else None
-    if any(c in text for c in "*?["):
-        files = [f for f in glob.glob(os.path.expanduser(text)) if os.path.isfile(f)]
-        return "slices", files
-    if text.lower().endswith(_TIFF_SUFFIXES):
-        return "stack", text
-    return None
-
-
-def _open_tiff(kind, files, source, name, level=0):
-    if kind == "stack":
-        return TiffStack(files, level, name)
-    if not files:
-        msg = f"`{name}`: no file matches {os.fspath(source)!r}"
-        raise SourceNotFoundError(msg)
-    if level != 0:
-        msg = f"`level` applies to OME-Zarr images and pyramidal TIFF files, not to a stack of slices, got level {level}"
-        raise ValueError(msg)
-    return TiffSlices(_tifffile().natural_sorted(files), name)
-
-
 @public
-def open_source(source, name="source", level=0):
+def open_source(source, name="source", level=0, series=None):
     """Open any supported kind of source as an array, reading no data.
 
     Parameters
@@ -498,6 +275,10 @@ def open_source(source, name="source", level=0):
     level : int
         Resolution level of an OME-Zarr image or a pyramidal TIFF file;
         0 is full resolution.
+    series : str or None
+        For a folder or glob of TIFF slices holding several series
+        (channels, tiles): which one, by its label or a part of it that only
+        one label has. Several series without `series` are refused.
 
     Returns
     -------
@@ -519,11 +300,11 @@ def open_source(source, name="source", level=0):
     (2, 2)
     """
     if isinstance(source, str | os.PathLike):
-        tiff = _tiff_files(source)
+        tiff = tiff_files(source)
         if tiff is not None:
-            return _open_tiff(*tiff, source, name, level)
+            return open_tiff(*tiff, source, name, level, series)
         return _open_zarr(source, name, level)
-    if isinstance(source, _TiffSource | zarr.Array):
+    if isinstance(source, TiffSource | zarr.Array):
         return source
     if isinstance(source, da.Array):
         return _zarr_behind(source)

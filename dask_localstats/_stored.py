@@ -137,7 +137,7 @@ def locate(target):
 
 def _graph_sources(array):
     """The zarr arrays and TIFF sources held in the graph of a dask array."""
-    from ._io import _TiffSource
+    from ._tiff import TiffSource
 
     found = {}
     for layer in array.dask.layers.values():
@@ -146,7 +146,7 @@ def _graph_sources(array):
             continue  # a layer of generated tasks, holding no stored array
         for value in mapping.values():
             value = getattr(value, "value", value)  # a dask DataNode
-            if isinstance(value, zarr.Array | _TiffSource):
+            if isinstance(value, zarr.Array | TiffSource):
                 found[id(value)] = value
     return list(found.values())
 
@@ -156,11 +156,12 @@ def stored_sources(array):
 
     `array` may also be a path or URL, of anything :func:`open_source` opens.
     """
-    from ._io import _TiffSource, open_source
+    from ._io import open_source
+    from ._tiff import TiffSource
 
     if isinstance(array, str | os.PathLike):
         array = open_source(array)
-    if isinstance(array, zarr.Array | _TiffSource):
+    if isinstance(array, zarr.Array | TiffSource):
         return [array]
     if isinstance(array, da.Array):
         return _graph_sources(array)
