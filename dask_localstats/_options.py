@@ -1,0 +1,164 @@
+"""The options of the ``dask-localstats`` command line, and their help.
+
+:func:`build_parser` declares the two subcommands, ``percentile`` and
+``histogram``, with the sampling geometry, the input and output options and
+where to compute; :mod:`dask_localstats._cli` maps what it parses to the
+library's keyword arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from . import __version__
+from ._stored import MISSING_CHUNKS
+
+PROG = "dask-localstats"
+
+INPUTS = """\
+INPUTS (all read lazily, never loaded whole):
+  a zarr v2 or v3 array, a zarr group holding one array, an OME-Zarr image
+  (level 0 unless --level), a multi-page TIFF file, or a folder or glob of
+  2-D TIFF slices (quote the glob: 'stack/Z*.tif') of one series (names that
+  differ only in the plane number; pick one with --series), in plane order.
+  Brackets match literally first ('UltraII[00 x 00]'). Paths may be file:// URLs.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (and exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_geometry(parser, interpolate, dtype):
+    parser.add_argument("input", metavar="IN", help="the image: see INPUTS below")
+    parser.add_argument("output", metavar="OUT", help="the zarr store to write")
+    sizes = dict(nargs="+", type=int)
+    parser.add_argument("--selem", required=True, metavar="E", **sizes,
+                        help="window extent per axis, in voxels (one value: "
+                        "the same on every axis)")  # fmt: skip
+    parser.add_argument("--spacing", metavar="H", **sizes,
+                        help="distance between window centers per axis "
+                        "(default: the extent)")  # fmt: skip
+    parser.add_argument("--step", metavar="D", **sizes,
+                        help="take every D-th voxel of a window per axis "
+                        "(default: 1, all)")  # fmt: skip
+    resample = parser.add_mutually_exclusive_group()
+    resample.add_argument("--interpolate", type=int, default=interpolate,
+                          metavar="K", help="B-spline order 0..5 of the "
+                          "resampling to full resolution (0 nearest, 1 linear; "
+                          f"default: {interpolate})")  # fmt: skip
+    resample.add_argument("--coarse", action="store_true",
+                          help="write the coarse grid, one value per window "
+                          "center" + (" (the default)" if interpolate is None
+                                      else ""))  # fmt: skip
+    parser.add_argument("--align", choices=("corners", "centers"),
+                        default="corners", help="'corners' (ClearMap) stretches"
+                        " the coarse grid over the image; 'centers' puts each "
+                        "sample on its window center (default: corners)")  # fmt: skip
+    parser.add_argument("--dtype", type=np.dtype,
+                        help=f"dtype of the result (default: {dtype})")  # fmt: skip
+    parser.add_argument("--mask", metavar="MASK", help="only voxels where MASK "
+                        "(same shape as IN, any input kind) is nonzero are used")  # fmt: skip
+
+
+def _add_common(parser):
+    group = parser.add_argument_group("input and output")
+    group.add_argument("--level", type=int, default=0, help="resolution level "
+                       "of an OME-Zarr image or pyramidal TIFF (default: 0)")  # fmt: skip
+    group.add_argument("--series", metavar="LABEL", help="the series of TIFF "
+                       "slices to stack (a channel, tile...), see INPUTS")  # fmt: skip
+    group.add_argument("--ome", action=argparse.BooleanOptionalAction,
+                       default=None, help="write OUT as an OME-Zarr 0.5 image "
+                       "(default: when IN is OME-Zarr)")  # fmt: skip
+    sizes = dict(nargs="+", type=int, metavar="N")
+    group.add_argument("--chunks", **sizes, help="chunk shape of OUT (default: "
+                       "IN's, or the processing blocks with --coarse)")  # fmt: skip
+    group.add_argument("--shards", **sizes, help="store chunks together in "
+                       "shards of this shape (multiples of the chunks)")  # fmt: skip
+    group.add_argument("--compression", default="auto", metavar="SPEC",
+                       help="zstd[:LEVEL], blosc-zstd[:LEVEL], blosc-lz4[:LEVEL] "
+                       "or none (default: zarr's zstd)")  # fmt: skip
+    group.add_argument("--missing-chunks", choices=MISSING_CHUNKS,
+                       default="error", help="chunks absent from a zarr IN or "
+                       "MASK: refuse (default), or read them as the fill value "
+                       "(sparse stores)")  # fmt: skip
+    existing = group.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace OUT "
+                          "if it exists (only if it holds nothing but zarr "
+                          "entries)")  # fmt: skip
+    existing.add_argument("--resume", action="store_true", help="continue an "
+                          "interrupted run into OUT, writing only missing "
+                          "chunks")  # fmt: skip
+    run = parser.add_argument_group("computing")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="run on this "
+                       "dask.distributed scheduler (OUT and IN must be "
+                       "reachable from its workers)")  # fmt: skip
+    where.add_argument("--workers", type=int, metavar="N", help="start a local "
+                       "dask.distributed cluster of N worker processes")  # fmt: skip
+    run.add_argument("--memory-limit", metavar="BYTES", help="memory limit per "
+                     "worker with --workers, e.g. 4GB (default: auto)")  # fmt: skip
+    run.add_argument("--quiet", "-q", action="store_true",
+                     help="no progress bar or summary")  # fmt: skip
+    run.add_argument("--debug", action="store_true",
+                     help="show the traceback of an error")  # fmt: skip
+
+
+def build_parser():
+    """The argument parser of the ``dask-localstats`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(
+    ...     ["percentile", "in.zarr", "out.zarr", "--percentile", "0.1", "--selem", "8"]
+    ... )
+    >>> args.percentile, args.selem, args.interpolate
+    ([0.1], [8], 1)
+    """
+    parser = _Parser(
+        prog=PROG,
+        description="Local statistics of large images on a sub-grid, "
+        "out of core with dask.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    layout = dict(epilog=INPUTS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    percentile = commands.add_parser(
+        "percentile",
+        help="local percentiles (background estimation and removal)",
+        description="Local percentiles of IN on a grid of windows, resampled to "
+        "full resolution (or the coarse grid with --coarse), written to OUT;\n"
+        "with --subtract, OUT is IN minus that background.",
+        **layout,
+    )
+    _add_geometry(percentile, interpolate=1, dtype="IN's")
+    percentile.add_argument("--percentile", nargs="+", type=float, required=True,
+                            metavar="P", help="fraction(s) in [0, 1]; several add"
+                            " a last axis (first with --ome)")  # fmt: skip
+    percentile.add_argument("--subtract", action="store_true", help="write IN - "
+                            "background (background in float), rounded and "
+                            "clipped to the range of IN's dtype (or --dtype)")  # fmt: skip
+    _add_common(percentile)
+    histogram = commands.add_parser(
+        "histogram",
+        help="local histograms of an integer image",
+        description="Counts of each value 0 .. MAX_BIN-1 in every window of IN "
+        "(the coarse grid unless --interpolate),\nwritten to OUT with a last "
+        "axis of length MAX_BIN (the first axis with --ome).",
+        **layout,
+    )
+    _add_geometry(histogram, interpolate=None, dtype="int64")
+    histogram.add_argument("--max-bin", type=int, default=4096, help="number of "
+                           "bins; a value outside [0, MAX_BIN) is an error "
+                           "(default: 4096)")  # fmt: skip
+    _add_common(histogram)
+    return parser
