@@ -1,13 +1,35 @@
-"""Hypothesis strategies and small helpers shared by the test modules."""
+"""Hypothesis strategies and small helpers shared by the test modules.
+
+Arrays are drawn with `hypothesis.extra.numpy`, element by element, so a
+failing example shrinks to a small image of simple values.
+"""
 
 import itertools
 
 import numpy as np
 import zarr
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 MAX_SIZE = {1: 40, 2: 16, 3: 9, 4: 6}
 DTYPES = ["uint8", "uint16", "int16", "float32", "float64"]
+
+
+@st.composite
+def arrays(draw, dtype, shape, elements):
+    """An array of `elements`: dense, or one fill value with a few others.
+
+    Dense arrays draw every element; the others repeat one value, which
+    makes ties and empty regions likely. Failures shrink towards the latter.
+    """
+    dense = draw(st.booleans())
+    fill = st.nothing() if dense else elements
+    return draw(hnp.arrays(dtype, shape, elements=elements, fill=fill))
+
+
+def booleans(shape):
+    """A boolean array of `shape`: masks, footprints."""
+    return arrays(np.bool_, shape, st.booleans())
 
 
 @st.composite
@@ -27,36 +49,37 @@ def geometries(draw, max_ndim=4, footprints=True):
     )
     selem = extent
     if footprints and draw(st.booleans()):
-        seed = draw(st.integers(0, 2**32 - 1))
-        selem = np.random.default_rng(seed).random(extent) < 0.7
+        selem = draw(booleans(extent))
     return shape, selem, spacing, step
+
+
+def values(dtype, nans=False):
+    """Elements of an image: bounded, with repeated values likely."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        # a few fixed values make ties in the order statistics likely
+        elements = st.one_of(
+            st.sampled_from([50.0, 100.0]),
+            st.floats(-50, 250, width=8 * dtype.itemsize),
+        )
+        return st.one_of(elements, st.just(np.nan)) if nans else elements
+    info = np.iinfo(dtype)
+    return st.integers(max(info.min, -50), min(info.max, 300))
 
 
 @st.composite
 def images(draw, shape, dtypes=DTYPES, nans=False):
-    """A random image of `shape` with one of `dtypes`."""
+    """An image of `shape` with one of `dtypes` (NaN among floats if `nans`)."""
     dtype = np.dtype(draw(st.sampled_from(dtypes)))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    if dtype.kind == "f":
-        image = rng.normal(100, 30, shape).astype(dtype)
-        # repeated values exercise ties in the order statistics
-        image[rng.random(shape) < 0.2] = 50
-        if nans:
-            image[rng.random(shape) < 0.02] = np.nan
-    else:
-        high = min(np.iinfo(dtype).max, 300)
-        low = max(np.iinfo(dtype).min, -50) if dtype.kind == "i" else 0
-        image = rng.integers(low, high, shape, endpoint=True).astype(dtype)
-    return image
+    return draw(arrays(dtype, shape, values(dtype, nans)))
 
 
 @st.composite
 def masks(draw, shape):
-    """None, or a random boolean mask of `shape` (sometimes empty regions)."""
+    """None, or a boolean mask of `shape` (sometimes with empty regions)."""
     if draw(st.booleans()):
         return None
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    return rng.random(shape) < draw(st.sampled_from([0.1, 0.5, 0.9]))
+    return draw(booleans(shape))
 
 
 percentiles = st.one_of(
@@ -97,11 +120,15 @@ def write_zarr(path, image, chunks=(4, 8, 9), zarr_format=3):
 
 
 class Counting:
-    """A chunked array that records the chunks each read decodes."""
+    """A chunked array that records the chunks each read decodes.
 
-    def __init__(self, array):
+    Wraps a zarr array, or a NumPy array given the `chunks` of its storage.
+    """
+
+    def __init__(self, array, chunks=None):
         self.array, self.chunks_read = array, []
-        self.shape, self.dtype, self.chunks = array.shape, array.dtype, array.chunks
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.chunks = array.chunks if chunks is None else chunks
 
     def __getitem__(self, region):
         ranges = [
