@@ -8,6 +8,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from dask.array.utils import assert_eq
 
 import dask_localstats as dls
 
@@ -45,7 +46,7 @@ def test_results_match_the_local_computation(client, stored):
     background = result[..., 0]
     out = (da.from_zarr(path).astype(np.float64) - background).compute()
     expected = dls.local_percentile(image, [0.1, 0.5], **KWARGS)
-    np.testing.assert_array_equal(result.compute(), expected)
+    assert_eq(result, expected, scheduler=client, rtol=0, atol=0)  # on the cluster
     np.testing.assert_array_equal(out, image.astype(np.float64) - expected[..., 0])
 
 

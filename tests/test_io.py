@@ -7,6 +7,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from dask.array.utils import assert_eq
 from strategies import Counting, write_zarr
 
 import dask_localstats as dls
@@ -36,7 +37,7 @@ def test_zarr_paths_give_lazy_results_equal_to_numpy(
     result = dls.local_percentile(str(path), [0.1, 0.5], interpolate=order, **KWARGS)
     assert isinstance(result, da.Array)
     expected = dls.local_percentile(image, [0.1, 0.5], interpolate=order, **KWARGS)
-    np.testing.assert_array_equal(result.compute(), expected, strict=True)
+    assert_eq(result, expected, rtol=0, atol=0)
     if order is not None:
         assert result.chunks[:3] == da.core.normalize_chunks((5, 7, 9), image.shape)
 
@@ -47,9 +48,7 @@ def test_zarr_array_input_keeps_data_out_of_the_graph(tmp_path, image):
     graph = dict(result.__dask_graph__())
     # every task is a reference to the store and some geometry, never data
     assert max(len(pickle.dumps(task)) for task in graph.values()) < image.nbytes / 4
-    np.testing.assert_array_equal(
-        result.compute(), dls.local_percentile(image, 0.5, **KWARGS)
-    )
+    assert_eq(result, dls.local_percentile(image, 0.5, **KWARGS), rtol=0, atol=0)
 
 
 def test_group_with_one_array_and_ome_zarr(tmp_path, image):
@@ -57,7 +56,7 @@ def test_group_with_one_array_and_ome_zarr(tmp_path, image):
     group.create_array("data", shape=image.shape, dtype=image.dtype)[:] = image
     result = dls.local_percentile(str(tmp_path / "single.zarr"), 0.5, **KWARGS)
     expected = dls.local_percentile(image, 0.5, **KWARGS)
-    np.testing.assert_array_equal(result.compute(), expected)
+    assert_eq(result, expected, rtol=0, atol=0)
 
     for version, attrs in [("0.4", None), ("0.5", "ome")]:
         path = tmp_path / f"ome-{version}.zarr"
@@ -77,7 +76,7 @@ def test_group_with_one_array_and_ome_zarr(tmp_path, image):
         else:
             group.attrs["multiscales"] = multiscales
         result = dls.local_percentile(str(path), 0.5, **KWARGS)
-        np.testing.assert_array_equal(result.compute(), expected)
+        assert_eq(result, expected, rtol=0, atol=0)
 
 
 def test_zarr_mask_with_other_chunks(tmp_path, image):
@@ -94,7 +93,7 @@ def test_zarr_mask_with_other_chunks(tmp_path, image):
         z, 0.5, mask=str(tmp_path / "mask.zarr"), missing_chunks="fill", **KWARGS
     )
     expected = dls.local_percentile(image, 0.5, mask=mask, **KWARGS)
-    np.testing.assert_array_equal(result.compute(), expected)
+    assert_eq(result, expected, rtol=0, atol=0)
 
 
 def test_numpy_source_with_lazy_mask_is_lazy(image):
@@ -166,9 +165,7 @@ def test_from_zarr_arrays_are_read_from_the_store(tmp_path, image):
     source = da.from_zarr(z)
     result = dls.local_percentile(source, 0.5, **KWARGS)
     assert not set(source.dask.layers) & set(result.dask.layers)
-    np.testing.assert_array_equal(
-        result.compute(), dls.local_percentile(image, 0.5, **KWARGS)
-    )
+    assert_eq(result, dls.local_percentile(image, 0.5, **KWARGS), rtol=0, atol=0)
 
 
 def test_chunk_cache_decodes_each_chunk_once_within_its_budget(tmp_path, image):
