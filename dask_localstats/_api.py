@@ -384,6 +384,7 @@ def local_histogram(
     fill="zero",
     clip=False,
     missing_chunks="error",
+    clip_values=False,
 ):
     """Local histograms on a sub-grid.
 
@@ -443,6 +444,9 @@ def local_histogram(
         before computing) raises :class:`~dask_localstats.errors.MissingChunksError`
         by default; ``'fill'`` reads them as the array's fill value, as zarr
         does (for sparse stores).
+    clip_values : bool
+        Count values below 0 in the first bin and values of `max_bin` or more
+        in the last, instead of raising (off by default, as in ClearMap).
 
     Returns
     -------
@@ -476,7 +480,7 @@ def local_histogram(
     """
     return _local_statistic(
         source,
-        Histogram(max_bin),
+        Histogram(max_bin, clip_values),
         selem,
         spacing,
         step,

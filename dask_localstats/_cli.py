@@ -17,7 +17,7 @@ from __future__ import annotations
 import shlex
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dask.array as da
 import numpy as np
@@ -32,7 +32,7 @@ from ._api import (
 from ._cluster import connect
 from ._grid import make_grid
 from ._io import open_source
-from ._ome import output_image, read_image
+from ._ome import OmeImage, output_image, read_image
 from ._options import PROG, build_parser
 from ._stored import locate
 from ._write import to_zarr
@@ -60,6 +60,7 @@ class Request:
     subtract: bool = False
     layout: dict | None = None
     series: str | None = None
+    axes: str | None = None
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Job:
     inputs: dict
     provenance: dict
     ome: object = None
+    notes: list = field(default_factory=list)
 
 
 def _sizes(values):
@@ -87,21 +89,25 @@ def _request(args):
         align=args.align,
         dtype=args.dtype,
         missing_chunks=args.missing_chunks,
+        nan_policy=args.nan_policy,
+        min_coverage=args.min_coverage,
+        fill=args.fill,
+        clip=args.clip,
     )
     if args.command == "histogram":
-        options["max_bin"] = args.max_bin
+        options.update(max_bin=args.max_bin, clip_values=args.clip_values)
     else:
         options["percentile"] = _sizes(args.percentile)
     layout = dict(chunks=args.chunks, shards=args.shards, compressors=args.compression)
     return Request(
         args.command, args.input, args.output, options, args.mask, args.level,
-        args.ome, getattr(args, "subtract", False), layout, args.series,
+        args.ome, getattr(args, "subtract", False), layout, args.series, args.axes,
     )  # fmt: skip
 
 
-def _statistic(request, source, mask):
+def _statistic(request, options, source, mask):
     """The lazy result, and its trailing axis ``(name, length)`` or None."""
-    options = {**request.options, "mask": mask}
+    options = {**options, "mask": mask}
     if request.statistic == "histogram":
         return local_histogram(source, **options), ("bin", options["max_bin"])
     percentile = options["percentile"]
@@ -135,14 +141,18 @@ def plan(request):
     """The :class:`Job` of a :class:`Request`: inputs opened, nothing written."""
     source = open_source(request.input, "IN", request.level, request.series)
     mask = None if request.mask is None else open_source(request.mask, "--mask")
-    result, extra = _statistic(request, source, mask)
-    options = request.options
-    grid = make_grid(
-        source.shape, options["selem"], options["spacing"], options["step"]
-    )
     ome_in = None
     if isinstance(source, zarr.Array):
         ome_in = read_image(request.input, request.level, source.ndim)
+    axes = _axis_names(ome_in, source.ndim)
+    options, notes = _in_axis_order(request.options, request.axes, axes, source.shape)
+    if options.get("max_bin") == "auto":
+        options["max_bin"] = _auto_bins(ome_in, source.dtype)
+    _check_recorded_range(options, ome_in)
+    result, extra = _statistic(request, options, source, mask)
+    grid = make_grid(
+        source.shape, options["selem"], options["spacing"], options["step"]
+    )
     ome = ome_in is not None if request.ome is None else request.ome
     image = None
     if ome:
@@ -161,7 +171,67 @@ def plan(request):
         "grid": {"first": grid.first, "spacing": grid.spacing, "count": grid.counts},
     }
     inputs = {"IN": source} if mask is None else {"IN": source, "MASK": mask}
-    return Job(result, inputs, provenance, image)
+    return Job(result, inputs, provenance, image, notes)
+
+
+def _axis_names(image, ndim):
+    if image is not None:
+        return [a["name"] for a in image.axes]
+    return OmeImage.default(ndim).dimension_names if 2 <= ndim <= 5 else None
+
+
+def _in_axis_order(options, order, axes, shape):
+    """`options` with sizes in IN's axis order, and notes for the user."""
+    named = " ".join(axes) if axes else f"{len(shape)} axes"
+    notes = [f"IN had axes {named}, shape {tuple(shape)}"]
+    if order is not None:
+        if axes is None or sorted(order) != sorted(axes):
+            msg = f"--axes {order!r} must name IN's axes ({named}) in some order"
+            raise ValueError(msg)
+        permute = [order.index(a) for a in axes]
+        options = dict(options)
+        for key in ("selem", "spacing", "step"):
+            if isinstance(options[key], tuple) and len(options[key]) == len(axes):
+                options[key] = tuple(options[key][i] for i in permute)
+    selem = options["selem"]
+    if isinstance(selem, tuple) and len(selem) == len(shape):
+        shortest = min(shape)
+        for size, extent, name in zip(
+            shape, selem, axes or range(len(shape)), strict=True
+        ):
+            if extent == 1 and size >= 2 * shortest and len(shape) > 1:
+                notes.append(
+                    f"warning: --selem is 1 on axis {name} (size {size}), not on "
+                    f"the shortest axis (size {shortest}); sizes are in IN's axis "
+                    "order unless --axes says otherwise (ClearMap's: --axes xyz)"
+                )
+    return options, notes
+
+
+def _auto_bins(image, dtype):
+    """Bins for --max-bin auto: IN's recorded maximum + 1, else its dtype's range."""
+    recorded = None if image is None else image.maximum
+    if recorded is not None:
+        return int(recorded) + 1
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "bu":
+        msg = f"--max-bin auto needs an unsigned integer IN or a recorded maximum, IN is {dtype}"
+        raise ValueError(msg)
+    return 2 if dtype.kind == "b" else int(np.iinfo(dtype).max) + 1
+
+
+def _check_recorded_range(options, image):
+    """Refuse before computing when IN's recorded maximum exceeds the bins."""
+    maximum = None if image is None else image.maximum
+    bins = options.get("max_bin")
+    if bins is None or maximum is None or options.get("clip_values"):
+        return
+    if maximum >= bins:
+        msg = (
+            f"IN records values up to {maximum}, outside [0, {bins}); use "
+            "--max-bin auto, a larger --max-bin, or --clip-values"
+        )
+        raise ValueError(msg)
 
 
 # --- running ------------------------------------------------------------------
@@ -183,6 +253,8 @@ def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=Fal
         No progress bar or summary line.
     """
     job = plan(request)
+    for note in job.notes[1:]:  # warnings, before computing
+        print(f"{PROG}: {note}", file=sys.stderr)
     with connect(**(cluster or {})) as client:
         if client is not None and not quiet:
             print(f"{PROG}: dashboard at {client.dashboard_link}", file=sys.stderr)
@@ -201,8 +273,8 @@ def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=Fal
     if not quiet:
         count = f"{written.attrs['dask_localstats']['written']} of {written.nchunks}"
         shape = f"shape {written.shape}, {written.dtype}"
-        print(f"{PROG}: wrote {request.output} ({shape}): {count} chunks computed",
-              file=sys.stderr)  # fmt: skip
+        print(f"{PROG}: wrote {request.output} ({shape}): {count} chunks computed;"
+              f" {job.notes[0]}", file=sys.stderr)  # fmt: skip
 
 
 _EXPECTED = LocalStatsError | ValueError | TypeError | OSError | MemoryError

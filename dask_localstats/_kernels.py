@@ -226,9 +226,12 @@ class Histogram(Statistic):
     ----------
     max_bin : int
         Number of bins; values must lie in ``[0, max_bin)``.
+    clip_values : bool
+        Count values below 0 in the first bin and values of `max_bin` or
+        more in the last, instead of raising.
     """
 
-    def __init__(self, max_bin):
+    def __init__(self, max_bin, clip_values=False):
         if not isinstance(max_bin, int | np.integer) or isinstance(max_bin, bool):
             msg = f"`max_bin` must be an integer, got {max_bin!r}"
             raise TypeError(msg)
@@ -236,10 +239,20 @@ class Histogram(Statistic):
             msg = f"`max_bin` must be positive, got {max_bin!r}"
             raise ValueError(msg)
         self.max_bin = int(max_bin)
+        self.clip_values = bool(clip_values)
         self.fshape = (self.max_bin,)
 
     def __repr__(self):
-        return f"Histogram(max_bin={self.max_bin})"
+        return f"Histogram(max_bin={self.max_bin}, clip_values={self.clip_values})"
+
+    def _clipped(self, values):
+        """`values` with those outside the bins moved into the end bins."""
+        if not self.clip_values or values.size == 0:
+            return values
+        low, high = values.min(), values.max()
+        if low >= 0 and high < self.max_bin:
+            return values
+        return np.clip(values, 0, self.max_bin - 1).astype(values.dtype, copy=False)
 
     def default_dtype(self, source_dtype):
         return np.dtype(np.int64)
@@ -251,6 +264,7 @@ class Histogram(Statistic):
 
     def block_reduce(self, block, origin, grid, start, stop, dtype, mask):
         """Window histograms as sums of tile histograms."""
+        block = self._clipped(block)
         return tile_reduce(block, origin, grid, start, stop, self, dtype, mask, True)
 
     def check_range(self, low, high):
@@ -258,12 +272,15 @@ class Histogram(Statistic):
         if low < 0 or high >= self.max_bin:
             bad = low if low < 0 else high
             msg = (
-                f"`source` has the value {bad}, outside [0, max_bin) "
-                f"with max_bin={self.max_bin}"
+                f"`source` has the value {bad}, outside [0, max_bin) with "
+                f"max_bin={self.max_bin}; give a larger max_bin, or "
+                "clip_values=True to count it in the end bins (command line: "
+                "--max-bin auto or N, --clip-values)"
             )
             raise ValueError(msg)
 
     def reduce(self, values, valid):
+        values = self._clipped(values)
         kept = values if valid is None else values[valid]
         if kept.size:
             self.check_range(kept.min(), kept.max())

@@ -38,6 +38,9 @@ class OmeImage:
         Voxel size and position of voxel 0, per axis.
     name : str
         The image's name.
+    maximum : float or None
+        The largest value the image records holding (``omero`` channels'
+        ``window.max``), if it records one.
 
     Examples
     --------
@@ -52,6 +55,7 @@ class OmeImage:
     scale: list = field(default_factory=list)
     translation: list = field(default_factory=list)
     name: str = ""
+    maximum: float | None = None
 
     def __post_init__(self):
         ndim = len(self.axes)
@@ -140,8 +144,19 @@ def read_image(location, level, ndim):
     scale, translation = _transforms(dataset.get("coordinateTransformations"), ndim)
     outer_scale, outer = _transforms(image.get("coordinateTransformations"), ndim)
     return OmeImage(
-        axes, list(scale * outer_scale), list(translation * outer_scale + outer)
+        axes,
+        list(scale * outer_scale),
+        list(translation * outer_scale + outer),
+        maximum=_recorded_maximum(group),
     )
+
+
+def _recorded_maximum(group):
+    """The largest ``window.max`` of the image's ``omero`` channels, or None."""
+    attrs = group.attrs.asdict()
+    channels = attrs.get("ome", attrs).get("omero", {}).get("channels", [])
+    values = [c["window"]["max"] for c in channels if "max" in c.get("window", {})]
+    return max(values) if values else None
 
 
 def output_image(image, ndim, grid, coarse, extra, name=""):

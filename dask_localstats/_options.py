@@ -34,6 +34,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _max_bin(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        msg = f"a number of bins or 'auto', got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 def _add_geometry(parser, interpolate, dtype):
     parser.add_argument("input", metavar="IN", help="the image: see INPUTS below")
     parser.add_argument("output", metavar="OUT", help="the zarr store to write")
@@ -47,6 +57,9 @@ def _add_geometry(parser, interpolate, dtype):
     parser.add_argument("--step", metavar="D", **sizes,
                         help="take every D-th voxel of a window per axis "
                         "(default: 1, all)")  # fmt: skip
+    parser.add_argument("--axes", metavar="ORDER", help="the axis order of the "
+                        "sizes given, e.g. xyz for ClearMap's (default: IN's, "
+                        "z y x for a stack)")  # fmt: skip
     resample = parser.add_mutually_exclusive_group()
     resample.add_argument("--interpolate", type=int, default=interpolate,
                           metavar="K", help="B-spline order 0..5 of the "
@@ -64,6 +77,18 @@ def _add_geometry(parser, interpolate, dtype):
                         help=f"dtype of the result (default: {dtype})")  # fmt: skip
     parser.add_argument("--mask", metavar="MASK", help="only voxels where MASK "
                         "(same shape as IN, any input kind) is nonzero are used")  # fmt: skip
+    missing = parser.add_argument_group("missing data")
+    missing.add_argument("--nan-policy", choices=("propagate", "omit"),
+                         default="propagate", help="'omit' leaves NaN voxels "
+                         "out of the windows (default: propagate)")  # fmt: skip
+    missing.add_argument("--min-coverage", type=float, default=0.0, metavar="F",
+                         help="fraction of a full window's voxels that must be "
+                         "kept, else the sample is missing (default: 0)")  # fmt: skip
+    missing.add_argument("--fill", choices=("zero", "nearest"), default="zero",
+                         help="missing samples are 0 (ClearMap), or the nearest "
+                         "valid sample's value: no dip next to masked regions")  # fmt: skip
+    missing.add_argument("--clip", action="store_true", help="keep order >= 2 "
+                         "interpolation within the coarse grid's range")  # fmt: skip
 
 
 def _add_common(parser):
@@ -157,8 +182,11 @@ def build_parser():
         **layout,
     )
     _add_geometry(histogram, interpolate=None, dtype="int64")
-    histogram.add_argument("--max-bin", type=int, default=4096, help="number of "
-                           "bins; a value outside [0, MAX_BIN) is an error "
-                           "(default: 4096)")  # fmt: skip
+    histogram.add_argument("--max-bin", type=_max_bin, default=4096, help="number "
+                           "of bins, or 'auto': IN's recorded maximum + 1, else "
+                           "its dtype's range (default: 4096)")  # fmt: skip
+    histogram.add_argument("--clip-values", action="store_true", help="count "
+                           "values outside [0, MAX_BIN) in the end bins instead "
+                           "of refusing them")  # fmt: skip
     _add_common(histogram)
     return parser

@@ -394,7 +394,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, image, capsys):
         (["percentile", source, out, *p, "--selem", "4", "0", "4"], "positive"),
         (["percentile", source, out, *p, "--selem", "four"], "invalid int value"),
         (["histogram", source, tmp_path / "h.zarr", "--max-bin", "10", "--selem",
-          "4"], "outside [0, max_bin) with max_bin=10; the output"),
+          "4"], "(command line: --max-bin auto or N, --clip-values); the output"),
     ]  # fmt: skip
     results = run_all(*(command(*c) for c, _ in cases))
     for result, (_, match) in zip(results, cases, strict=True):
@@ -642,3 +642,61 @@ def test_output_layout_options(tmp_path, image):
     np.testing.assert_array_equal(z[:], expected, strict=True)
     refused(run("percentile", source, tmp_path / "x.zarr", "--percentile", "0.5",
                 *CLI_GEOMETRY, "--compression", "lzma"), "`compression` must be one of")  # fmt: skip
+
+
+def test_missing_data_options_and_axis_order(tmp_path, image):
+    mask = image > 300
+    image = image.astype(np.float32)
+    image[2, 3:9, 4:10] = np.nan
+    source = write_zarr(tmp_path / "in.zarr", image)
+    write_zarr(tmp_path / "mask.zarr", mask)
+    options = ["--percentile", "0.5", "--selem", "5", "8", "6", "--spacing", "5",
+               "5", "4", "--axes", "xyz", "--quiet"]  # fmt: skip
+    args = ["--mask", tmp_path / "mask.zarr", "--nan-policy", "omit",
+            "--min-coverage", "0.3", "--fill", "nearest", "--interpolate", "3",
+            "--clip"]  # fmt: skip
+    results = run_all(
+        command("percentile", source, tmp_path / "a.zarr", *options, *args),
+        command("percentile", source, tmp_path / "b.zarr", "--percentile", "0.5",
+                "--selem", "8", "8", "1", "--quiet"),
+    )  # fmt: skip
+    ok(results[0])
+    expected = dls.local_percentile(
+        image, 0.5, selem=(6, 8, 5), spacing=(4, 5, 5), mask=mask,
+        nan_policy="omit", min_coverage=0.3, fill="nearest", interpolate=3, clip=True,
+    )  # fmt: skip
+    got = zarr.open_array(tmp_path / "a.zarr")[:]
+    np.testing.assert_array_equal(got, expected, strict=True)
+    warning = "warning: --selem is 1 on axis x (size 25), not on the shortest axis"
+    assert warning in results[1].stderr
+    assert results[1].returncode == 0
+    refused(run("percentile", source, tmp_path / "c.zarr", *options[:-3], "--axes",
+                "xyt"), "--axes 'xyt' must name IN's axes (z y x) in some order")  # fmt: skip
+
+
+def test_histogram_bins_from_the_recorded_range(tmp_path, image):
+    small = (image % 64).astype(np.uint8)
+    plain = write_zarr(tmp_path / "plain.zarr", small)
+    recorded = write_ome(tmp_path / "ome.zarr", small)
+    group = zarr.open_group(recorded, mode="r+")
+    ome = group.attrs["ome"]
+    ome["omero"] = {"channels": [{"window": {"min": 0, "max": 63}}]}
+    group.attrs["ome"] = ome
+    geometry = ["--selem", "6", "10", "5", "--quiet"]
+    results = run_all(
+        command("histogram", plain, tmp_path / "a.zarr", "--max-bin", "auto", *geometry),
+        command("histogram", recorded, tmp_path / "b.zarr", "--max-bin", "auto", *geometry),
+        command("histogram", recorded, tmp_path / "c.zarr", "--max-bin", "32", *geometry),
+        command("histogram", plain, tmp_path / "d.zarr", "--max-bin", "32",
+                "--clip-values", *geometry),
+    )  # fmt: skip
+    for result in (results[0], results[1], results[3]):
+        ok(result)
+    assert zarr.open_array(tmp_path / "a.zarr").shape[-1] == 256  # uint8's range
+    assert zarr.open(tmp_path / "b.zarr")["0"].shape[0] == 64  # recorded, 0..63
+    refused(results[2], "IN records values up to 63, outside [0, 32)")
+    assert not (tmp_path / "c.zarr").exists()
+    expected = dls.local_histogram(small, 32, selem=(6, 10, 5), clip_values=True)
+    got = zarr.open_array(tmp_path / "d.zarr")[:]
+    np.testing.assert_array_equal(got, expected, strict=True)
+    assert got[..., -1].sum() == (small >= 31).sum()
