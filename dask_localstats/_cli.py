@@ -61,6 +61,8 @@ class Request:
     layout: dict | None = None
     series: str | None = None
     axes: str | None = None
+    setup: int = 0
+    timepoint: int = 0
 
 
 @dataclass
@@ -102,6 +104,7 @@ def _request(args):
     return Request(
         args.command, args.input, args.output, options, args.mask, args.level,
         args.ome, getattr(args, "subtract", False), layout, args.series, args.axes,
+        args.setup, args.timepoint,
     )  # fmt: skip
 
 
@@ -139,11 +142,15 @@ def _describe(path, array):
 
 def plan(request):
     """The :class:`Job` of a :class:`Request`: inputs opened, nothing written."""
-    source = open_source(request.input, "IN", request.level, request.series)
+    source = open_source(request.input, "IN", request.level, request.series,
+                         request.setup, request.timepoint)  # fmt: skip
     mask = None if request.mask is None else open_source(request.mask, "--mask")
     ome_in = None
     if isinstance(source, zarr.Array):
         ome_in = read_image(request.input, request.level, source.ndim)
+    voxel = getattr(source, "voxel_size", None)  # recorded by BigDataViewer's XML
+    if ome_in is None and voxel is not None and len(voxel) == source.ndim:
+        ome_in = OmeImage(OmeImage.default(source.ndim).axes, list(voxel))
     axes = _axis_names(ome_in, source.ndim)
     options, notes = _in_axis_order(request.options, request.axes, axes, source.shape)
     if options.get("max_bin") == "auto":

@@ -29,6 +29,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from ._hdf5 import Hdf5Source, hdf5_path, open_hdf5
 from ._ome import level_path
 from ._public import public
 from ._stored import locate
@@ -262,7 +263,7 @@ def _zarr_behind(array):
 
 
 @public
-def open_source(source, name="source", level=0, series=None):
+def open_source(source, name="source", level=0, series=None, setup=0, timepoint=0):
     """Open any supported kind of source as an array, reading no data.
 
     Parameters
@@ -279,6 +280,10 @@ def open_source(source, name="source", level=0, series=None):
         For a folder or glob of TIFF slices holding several series
         (channels, tiles): which one, by its label or a part of it that only
         one label has. Several series without `series` are refused.
+    setup, timepoint : int
+        For a BigDataViewer or Imaris HDF5 file (``file.h5``,
+        ``file.ims``; a plain dataset is ``file.h5:/path/to/dataset``): the
+        setup (Imaris: channel) and time point.
 
     Returns
     -------
@@ -300,11 +305,14 @@ def open_source(source, name="source", level=0, series=None):
     (2, 2)
     """
     if isinstance(source, str | os.PathLike):
+        hdf5 = hdf5_path(source)
+        if hdf5 is not None:
+            return open_hdf5(*hdf5, level, setup, timepoint, name)
         tiff = tiff_files(source)
         if tiff is not None:
             return open_tiff(*tiff, source, name, level, series)
         return _open_zarr(source, name, level)
-    if isinstance(source, TiffSource | zarr.Array):
+    if isinstance(source, TiffSource | Hdf5Source | zarr.Array):
         return source
     if isinstance(source, da.Array):
         return _zarr_behind(source)

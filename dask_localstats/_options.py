@@ -23,7 +23,9 @@ INPUTS (all read lazily, never loaded whole):
   (level 0 unless --level), a multi-page TIFF file, or a folder or glob of
   2-D TIFF slices (quote the glob: 'stack/Z*.tif') of one series (names that
   differ only in the plane number; pick one with --series), in plane order.
-  Brackets match literally first ('UltraII[00 x 00]'). Paths may be file:// URLs.
+  Brackets match literally first ('UltraII[00 x 00]'). HDF5 (the h5 extra): a
+  dataset 'file.h5:/path/to/data', a BigDataViewer/BigStitcher 'file.h5' or an
+  Imaris 'file.ims' (--setup, --timepoint, --level). Paths may be file:// URLs.
 """
 
 
@@ -97,6 +99,10 @@ def _add_common(parser):
                        "of an OME-Zarr image or pyramidal TIFF (default: 0)")  # fmt: skip
     group.add_argument("--series", metavar="LABEL", help="the series of TIFF "
                        "slices to stack (a channel, tile...), see INPUTS")  # fmt: skip
+    group.add_argument("--setup", type=int, default=0, help="BigDataViewer "
+                       "setup, or Imaris channel, of an HDF5 IN (default: 0)")  # fmt: skip
+    group.add_argument("--timepoint", type=int, default=0, help="time point of "
+                       "a BigDataViewer or Imaris IN (default: 0)")  # fmt: skip
     group.add_argument("--ome", action=argparse.BooleanOptionalAction,
                        default=None, help="write OUT as an OME-Zarr 0.5 image "
                        "(default: when IN is OME-Zarr)")  # fmt: skip

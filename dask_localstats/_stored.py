@@ -137,8 +137,6 @@ def locate(target):
 
 def _graph_sources(array):
     """The zarr arrays and TIFF sources held in the graph of a dask array."""
-    from ._tiff import TiffSource
-
     found = {}
     for layer in array.dask.layers.values():
         mapping = getattr(layer, "mapping", None)
@@ -146,9 +144,17 @@ def _graph_sources(array):
             continue  # a layer of generated tasks, holding no stored array
         for value in mapping.values():
             value = getattr(value, "value", value)  # a dask DataNode
-            if isinstance(value, zarr.Array | TiffSource):
+            if isinstance(value, zarr.Array) or _file_backed(value):
                 found[id(value)] = value
     return list(found.values())
+
+
+def _file_backed(value):
+    """Whether `value` is a source read from files (TIFF, HDF5)."""
+    from ._hdf5 import Hdf5Source
+    from ._tiff import TiffSource
+
+    return isinstance(value, TiffSource | Hdf5Source)
 
 
 def stored_sources(array):
@@ -157,11 +163,10 @@ def stored_sources(array):
     `array` may also be a path or URL, of anything :func:`open_source` opens.
     """
     from ._io import open_source
-    from ._tiff import TiffSource
 
     if isinstance(array, str | os.PathLike):
         array = open_source(array)
-    if isinstance(array, zarr.Array | TiffSource):
+    if isinstance(array, zarr.Array) or _file_backed(array):
         return [array]
     if isinstance(array, da.Array):
         return _graph_sources(array)
