@@ -21,6 +21,10 @@ coefficients under it. For orders 0 and 1 the coefficients are the coarse
 samples themselves, so an output chunk depends only on the coarse blocks
 near it and, through them, on the source region near it. Higher orders
 prefilter the (small) coarse grid once, in one task.
+
+The coarse grid a resampling layer reads is remembered (:data:`CHECKPOINTS`),
+so that a writer can store it once and build the full resolution from the
+stored grid, which makes resuming an interrupted write nearly instant.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import itertools
 import math
 import os
 import uuid
+import weakref
 
 import dask.array as da
 import numpy as np
@@ -45,6 +50,22 @@ from ._kernels import KEEP_ALL, fill_nearest, flagged_dtype, reduce_block
 from .errors import MemoryBudgetError
 
 DEFAULT_BLOCK_BYTES = 128 * 2**20
+# The coarse grid each resampling layer reads, by the layer's id, for writers
+# that store it once and resume from it (dask_localstats._write); an entry
+# lives as long as its layer (layers are not hashable).
+CHECKPOINTS = {}
+
+
+def checkpoint_of(layer):
+    """The coarse grid (dask array) a resampling layer reads, or None."""
+    return CHECKPOINTS.get(id(layer))
+
+
+def _remember(layer, coarse):
+    CHECKPOINTS[id(layer)] = coarse
+    weakref.finalize(layer, CHECKPOINTS.pop, id(layer), None)
+
+
 # Decoded storage chunks kept for the neighbouring blocks, per block budget.
 CACHE_BLOCKS = 2
 # Output chunks when the source imposes none: small enough for the allocator
@@ -486,5 +507,6 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
             )
     out_chunks = tuple(chunks) + tuple(fchunks)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)
+    _remember(graph.layers[name], coarse)
     meta = np.empty((0,) * len(out_chunks), coarse.dtype)
     return da.Array(graph, name, out_chunks, dtype=coarse.dtype, meta=meta)

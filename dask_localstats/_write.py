@@ -19,6 +19,11 @@ continued and nothing that is not the writer's own is ever touched:
 - **Resume.** ``resume=True`` checks the record, refuses inputs whose
   inventory changed, removes stray temporary files and computes only the
   chunks that are missing.
+- **Checkpoints.** The coarse grid of every resampling in the result (see
+  :func:`dask_localstats._engine.checkpoint_of`) is computed first and stored
+  inside the output (``.dask_localstats/coarse-*``), and the full resolution
+  is built from the stored grid; resuming reads it instead of computing the
+  coarse stage again.
 - **One writer.** A lock file created atomically in the output
   (``.dask_localstats.lock``, holding the pid, the host and the start time)
   is held for the whole run. A second writer is refused, naming the holder;
@@ -50,8 +55,9 @@ import dask.array as da
 import numpy as np
 import zarr
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
+from ._engine import checkpoint_of
 from ._public import public
 from ._stored import Inventory, locate, locations, stored_sources
 from .errors import InputChangedError, LockedError, RefusedError
@@ -60,6 +66,7 @@ __all__ = ["to_zarr"]
 
 RECORD = "dask_localstats"
 LOCK = ".dask_localstats.lock"
+CHECKPOINT_FOLDER = ".dask_localstats"
 _METADATA = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
 _CHUNK_KEY = re.compile(r"^(c([/.]\d+)*|\d+([/.]\d+)*)$")
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -717,20 +724,80 @@ def to_zarr(
     return output.array
 
 
+def _load(stored, region):
+    return stored[region]
+
+
+def _checkpointed(array, path, progress):
+    """`array` with each coarse grid it resamples read from a stored copy.
+
+    A coarse grid is stored in ``path/.dask_localstats/`` under a name made
+    from its dask name (its computation); a complete copy found there, as
+    after an interruption, is read instead of computing it again.
+    """
+    layers, dependencies = dict(array.dask.layers), dict(array.dask.dependencies)
+    for layer in array.dask.layers.values():
+        coarse = checkpoint_of(layer)
+        if coarse is None or coarse.name not in layers:
+            continue
+        stored = _stored_coarse(coarse, path / CHECKPOINT_FOLDER, progress)
+        bounds = [np.cumsum((0, *c)) for c in coarse.chunks]
+        mapping = {}
+        for index in itertools.product(*(range(len(c)) for c in coarse.chunks)):
+            region = tuple(
+                slice(int(b[i]), int(b[i + 1]))
+                for b, i in zip(bounds, index, strict=True)
+            )
+            mapping[(coarse.name, *index)] = (_load, stored, region)
+        layers[coarse.name] = MaterializedLayer(mapping)
+        dependencies[coarse.name] = set()
+    if layers == dict(array.dask.layers):
+        return array
+    graph = HighLevelGraph(layers, dependencies)
+    return da.Array(graph, array.name, array.chunks, meta=array._meta)
+
+
+def _stored_coarse(coarse, folder, progress):
+    """The zarr copy of a coarse grid in `folder`, computed if not complete."""
+    key = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
+    where = folder / f"coarse-{key}"
+    try:
+        stored = zarr.open_array(str(where), mode="r")
+        if stored.attrs.get("name") == coarse.name and stored.attrs.get("complete"):
+            return stored
+    except (FileNotFoundError, ValueError, KeyError):
+        pass
+    chunks = tuple(max(c) for c in coarse.chunks)
+    stored = zarr.create_array(
+        str(where), shape=coarse.shape, chunks=chunks, dtype=coarse.dtype,
+        fill_value=0, attributes={"name": coarse.name, "complete": False},
+        overwrite=True, zarr_format=3, config={"write_empty_chunks": True},
+    )  # fmt: skip
+    regular = coarse.rechunk(chunks)
+    _compute(_write_graph(regular, stored, list(_regions(regular))), progress)
+    stored.attrs["complete"] = True
+    return zarr.open_array(str(where), mode="r")
+
+
 def _fill(array, target, resume, progress, path):
-    """Compute and write the chunks of `target` not written yet; how many."""
+    """Compute and write the chunks of `target` not written yet; how many.
+
+    The coarse grids are stored (or found stored) first; on any failure the
+    error says that the output is left incomplete, to be resumed.
+    """
     regions = list(_regions(array))
     done = set()
     if resume:
         root = Path(target.store_path.store.root) / target.store_path.path
         done = _written(target, root, [index for index, _ in regions])
     todo = [(index, region) for index, region in regions if index not in done]
-    if todo:
-        try:
+    try:
+        if todo:
+            array = _checkpointed(array, path, progress)
             _compute(_write_graph(array, target, todo), progress)
-        except Exception as error:
-            error.add_note(
-                f"the output {path} is left incomplete; resume=True (--resume) continues it"
-            )
-            raise
+    except Exception as error:
+        error.add_note(
+            f"the output {path} is left incomplete; resume=True (--resume) continues it"
+        )
+        raise
     return len(todo)
