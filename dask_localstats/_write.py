@@ -48,9 +48,11 @@ import os
 import re
 import socket
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import zarr
@@ -70,6 +72,9 @@ CHECKPOINT_FOLDER = ".dask_localstats"
 _METADATA = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
 _CHUNK_KEY = re.compile(r"^(c([/.]\d+)*|\d+([/.]\d+)*)$")
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+_CHECKPOINT = re.compile(
+    r"^\.dask_localstats/coarse-[0-9a-f]{20}/\.?\d+(-\d+)*\.npy(\.[0-9a-f]{32}\.partial)?$"
+)
 
 try:  # recent zarr renames whole chunk files into place (zarr-python #3412)
     from zarr.storage._local import _atomic_write  # noqa: F401
@@ -152,6 +157,8 @@ def _entries(root):
 
 def _is_entry(root, path, arrays):
     if path.name in _METADATA or path == root / LOCK:
+        return True
+    if _CHECKPOINT.match(path.relative_to(root).as_posix()):
         return True
     holder = next((a for a in [path.parent, *path.parents] if a in arrays), None)
     if holder is None:
@@ -458,23 +465,24 @@ def _client():
         return None
 
 
-def _compute(writes, progress):
+def _compute(collections, progress):
+    """Compute dask collections together (shared tasks once), for their effects."""
     client = _client()
     if client is None:
         from dask.diagnostics import ProgressBar
 
         bar = ProgressBar(1.0, out=sys.stderr) if progress else contextlib.nullcontext()
         with bar:
-            writes.compute()
+            dask.compute(*collections)
         return
-    future = client.compute(writes)
+    futures = client.compute(collections)
     if progress:
         from distributed import progress as show
 
         with contextlib.redirect_stdout(sys.stderr):
-            show(future)
+            show(futures)
         print(file=sys.stderr)
-    future.result()
+    client.gather(futures)
 
 
 def _regular(array, unit):
@@ -724,59 +732,75 @@ def to_zarr(
     return output.array
 
 
-def _load(stored, region):
-    return stored[region]
+def _block_file(folder, index):
+    return Path(folder) / ("-".join(map(str, index)) + ".npy")
 
 
-def _checkpointed(array, path, progress):
-    """`array` with each coarse grid it resamples read from a stored copy.
+def _save_block(block, folder, block_info=None):
+    """Store one coarse block, atomically: written aside, renamed into place."""
+    location = block_info[0]["chunk-location"]
+    path = _block_file(folder, location)
+    if not path.exists():
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        with open(partial, "wb") as file:
+            np.save(file, block, allow_pickle=False)
+        os.replace(partial, path)
+    return np.ones((1,) * block.ndim, dtype=bool)
 
-    A coarse grid is stored in ``path/.dask_localstats/`` under a name made
-    from its dask name (its computation); a complete copy found there, as
-    after an interruption, is read instead of computing it again.
+
+def _load_block(path):
+    return np.load(path, allow_pickle=False)
+
+
+def _checkpointed(array, path):
+    """`array` reading its coarse blocks stored in `path`, and the saves of the rest.
+
+    Every coarse grid that `array` resamples (see
+    :func:`dask_localstats._engine.checkpoint_of`) has a folder in
+    ``path/.dask_localstats/``, named from its dask name (its computation),
+    with one ``.npy`` file a block. Blocks found there are read instead of
+    computed; the others get a task that stores them as soon as they are
+    computed, in the same graph as the output's chunks.
+
+    Returns
+    -------
+    array : dask array
+    saves : list of dask arrays
+        To compute with `array`'s writes.
     """
     layers, dependencies = dict(array.dask.layers), dict(array.dask.dependencies)
+    saves = []
     for layer in array.dask.layers.values():
         coarse = checkpoint_of(layer)
         if coarse is None or coarse.name not in layers:
             continue
-        stored = _stored_coarse(coarse, path / CHECKPOINT_FOLDER, progress)
-        bounds = [np.cumsum((0, *c)) for c in coarse.chunks]
-        mapping = {}
-        for index in itertools.product(*(range(len(c)) for c in coarse.chunks)):
-            region = tuple(
-                slice(int(b[i]), int(b[i + 1]))
-                for b, i in zip(bounds, index, strict=True)
-            )
-            mapping[(coarse.name, *index)] = (_load, stored, region)
+        digest = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
+        folder = path / CHECKPOINT_FOLDER / f"coarse-{digest}"
+        folder.mkdir(parents=True, exist_ok=True)
+        mapping, missing = dict(layers[coarse.name]), False
+        for key in list(mapping):
+            file = _block_file(folder, key[1:])
+            if file.exists():
+                mapping[key] = (_load_block, str(file))
+            else:
+                missing = True
         layers[coarse.name] = MaterializedLayer(mapping)
-        dependencies[coarse.name] = set()
-    if layers == dict(array.dask.layers):
-        return array
+        if missing:
+            saves.append((coarse, str(folder)))
     graph = HighLevelGraph(layers, dependencies)
-    return da.Array(graph, array.name, array.chunks, meta=array._meta)
-
-
-def _stored_coarse(coarse, folder, progress):
-    """The zarr copy of a coarse grid in `folder`, computed if not complete."""
-    key = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
-    where = folder / f"coarse-{key}"
-    try:
-        stored = zarr.open_array(str(where), mode="r")
-        if stored.attrs.get("name") == coarse.name and stored.attrs.get("complete"):
-            return stored
-    except (FileNotFoundError, ValueError, KeyError):
-        pass
-    chunks = tuple(max(c) for c in coarse.chunks)
-    stored = zarr.create_array(
-        str(where), shape=coarse.shape, chunks=chunks, dtype=coarse.dtype,
-        fill_value=0, attributes={"name": coarse.name, "complete": False},
-        overwrite=True, zarr_format=3, config={"write_empty_chunks": True},
-    )  # fmt: skip
-    regular = coarse.rechunk(chunks)
-    _compute(_write_graph(regular, stored, list(_regions(regular))), progress)
-    stored.attrs["complete"] = True
-    return zarr.open_array(str(where), mode="r")
+    stores = []
+    for coarse, folder in saves:
+        loaded = da.Array(graph, coarse.name, coarse.chunks, meta=coarse._meta)
+        stores.append(
+            loaded.map_blocks(
+                _save_block,
+                folder,
+                chunks=tuple((1,) * len(c) for c in coarse.chunks),
+                dtype=bool,
+                meta=np.empty((0,) * coarse.ndim, bool),
+            )
+        )
+    return da.Array(graph, array.name, array.chunks, meta=array._meta), stores
 
 
 def _fill(array, target, resume, progress, path):
@@ -793,8 +817,8 @@ def _fill(array, target, resume, progress, path):
     todo = [(index, region) for index, region in regions if index not in done]
     try:
         if todo:
-            array = _checkpointed(array, path, progress)
-            _compute(_write_graph(array, target, todo), progress)
+            array, saves = _checkpointed(array, path)
+            _compute([_write_graph(array, target, todo), *saves], progress)
     except Exception as error:
         error.add_note(
             f"the output {path} is left incomplete; resume=True (--resume) continues it"
