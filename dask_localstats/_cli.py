@@ -14,8 +14,11 @@ OUT can be resumed; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import shlex
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -244,7 +247,8 @@ def _check_recorded_range(options, image):
 # --- running ------------------------------------------------------------------
 
 
-def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=False):
+def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=False,
+        log=None):  # fmt: skip
     """Plan a request, write its result, report; see :func:`main`.
 
     Parameters
@@ -257,8 +261,11 @@ def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=Fal
     cluster : dict or None
         Keyword arguments of :func:`dask_localstats._cluster.connect`.
     quiet : bool
-        No progress bar or summary line.
+        No progress bar; the summary line only.
+    log : file or None
+        Where to write the progress, as lines, and the summary too.
     """
+    started = time.monotonic()
     job = plan(request)
     for note in job.notes[1:]:  # warnings, before computing
         print(f"{PROG}: {note}", file=sys.stderr)
@@ -272,16 +279,40 @@ def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=Fal
             provenance=job.provenance,
             attributes={"command": shlex.join([PROG, *argv])},
             ome=job.ome,
-            progress=not quiet,
+            progress=log or not quiet,
             overwrite=overwrite,
             resume=resume,
             **(request.layout or {}),
         )
-    if not quiet:
-        count = f"{written.attrs['dask_localstats']['written']} of {written.nchunks}"
-        shape = f"shape {written.shape}, {written.dtype}"
-        print(f"{PROG}: wrote {request.output} ({shape}): {count} chunks computed;"
-              f" {job.notes[0]}", file=sys.stderr)  # fmt: skip
+    summary = _summary(request, written, job, time.monotonic() - started)
+    for out in (sys.stderr, log) if log else (sys.stderr,):
+        print(f"{PROG}: {summary}", file=out, flush=True)
+
+
+def _summary(request, written, job, seconds):
+    """What a run did: statistic, parameters, output, time and throughput."""
+    options = request.options
+    what = request.statistic + ("" if not request.subtract else " --subtract")
+    value = options.get("percentile", options.get("max_bin"))
+    geometry = ", ".join(
+        f"{k} {options[k]}" for k in ("selem", "spacing", "step") if options[k]
+    )
+    count = f"{written.attrs['dask_localstats']['written']} of {written.nchunks} chunks"
+    rate = math.prod(written.shape) / seconds / 1e6 if seconds else 0
+    return (
+        f"{what} {value} ({geometry}): wrote {request.output} (shape {written.shape}, "
+        f"{written.dtype}), {count} computed in {seconds:.1f} s ({rate:.1f} Mvoxel/s); "
+        f"{job.notes[0]}"
+    )
+
+
+@contextlib.contextmanager
+def _log(path):
+    if path is None:
+        yield None
+        return
+    with open(path, "a") as log:
+        yield log
 
 
 _EXPECTED = LocalStatsError | ValueError | TypeError | OSError | MemoryError
@@ -315,8 +346,9 @@ def main(argv=None):
     cluster = dict(scheduler=args.scheduler, workers=args.workers,
                    memory_limit=args.memory_limit)  # fmt: skip
     try:
-        run(_request(args), argv, overwrite=args.overwrite, resume=args.resume,
-            cluster=cluster, quiet=args.quiet)  # fmt: skip
+        with _log(args.log_file) as log:
+            run(_request(args), argv, overwrite=args.overwrite, resume=args.resume,
+                cluster=cluster, quiet=args.quiet, log=log)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; continue with --resume", file=sys.stderr)
         return 130

@@ -135,7 +135,9 @@ def _add_common(parser):
     run.add_argument("--memory-limit", metavar="BYTES", help="memory limit per "
                      "worker with --workers, e.g. 4GB (default: auto)")  # fmt: skip
     run.add_argument("--quiet", "-q", action="store_true",
-                     help="no progress bar or summary")  # fmt: skip
+                     help="no progress bar, only the summary line")  # fmt: skip
+    run.add_argument("--log-file", metavar="PATH", help="append the progress "
+                     "(a line every 10 s) and the summary to this file")  # fmt: skip
     run.add_argument("--debug", action="store_true",
                      help="show the traceback of an error")  # fmt: skip
 

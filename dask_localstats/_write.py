@@ -44,6 +44,7 @@ import datetime
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import socket
@@ -60,6 +61,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from ._engine import checkpoint_of
+from ._progress import COARSE, WRITE, Progress, Stage
 from ._public import public
 from ._stored import Inventory, locate, locations, stored_sources
 from .errors import InputChangedError, LockedError, RefusedError
@@ -465,24 +467,23 @@ def _client():
         return None
 
 
-def _compute(collections, progress):
-    """Compute dask collections together (shared tasks once), for their effects."""
+def _compute(collections, progress=None):
+    """Compute dask collections together (shared tasks once), for their effects.
+
+    `progress`, a :class:`~dask_localstats._progress.Progress`, follows it.
+    """
     client = _client()
-    if client is None:
-        from dask.diagnostics import ProgressBar
-
-        bar = ProgressBar(1.0, out=sys.stderr) if progress else contextlib.nullcontext()
-        with bar:
+    shown = contextlib.nullcontext() if progress is None else progress.following(client)
+    with shown:
+        if client is None:
             dask.compute(*collections)
-        return
-    futures = client.compute(collections)
-    if progress:
-        from distributed import progress as show
+        else:
+            client.gather(client.compute(collections))
 
-        with contextlib.redirect_stdout(sys.stderr):
-            show(futures)
-        print(file=sys.stderr)
-    client.gather(futures)
+
+def _stream(progress):
+    """Where to show progress: stderr for True, else the file given."""
+    return sys.stderr if progress is True else progress
 
 
 def _regular(array, unit):
@@ -646,8 +647,10 @@ def to_zarr(
     ome : OmeImage or None
         Write an OME-Zarr 0.5 image (a group whose level ``"0"`` is the array)
         with these axes, scale and translation.
-    progress : bool
-        Show a progress bar on stderr.
+    progress : bool or file
+        Show one progress bar over the job (the coarse stage and the writing,
+        weighted by voxels, with the rate and the time left) on stderr, or
+        as lines in the file given.
 
     Returns
     -------
@@ -767,9 +770,11 @@ def _checkpointed(array, path):
     array : dask array
     saves : list of dask arrays
         To compute with `array`'s writes.
+    stages : list of Stage
+        The coarse blocks left to compute, for the progress bar.
     """
     layers, dependencies = dict(array.dask.layers), dict(array.dask.dependencies)
-    saves = []
+    saves, stages = [], []
     for layer in array.dask.layers.values():
         coarse = checkpoint_of(layer)
         if coarse is None or coarse.name not in layers:
@@ -777,16 +782,19 @@ def _checkpointed(array, path):
         digest = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
         folder = path / CHECKPOINT_FOLDER / f"coarse-{digest}"
         folder.mkdir(parents=True, exist_ok=True)
-        mapping, missing = dict(layers[coarse.name]), False
-        for key in list(mapping):
+        mapping, missing = dict(layers[coarse.name]), 0
+        blocks = [k for k in mapping if isinstance(k, tuple) and k[0] == coarse.name]
+        for key in blocks:
             file = _block_file(folder, key[1:])
             if file.exists():
                 mapping[key] = (_load_block, str(file))
             else:
-                missing = True
+                missing += 1
         layers[coarse.name] = MaterializedLayer(mapping)
         if missing:
             saves.append((coarse, str(folder)))
+            voxels = math.prod(array.shape[: coarse.ndim]) / len(blocks)
+            stages.append(Stage("background", COARSE, voxels, missing))
     graph = HighLevelGraph(layers, dependencies)
     stores = []
     for coarse, folder in saves:
@@ -800,7 +808,7 @@ def _checkpointed(array, path):
                 meta=np.empty((0,) * coarse.ndim, bool),
             )
         )
-    return da.Array(graph, array.name, array.chunks, meta=array._meta), stores
+    return da.Array(graph, array.name, array.chunks, meta=array._meta), stores, stages
 
 
 def _fill(array, target, resume, progress, path):
@@ -817,8 +825,11 @@ def _fill(array, target, resume, progress, path):
     todo = [(index, region) for index, region in regions if index not in done]
     try:
         if todo:
-            array, saves = _checkpointed(array, path)
-            _compute([_write_graph(array, target, todo), *saves], progress)
+            array, saves, stages = _checkpointed(array, path)
+            voxels = math.prod(target.shards or target.chunks)
+            stages.append(Stage("write", WRITE, voxels, len(todo)))
+            shown = None if not progress else Progress(stages, _stream(progress))
+            _compute([_write_graph(array, target, todo), *saves], shown)
     except Exception as error:
         error.add_note(
             f"the output {path} is left incomplete; resume=True (--resume) continues it"

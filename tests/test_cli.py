@@ -480,6 +480,7 @@ def test_local_cluster(tmp_path, image):
     result = run("percentile", source, out, "--percentile", "0.5", *CLI_GEOMETRY,
                  "--workers", "2", "--memory-limit", "1GB")  # fmt: skip
     assert "dashboard at" in ok(result).stderr
+    assert "| background 100% write 100% |" in result.stderr  # the same bar
     expected = dls.local_percentile(image, 0.5, **GEOMETRY)
     np.testing.assert_array_equal(zarr.open_array(out, mode="r")[:], expected)
 
@@ -700,3 +701,21 @@ def test_histogram_bins_from_the_recorded_range(tmp_path, image):
     got = zarr.open_array(tmp_path / "d.zarr")[:]
     np.testing.assert_array_equal(got, expected, strict=True)
     assert got[..., -1].sum() == (small >= 31).sum()
+
+
+def test_summary_line_and_log_file(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image)
+    log = tmp_path / "job.log"
+    args = ["--percentile", "0.25", *CLI_GEOMETRY]
+    quiet, logged = run_all(
+        command("percentile", source, tmp_path / "a.zarr", *args, "--quiet"),
+        command("percentile", source, tmp_path / "b.zarr", *args, "--log-file", log),
+    )
+    summary = ok(quiet).stderr.strip()
+    assert summary.count("\n") == 0  # no bar: the summary line only
+    assert summary.startswith("dask-localstats: percentile 0.25 (selem (6, 8, 5), ")
+    assert "36 of 36 chunks computed in " in summary and "Mvoxel/s" in summary
+    lines = log.read_text().splitlines()
+    assert lines[-2].startswith("[##############################] 100% | background")
+    assert lines[-1].startswith("dask-localstats: percentile 0.25")
+    assert ok(logged).stderr.strip() == lines[-1]  # the bar went to the log
