@@ -81,7 +81,7 @@ class Progress:
     out: object = field(default_factory=lambda: sys.stderr)
     interval: float = 10.0
     started: float = field(default_factory=time.monotonic)
-    _shown: float = 0.0
+    _shown: float = field(default_factory=time.monotonic)  # the first after a while
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def line(self):
@@ -124,6 +124,17 @@ class Progress:
     @contextlib.contextmanager
     def following(self, client=None):
         """Follow a computation made within the block (locally or on `client`)."""
+        try:
+            with self._watching(client):
+                yield
+        except BaseException:
+            if getattr(self.out, "isatty", lambda: False)():
+                print(file=self.out)  # end the bar's line before the error's
+            raise
+        self.show(force=True)
+
+    @contextlib.contextmanager
+    def _watching(self, client):
         if client is None:
             with _Follower(self):
                 yield
@@ -138,9 +149,8 @@ class Progress:
             finally:
                 stop.set()
                 poller.join()
-                for stage in self.stages:
-                    stage.done = stage.tasks
-        self.show(force=True)
+            for stage in self.stages:
+                stage.done = stage.tasks
 
     def _poll(self, client, stop):
         prefixes = [s.prefix for s in self.stages]
