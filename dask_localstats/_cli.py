@@ -204,16 +204,16 @@ def _in_axis_order(options, order, axes, shape):
             if isinstance(options[key], tuple) and len(options[key]) == len(axes):
                 options[key] = tuple(options[key][i] for i in permute)
     selem = options["selem"]
-    if isinstance(selem, tuple) and len(selem) == len(shape):
-        shortest = min(shape)
-        for size, extent, name in zip(
-            shape, selem, axes or range(len(shape)), strict=True
-        ):
-            if extent == 1 and size >= 2 * shortest and len(shape) > 1:
+    names = axes or [str(d) for d in range(len(shape))]
+    spatial = [d for d, n in enumerate(names) if n not in ("t", "c") and shape[d] > 1]
+    if isinstance(selem, tuple) and len(selem) == len(shape) and len(spatial) > 1:
+        shortest = min(shape[d] for d in spatial)
+        for d in spatial:
+            if selem[d] == 1 and shape[d] >= 2 * shortest:
                 notes.append(
-                    f"warning: --selem is 1 on axis {name} (size {size}), not on "
-                    f"the shortest axis (size {shortest}); sizes are in IN's axis "
-                    "order unless --axes says otherwise (ClearMap's: --axes xyz)"
+                    f"warning: --selem is 1 on axis {names[d]} (size {shape[d]}), "
+                    f"not on the shortest axis (size {shortest}); sizes are in IN's "
+                    "axis order unless --axes says otherwise (ClearMap's: --axes xyz)"
                 )
     return options, notes
 

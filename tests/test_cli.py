@@ -719,3 +719,37 @@ def test_summary_line_and_log_file(tmp_path, image):
     assert lines[-2].startswith("[##############################] 100% | background")
     assert lines[-1].startswith("dask-localstats: percentile 0.25")
     assert ok(logged).stderr.strip() == lines[-1]  # the bar went to the log
+
+
+def test_bigstitcher_style_ome_zarr(tmp_path):
+    """A 5-D (t c z y x) OME-Zarr 0.5 image, as BigStitcher exports one."""
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 4000, (1, 2, 10, 32, 40)).astype(np.uint16)
+    fused = tmp_path / "fused.ome.zarr"
+    group = zarr.open_group(fused, mode="w")
+    group.create_array("s0", shape=image.shape, chunks=(1, 1, 5, 16, 20),
+                       dtype=image.dtype, dimension_names=list("tczyx"))[:] = image  # fmt: skip
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"
+    ]
+    scale = {"type": "scale", "scale": [1.0, 1.0, 2.0, 0.4, 0.4]}
+    datasets = [{"path": "s0", "coordinateTransformations": [scale]}]
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"axes": axes, "datasets": datasets}],
+    }
+    out = tmp_path / "flat.ome.zarr"
+    result = ok(run("percentile", fused, out, "--percentile", "0.25", "--selem", "1",
+                    "1", "1", "16", "16", "--spacing", "1", "1", "1", "8", "8",
+                    "--subtract"))  # fmt: skip
+    assert "IN had axes t c z y x" in result.stderr
+    assert "warning" not in result.stderr  # windows of 1 on t, c and z: no swap
+    flat = zarr.open_group(out, mode="r")
+    assert flat.attrs["ome"]["multiscales"][0]["axes"] == axes
+    background = dls.local_percentile(
+        image, 0.25, selem=(1, 1, 1, 16, 16), spacing=(1, 1, 1, 8, 8),
+        dtype=np.float32,
+    )  # fmt: skip
+    difference = image.astype(np.float64) - background.astype(np.float64)
+    expected = np.clip(np.rint(difference), 0, 65535).astype(np.uint16)
+    np.testing.assert_array_equal(flat["0"][:], expected, strict=True)
