@@ -66,6 +66,8 @@ class Request:
     axes: str | None = None
     setup: int = 0
     timepoint: int = 0
+    voxel_size: tuple | None = None
+    unit: str = "micrometer"
 
 
 @dataclass
@@ -107,7 +109,8 @@ def _request(args):
     return Request(
         args.command, args.input, args.output, options, args.mask, args.level,
         args.ome, getattr(args, "subtract", False), layout, args.series, args.axes,
-        args.setup, args.timepoint,
+        args.setup, args.timepoint, args.voxel_size and tuple(args.voxel_size),
+        args.unit,
     )  # fmt: skip
 
 
@@ -151,9 +154,7 @@ def plan(request):
     ome_in = None
     if isinstance(source, zarr.Array):
         ome_in = read_image(request.input, request.level, source.ndim)
-    voxel = getattr(source, "voxel_size", None)  # recorded by BigDataViewer's XML
-    if ome_in is None and voxel is not None and len(voxel) == source.ndim:
-        ome_in = OmeImage(OmeImage.default(source.ndim).axes, list(voxel))
+    ome_in = _with_voxel_size(ome_in, source, request)
     axes = _axis_names(ome_in, source.ndim)
     options, notes = _in_axis_order(request.options, request.axes, axes, source.shape)
     if options.get("max_bin") == "auto":
@@ -182,6 +183,23 @@ def plan(request):
     }
     inputs = {"IN": source} if mask is None else {"IN": source, "MASK": mask}
     return Job(result, inputs, provenance, image, notes)
+
+
+def _with_voxel_size(image, source, request):
+    """IN's OME image, with the voxel size given or recorded (BigDataViewer)."""
+    voxel = request.voxel_size or getattr(source, "voxel_size", None)
+    if voxel is None:
+        return image
+    if len(voxel) != source.ndim:
+        msg = f"--voxel-size needs {source.ndim} sizes (one per axis of IN), got {list(voxel)}"
+        raise ValueError(msg)
+    if any(v <= 0 for v in voxel):
+        msg = f"--voxel-size must be positive, got {list(voxel)}"
+        raise ValueError(msg)
+    base = image or OmeImage.default(source.ndim)
+    unit = request.unit if request.voxel_size else "micrometer"
+    axes = [{**a, "unit": unit} if a.get("type") == "space" else a for a in base.axes]
+    return OmeImage(axes, list(voxel), base.translation, base.name, base.maximum)
 
 
 def _axis_names(image, ndim):

@@ -103,6 +103,11 @@ def _add_common(parser):
                        "setup, or Imaris channel, of an HDF5 IN (default: 0)")  # fmt: skip
     group.add_argument("--timepoint", type=int, default=0, help="time point of "
                        "a BigDataViewer or Imaris IN (default: 0)")  # fmt: skip
+    group.add_argument("--voxel-size", nargs="+", type=float, metavar="S",
+                       help="physical voxel size per axis of IN, for OUT's "
+                       "OME-Zarr scale (implies --ome)")  # fmt: skip
+    group.add_argument("--unit", default="micrometer", help="unit of "
+                       "--voxel-size (default: micrometer)")  # fmt: skip
     group.add_argument("--ome", action=argparse.BooleanOptionalAction,
                        default=None, help="write OUT as an OME-Zarr 0.5 image "
                        "(default: when IN is OME-Zarr)")  # fmt: skip

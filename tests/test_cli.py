@@ -753,3 +753,21 @@ def test_bigstitcher_style_ome_zarr(tmp_path):
     difference = image.astype(np.float64) - background.astype(np.float64)
     expected = np.clip(np.rint(difference), 0, 65535).astype(np.uint16)
     np.testing.assert_array_equal(flat["0"][:], expected, strict=True)
+
+
+def test_voxel_size_gives_tiff_inputs_a_scale(tmp_path, image):
+    tifffile.imwrite(tmp_path / "stack.tif", image)
+    args = ["--percentile", "0.5", *CLI_GEOMETRY, "--quiet"]
+    good, wrong = run_all(
+        command("percentile", tmp_path / "stack.tif", tmp_path / "a.zarr", *args,
+                "--voxel-size", "2", "0.5", "0.5", "--unit", "micrometer"),
+        command("percentile", tmp_path / "stack.tif", tmp_path / "b.zarr", *args,
+                "--voxel-size", "2", "0.5"),
+    )  # fmt: skip
+    ok(good)
+    data, axes, scale, translation = ome_image(tmp_path / "a.zarr")
+    assert axes == ["z", "y", "x"] and scale == [2.0, 0.5, 0.5]
+    units = zarr.open_group(tmp_path / "a.zarr").attrs["ome"]["multiscales"][0]["axes"]
+    assert {a["unit"] for a in units} == {"micrometer"}
+    np.testing.assert_array_equal(data, dls.local_percentile(image, 0.5, **GEOMETRY))
+    refused(wrong, "--voxel-size needs 3 sizes (one per axis of IN), got [2.0, 0.5]")
