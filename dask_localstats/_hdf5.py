@@ -25,7 +25,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from .errors import CorruptChunkError, LocalStatsError, SourceNotFoundError
+from .errors import SourceNotFoundError, _reading
 
 __all__ = ["Hdf5Source", "hdf5_path", "open_hdf5"]
 
@@ -94,17 +94,9 @@ class Hdf5Source:
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
-        try:
-            with _h5py().File(self.files[0], "r") as file:
-                data = _read(file[self.dataset], key, self.shape)
-        except FileNotFoundError:
-            msg = f"HDF5 file {self.files[0]!r} is gone"
-            raise SourceNotFoundError(msg) from None
-        except (MemoryError, LocalStatsError):
-            raise
-        except Exception as error:  # h5py, filters and files raise many kinds
-            msg = f"{self.dataset} of HDF5 file {self.files[0]!r} cannot be read: {type(error).__name__}: {error}"
-            raise CorruptChunkError(msg) from error
+        what = f"{self.dataset} of HDF5 file {self.files[0]!r}"
+        with _reading(what), _h5py().File(self.files[0], "r") as file:
+            data = _read(file[self.dataset], key, self.shape)
         return data.view(self.view) if self.view is not None else data
 
 

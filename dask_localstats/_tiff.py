@@ -28,7 +28,7 @@ import re
 import numpy as np
 import zarr
 
-from .errors import CorruptChunkError, LocalStatsError, SourceNotFoundError
+from .errors import CorruptChunkError, SourceNotFoundError, _reading
 
 __all__ = ["TiffSlices", "TiffStack", "open_tiff", "tiff_files"]
 
@@ -90,28 +90,19 @@ def _read_tiff(path, selection, level=0, expect=None):
     ``(shape, dtype)`` pair, is checked against the file's header first.
     """
     tifffile = _tifffile()
-    try:
-        with (
-            tifffile.TiffFile(path) as tif,
-            tif.aszarr(series=0, level=level) as store,
-        ):
-            array = zarr.open_array(store, mode="r")
-            if expect is not None and (tuple(array.shape), array.dtype) != expect:
-                msg = (
-                    f"TIFF slice {path!r} has shape {array.shape} and dtype "
-                    f"{array.dtype}; the stack's slices have {expect[0]} and "
-                    f"{expect[1]}"
-                )
-                raise CorruptChunkError(msg)
-            return np.asarray(array[selection])
-    except FileNotFoundError:
-        msg = f"TIFF file {path!r} is gone"
-        raise SourceNotFoundError(msg) from None
-    except (MemoryError, LocalStatsError):
-        raise
-    except Exception as error:  # tifffile, codecs and zarr raise many kinds
-        msg = f"TIFF file {path!r} cannot be read: {type(error).__name__}: {error}"
-        raise CorruptChunkError(msg) from error
+    with (
+        _reading(f"TIFF file {path!r}"),
+        tifffile.TiffFile(path) as tif,
+        tif.aszarr(series=0, level=level) as store,
+    ):
+        array = zarr.open_array(store, mode="r")
+        if expect is not None and (tuple(array.shape), array.dtype) != expect:
+            msg = (
+                f"TIFF slice {path!r} has shape {array.shape} and dtype "
+                f"{array.dtype}; the stack's slices have {expect[0]} and {expect[1]}"
+            )
+            raise CorruptChunkError(msg)
+        return np.asarray(array[selection])
 
 
 def _tiff_layout(path, name, level=0):

@@ -17,6 +17,8 @@ True
 
 from __future__ import annotations
 
+import contextlib
+
 __all__ = [
     "CorruptChunkError",
     "InputChangedError",
@@ -59,3 +61,23 @@ class MemoryBudgetError(LocalStatsError, ValueError):
 
 class SourceNotFoundError(LocalStatsError, FileNotFoundError):
     """An input does not exist."""
+
+
+@contextlib.contextmanager
+def _reading(what):
+    """Turn the failures of reading `what` (a file) into the library's errors.
+
+    A missing file is a :class:`SourceNotFoundError`; anything a reader or a
+    codec raises (libraries raise many kinds) a :class:`CorruptChunkError`
+    naming `what`. The library's own errors and ``MemoryError`` pass.
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        msg = f"{what} is gone"
+        raise SourceNotFoundError(msg) from None
+    except (MemoryError, LocalStatsError):
+        raise
+    except Exception as error:
+        msg = f"{what} cannot be read: {type(error).__name__}: {error}"
+        raise CorruptChunkError(msg) from error

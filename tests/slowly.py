@@ -6,6 +6,8 @@ chunk (metadata is written at once). The delay is zarr's, not the
 library's: the library runs unchanged.
 """
 
+import os
+import signal
 import sys
 import time
 
@@ -24,6 +26,18 @@ def slow_writes(delay):
         return await original(self, key, value, *args, **kwargs)
 
     LocalStore.set = set
+
+
+def kill_when(proc, done, seconds=60):
+    """SIGKILL a running process as soon as ``done()``; it must still run."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
 
 
 if __name__ == "__main__":

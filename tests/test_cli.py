@@ -18,6 +18,7 @@ import pytest
 import tifffile
 import zarr
 from dask.base import tokenize
+from slowly import kill_when
 from strategies import write_zarr
 
 import dask_localstats as dls
@@ -441,14 +442,10 @@ def test_sigkill_then_resume_finishes_without_recomputing(tmp_path):
     # one thread, a pause before each of the 32 chunks: slow enough to kill
     env = {**os.environ, "DASK_NUM_WORKERS": "1"}
     proc = subprocess.Popen(slow_command(0.15, *args), env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while len([p for p in chunk_files(out) if ".partial" not in p.name]) < 4:
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_when(
+        proc,
+        lambda: len([p for p in chunk_files(out) if ".partial" not in p.name]) >= 4,
+    )
     assert proc.returncode == -signal.SIGKILL
     assert record(out)["complete"] is False
     before = chunk_files(out)
@@ -538,17 +535,6 @@ def test_urls_symlinks_and_masks_never_become_the_output(tmp_path, image):
     assert chunk_files(tmp_path) == before
 
 
-def _kill_when(proc, done, seconds=60):
-    deadline = time.monotonic() + seconds
-    while not done():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-
-
 def test_resume_refuses_a_changed_input_then_accepts_it_restored(tmp_path):
     image = np.random.default_rng(2).integers(0, 4000, (8, 32, 32), np.uint16)
     source = write_zarr(tmp_path / "in.zarr", image, chunks=(4, 8, 8))
@@ -557,7 +543,7 @@ def test_resume_refuses_a_changed_input_then_accepts_it_restored(tmp_path):
             "8", "--spacing", "2", "4", "4", "--quiet"]  # fmt: skip
     env = {**os.environ, "DASK_NUM_WORKERS": "1"}
     proc = subprocess.Popen(slow_command(0.15, *args), env=env, stderr=subprocess.PIPE)
-    _kill_when(proc, lambda: len(chunk_files(out)) >= 4)  # some chunks written
+    kill_when(proc, lambda: len(chunk_files(out)) >= 4)  # some chunks written
     chunk = source / "c" / "1" / "2" / "3"
     data, info = chunk.read_bytes(), chunk.stat()
     z = zarr.open_array(source, mode="r+")
@@ -765,7 +751,7 @@ def test_voxel_size_gives_tiff_inputs_a_scale(tmp_path, image):
                 "--voxel-size", "2", "0.5"),
     )  # fmt: skip
     ok(good)
-    data, axes, scale, translation = ome_image(tmp_path / "a.zarr")
+    data, axes, scale, _ = ome_image(tmp_path / "a.zarr")
     assert axes == ["z", "y", "x"] and scale == [2.0, 0.5, 0.5]
     units = zarr.open_group(tmp_path / "a.zarr").attrs["ome"]["multiscales"][0]["axes"]
     assert {a["unit"] for a in units} == {"micrometer"}

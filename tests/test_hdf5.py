@@ -113,3 +113,17 @@ def test_command_line_reads_bigdataviewer_and_imaris(files, images, tmp_path):
     transforms = bdv_out.attrs["ome"]["multiscales"][0]["datasets"][0]
     assert transforms["coordinateTransformations"][0]["scale"] == [3.0, 0.6, 0.6]
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "i.zarr")[:], expected)
+
+
+def test_damaged_or_removed_files_are_named(files):
+    from dask_localstats.errors import CorruptChunkError, SourceNotFoundError
+
+    plain, bdv, _ = files
+    source = dls.open_source(f"{plain}:/acq/data")
+    plain.write_bytes(plain.read_bytes()[:2048])  # truncated after opening
+    with pytest.raises(CorruptChunkError, match=r"/acq/data of HDF5 file .*plain.h5"):
+        source[0]
+    lazy = dls.open_source(bdv)
+    bdv.unlink()
+    with pytest.raises(SourceNotFoundError, match=r"HDF5 file .*dataset.h5' is gone"):
+        lazy[0]

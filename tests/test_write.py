@@ -1,7 +1,6 @@
 """Writing results: refusals, the lock, the record, resuming, input checks."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from slowly import kill_when
 from strategies import write_zarr
 
 import dask_localstats as dls
@@ -278,14 +278,7 @@ def test_python_resume_after_sigkill_is_byte_identical(tmp_path):
     out = tmp_path / "out.zarr"
     argv, env = _python(tmp_path, out, delay=0.15)
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while len(list((out / "c").rglob("*"))) < 8:
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_when(proc, lambda: len(list((out / "c").rglob("*"))) >= 8)
     assert (out / LOCK).exists()  # left behind, stale
     for path, resume in [(out, True), (tmp_path / "fresh.zarr", False)]:
         argv, env = _python(tmp_path, path, resume=resume)
