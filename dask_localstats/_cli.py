@@ -105,7 +105,8 @@ def _request(args):
         options.update(max_bin=args.max_bin, clip_values=args.clip_values)
     else:
         options["percentile"] = _sizes(args.percentile)
-    layout = dict(chunks=args.chunks, shards=args.shards, compressors=args.compression)
+    layout = dict(chunks=args.chunks, shards=args.shards, compressors=args.compression,
+                  pyramid=args.pyramid)  # fmt: skip
     return Request(
         args.command, args.input, args.output, options, args.mask, args.level,
         args.ome, getattr(args, "subtract", False), layout, args.series, args.axes,
@@ -164,7 +165,8 @@ def plan(request):
     grid = make_grid(
         source.shape, options["selem"], options["spacing"], options["step"]
     )
-    ome = ome_in is not None if request.ome is None else request.ome
+    pyramid = (request.layout or {}).get("pyramid", 1) > 1
+    ome = ome_in is not None or pyramid if request.ome is None else request.ome
     image = None
     if ome:
         name = str(locate(request.output)).rsplit("/", 1)[-1]

@@ -75,17 +75,24 @@ class OmeImage:
     def dimension_names(self):
         return [a["name"] for a in self.axes]
 
-    def attributes(self, path="0"):
-        """The group attributes of an OME-Zarr 0.5 image of one level."""
-        transforms = [
-            {"type": "scale", "scale": self.scale},
-            {"type": "translation", "translation": self.translation},
+    def attributes(self, levels=None):
+        """The group attributes of an OME-Zarr 0.5 image.
+
+        `levels` is a list of ``(path, scale, translation)``, finest first;
+        default: this level alone, at path ``"0"``.
+        """
+        levels = levels or [("0", self.scale, self.translation)]
+        datasets = [
+            {
+                "path": path,
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": list(scale)},
+                    {"type": "translation", "translation": list(translation)},
+                ],
+            }
+            for path, scale, translation in levels
         ]
-        image = {
-            "name": self.name,
-            "axes": self.axes,
-            "datasets": [{"path": path, "coordinateTransformations": transforms}],
-        }
+        image = {"name": self.name, "axes": self.axes, "datasets": datasets}
         return {"version": VERSION, "multiscales": [image]}
 
 

@@ -116,6 +116,9 @@ def _add_common(parser):
                        "IN's, or the processing blocks with --coarse)")  # fmt: skip
     group.add_argument("--shards", **sizes, help="store chunks together in "
                        "shards of this shape (multiples of the chunks)")  # fmt: skip
+    group.add_argument("--pyramid", type=int, default=1, metavar="N",
+                       help="write N resolution levels, each halving the spatial "
+                       "axes longer than 32 voxels (implies --ome; default 1)")  # fmt: skip
     group.add_argument("--compression", default="auto", metavar="SPEC",
                        help="zstd[:LEVEL], blosc-zstd[:LEVEL], blosc-lz4[:LEVEL] "
                        "or none (default: zarr's zstd)")  # fmt: skip

@@ -63,6 +63,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from ._engine import checkpoint_of
 from ._progress import COARSE, WRITE, Progress, Stage
 from ._public import public
+from ._pyramid import downsample, halved_axes, level_image
 from ._stored import Inventory, locate, locations, stored_sources
 from .errors import InputChangedError, LockedError, RefusedError
 
@@ -608,6 +609,7 @@ def to_zarr(
     inputs=None,
     provenance=None,
     ome=None,
+    pyramid=1,
     progress=False,
 ):
     """Store a (lazy) array into a new zarr v3 array, chunk by chunk, resumably.
@@ -647,6 +649,10 @@ def to_zarr(
     ome : OmeImage or None
         Write an OME-Zarr 0.5 image (a group whose level ``"0"`` is the array)
         with these axes, scale and translation.
+    pyramid : int
+        With `ome`: the number of resolution levels, each halving the spatial
+        axes still longer than 32 voxels, computed from the level above as
+        stored (fewer when no axis is left to halve).
     progress : bool or file
         Show one progress bar over the job (the coarse stage and the writing,
         weighted by voxels, with the rate and the time left) on stderr, or
@@ -678,6 +684,12 @@ def to_zarr(
     """
     if overwrite and resume:
         msg = "`overwrite` and `resume` exclude each other"
+        raise ValueError(msg)
+    if isinstance(pyramid, bool) or not isinstance(pyramid, int) or pyramid < 1:
+        msg = f"`pyramid` must be a number of levels >= 1, got {pyramid!r}"
+        raise ValueError(msg)
+    if pyramid > 1 and ome is None:
+        msg = "`pyramid` needs an OME-Zarr output (`ome`, command line: --ome)"
         raise ValueError(msg)
     array = _as_dask(array)
     layout = _layout(array, chunks, shards, compressors)
@@ -731,6 +743,8 @@ def to_zarr(
                 f"({changes}); it is left incomplete: overwrite=True (--overwrite) starts again"
             )
             raise InputChangedError(msg)
+        if pyramid > 1:
+            _write_levels(output.node, ome, pyramid, progress)
         output.mark({**record, "complete": True, "written": written})
     return output.array
 
@@ -809,6 +823,36 @@ def _checkpointed(array, path):
             )
         )
     return da.Array(graph, array.name, array.chunks, meta=array._meta), stores, stages
+
+
+def _write_levels(group, image, count, progress):
+    """Levels 1 .. `count` - 1 of an OME-Zarr image, each from the one above."""
+    spatial = [d for d, a in enumerate(image.axes) if a.get("type") == "space"]
+    first = group["0"]
+    levels = [("0", image.scale, image.translation)]
+    factors = [1] * first.ndim
+    for k in range(1, count):
+        above = group[str(k - 1)]
+        axes = halved_axes(above.shape, spatial)
+        if not axes:
+            break
+        source = da.from_zarr(
+            above,
+            chunks=[2 * c if d in axes else c for d, c in enumerate(first.chunks)],
+        )
+        level = _regular(downsample(source, axes), first.chunks)
+        target = group.require_array(
+            str(k), shape=level.shape, chunks=first.chunks, dtype=level.dtype,
+            compressors=first.compressors, fill_value=0,
+            dimension_names=image.dimension_names,
+            config={"write_empty_chunks": True},
+        )  # fmt: skip
+        stage = Stage(f"level {k}", WRITE, math.prod(first.chunks), level.npartitions)
+        shown = None if not progress else Progress([stage], _stream(progress))
+        _compute([_write_graph(level, target, list(_regions(level)))], shown)
+        factors = [f * 2 if d in axes else f for d, f in enumerate(factors)]
+        levels.append((str(k), *level_image(image, factors)))
+    group.attrs["ome"] = image.attributes(levels)
 
 
 def _fill(array, target, resume, progress, path):

@@ -757,3 +757,16 @@ def test_voxel_size_gives_tiff_inputs_a_scale(tmp_path, image):
     assert {a["unit"] for a in units} == {"micrometer"}
     np.testing.assert_array_equal(data, dls.local_percentile(image, 0.5, **GEOMETRY))
     refused(wrong, "--voxel-size needs 3 sizes (one per axis of IN), got [2.0, 0.5]")
+
+
+def test_pyramid_on_the_command_line(tmp_path):
+    image = np.random.default_rng(6).integers(0, 4000, (8, 96, 80)).astype(np.uint16)
+    source = write_zarr(tmp_path / "in.zarr", image, chunks=(8, 32, 32))
+    out = tmp_path / "flat.ome.zarr"
+    ok(run("percentile", source, out, "--percentile", "0.3", "--selem", "1", "16",
+           "16", "--spacing", "1", "8", "8", "--subtract", "--pyramid", "3",
+           "--voxel-size", "3", "0.5", "0.5", "--quiet"))  # fmt: skip
+    group = zarr.open_group(out, mode="r")
+    assert [group[k].shape for k in "012"] == [(8, 96, 80), (8, 48, 40), (8, 24, 20)]
+    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+    assert datasets[2]["coordinateTransformations"][0]["scale"] == [3.0, 2.0, 2.0]

@@ -374,3 +374,56 @@ def test_resume_reads_the_stored_coarse_blocks_instead_of_the_source(tmp_path, i
     np.testing.assert_array_equal(resumed[:], expected, strict=True)
     # the store, checkpoints included, is the library's own: overwrite replaces it
     dls.to_zarr(result, out, overwrite=True)
+
+
+def _block_means(image, axes):
+    """The 2-block means of `image` on `axes`, an odd axis's last voxel alone."""
+    out = image.astype(np.float64)
+    for d in axes:
+        if out.shape[d] % 2:
+            out = np.concatenate([out, np.take(out, [-1], axis=d)], axis=d)
+        shape = list(out.shape)
+        shape[d : d + 1] = [shape[d] // 2, 2]
+        out = out.reshape(shape).mean(axis=d + 1)
+    return np.round(out).astype(image.dtype)
+
+
+def test_pyramid_levels_are_valid_ome_zarr(tmp_path):
+    from dask_localstats._ome import OmeImage
+
+    image = np.random.default_rng(5).integers(0, 4000, (40, 100, 90), np.uint16)
+    meta = OmeImage.default(3, name="flat")
+    meta = OmeImage(meta.axes, [2.0, 0.5, 0.5], [10.0, 0.0, 0.0], "flat")
+    lazy = da.from_array(image, chunks=(10, 25, 30))
+    out = tmp_path / "pyr.ome.zarr"
+    dls.to_zarr(lazy, out, ome=meta, pyramid=4)
+    group = zarr.open_group(out, mode="r")
+    level1 = _block_means(image, [0, 1, 2])
+    level2 = _block_means(level1, [1, 2])  # z (20 slices) is kept from here on
+    for k, expected in enumerate([image, level1, level2]):
+        np.testing.assert_array_equal(group[str(k)][:], expected, strict=True)
+        assert group[str(k)].chunks == (10, 25, 30)
+    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+    assert [d["path"] for d in datasets] == ["0", "1", "2"]  # none left above 32
+    scales = [d["coordinateTransformations"][0]["scale"] for d in datasets]
+    shifts = [d["coordinateTransformations"][1]["translation"] for d in datasets]
+    assert scales == [[2.0, 0.5, 0.5], [4.0, 1.0, 1.0], [4.0, 2.0, 2.0]]
+    assert shifts == [[10.0, 0.0, 0.0], [11.0, 0.25, 0.25], [11.0, 0.75, 0.75]]
+
+    # the metadata validates against OME-Zarr 0.5, and ome-zarr-py reads it
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v05.image import Image
+
+    Image.from_zarr(group)
+    node = next(iter(Reader(parse_url(str(out)))()))
+    assert [level.shape for level in node.data[:3]] == [
+        (40, 100, 90), (20, 50, 45), (20, 25, 23)
+    ]  # fmt: skip
+
+
+def test_pyramid_needs_an_ome_output(tmp_path):
+    with pytest.raises(ValueError, match=r"`pyramid` needs an OME-Zarr output"):
+        dls.to_zarr(da.zeros((4, 4)), tmp_path / "x.zarr", pyramid=2)
+    with pytest.raises(ValueError, match=r"`pyramid` must be a number of levels"):
+        dls.to_zarr(da.zeros((4, 4)), tmp_path / "x.zarr", pyramid=0)
