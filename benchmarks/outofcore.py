@@ -1,9 +1,11 @@
-"""Out-of-core benchmarks W7, W8 and W9 of BENCHMARKS.md.
+"""Out-of-core benchmarks W7 to W11 of BENCHMARKS.md.
 
-Run ``python benchmarks/outofcore.py`` (``--sizes 1 8`` GiB for W7,
-``--repeat 3``, ``--only W7,W9``, ``--workdir DIR`` where the synthetic
+Run ``python benchmarks/outofcore.py`` (``--sizes 1 8`` GiB for W7 and W10,
+``--repeat 3``, ``--only W10,W11``, ``--workdir DIR`` where the synthetic
 stores go; they are made once and reused; ``--malloc-arena-max 2`` runs both
-sides with glibc's per-thread heaps capped, see the README).
+sides with glibc's per-thread heaps capped, see the README;
+``--tiff-chunks`` the output chunks of W11; ``--only stages`` times W10's
+steps one by one in one process, on the first of ``--sizes``).
 
 - W7: ``v - local_percentile(v, 0.1, selem=(64,)*3, spacing=(32,)*3)``
   stored into a new zstd zarr store, against B4, a plain
@@ -14,6 +16,24 @@ sides with glibc's per-thread heaps capped, see the README).
 - W9: the lazy W7 pipeline over a 1 TiB zarr array that is created but
   never written: time and memory to build it, then the time to compute one
   256^3 output block and the number of storage chunks it asked for.
+- W10: ClearMap's light-sheet correction, as the library does it:
+  ``dls.to_zarr(dls.subtract_background(src, bg), dst)`` with ``bg`` the
+  ``local_percentile(src, 0.25, selem=(1, 200, 200), spacing=(1, 25, 25),
+  step=(1, 2, 2), dtype=float32)`` (interpolation order 1), on a uint16 zstd
+  zarr volume (z y x) of ``(n, 2048, 2048)`` in 64 x 256 x 256 chunks (1 GiB:
+  n = 128; 8 GiB: n = 1024), against B4, ``da.from_zarr(src).to_zarr(dst)``.
+  Both sides write zarr's default codec (zstd, as ``dls.to_zarr``'s "auto")
+  in the source's chunks.
+- W11: the same job on a folder of 200 uint16 1024 x 1024 TIFF slices
+  (``dls.open_source(folder)``), against a plain TIFF -> zarr conversion
+  with the same output chunks: ``tifffile.imread`` of each slice, stacked
+  with dask, rechunked, ``to_zarr``. ``--tiff-chunks default`` takes the
+  library's default output chunks; ``64,256,256`` passes ``chunks=`` to
+  ``local_percentile``.
+
+W10 and W11 also report each side's CPU time (user + system, all threads)
+over wall time, CPU seconds per GiB of uint16 input and the hours one TiB
+(1024 GiB) would take on this 2-core machine, at the measured wall time.
 
 The volumes are light-sheet-like (see ``data.py``), written slab by slab.
 """
@@ -21,10 +41,13 @@ The volumes are light-sheet-like (see ``data.py``), written slab by slab.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
+import math
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,7 +59,7 @@ import dask.array as da
 import numpy as np
 import zarr
 from data import lightsheet
-from run import peak_rss_mib
+from run import environment, peak_rss_mib
 from zarr.codecs import ZstdCodec
 
 import dask_localstats as dls
@@ -44,24 +67,94 @@ import dask_localstats as dls
 CHUNKS = (128, 128, 128)
 CROSS_SECTION = (1024, 1024)
 KWARGS = dict(selem=(64, 64, 64), spacing=(32, 32, 32))
+# W10 and W11: ClearMap's light-sheet correction, z y x
+LIGHTSHEET_CHUNKS = (64, 256, 256)
+LIGHTSHEET_SECTION = (2048, 2048)
+LIGHTSHEET = dict(
+    selem=(1, 200, 200), spacing=(1, 25, 25), step=(1, 2, 2), dtype=np.float32
+)
+SLICES = 200
+SLICE_SHAPE = (1024, 1024)
 
 
-def make_volume(path, gib):
-    """A uint16 zstd zarr volume of `gib` GiB, shape (n, 1024, 1024)."""
-    depth = int(gib * 2**30 / 2 / np.prod(CROSS_SECTION))
-    shape = (depth, *CROSS_SECTION)
+def make_volume(path, gib, section=CROSS_SECTION, chunks=CHUNKS):
+    """A uint16 zstd zarr volume of `gib` GiB, shape ``(n, *section)``."""
+    depth = int(gib * 2**30 / 2 / np.prod(section))
+    shape = (depth, *section)
     if path.exists():
         z = zarr.open_array(path, mode="r")
-        if z.shape == shape:
+        if z.shape == shape and z.chunks == chunks:
             return z
         shutil.rmtree(path)
     z = zarr.create_array(
-        path, shape=shape, chunks=CHUNKS, dtype="uint16", compressors=ZstdCodec(level=1)
+        path, shape=shape, chunks=chunks, dtype="uint16", compressors=ZstdCodec(level=1)
     )
-    for i, start in enumerate(range(0, depth, CHUNKS[0])):
-        slab = lightsheet((min(CHUNKS[0], depth - start), *CROSS_SECTION), seed=i)
+    for i, start in enumerate(range(0, depth, chunks[0])):
+        slab = lightsheet((min(chunks[0], depth - start), *section), seed=i)
         z[start : start + len(slab)] = slab
     return z
+
+
+def make_slices(folder):
+    """`SLICES` uint16 TIFF files ``Z0000.tif``, ... of `SLICE_SHAPE` each."""
+    import tifffile
+
+    names = [folder / f"Z{i:04d}.tif" for i in range(SLICES)]
+    if all(name.exists() for name in names):
+        return names
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    planes = 50
+    for i, start in enumerate(range(0, SLICES, planes)):
+        slab = lightsheet((min(planes, SLICES - start), *SLICE_SHAPE), seed=i)
+        for k, plane in enumerate(slab):
+            tifffile.imwrite(names[start + k], plane)
+    return names
+
+
+def parse_chunks(text):
+    """``"64,256,256"`` as a tuple of ints; ``"default"`` as None."""
+    return None if text == "default" else tuple(int(c) for c in text.split(","))
+
+
+def lightsheet_job(src, dst, chunks=None):
+    """W10 and W11: subtract ClearMap's light-sheet background, as the library does."""
+    source = dls.open_source(str(src))
+    background = dls.local_percentile(source, 0.25, chunks=chunks, **LIGHTSHEET)
+    dls.to_zarr(dls.subtract_background(source, background), dst)
+
+
+def lightsheet_copy(src, dst):
+    """B4 for W10: a plain dask copy, zarr's default codec, the same chunks."""
+    da.from_zarr(zarr.open_array(src, mode="r")).to_zarr(dst)
+
+
+def tiff_copy(folder, dst, chunks):
+    """The W11 baseline: TIFF slices -> zarr, plainly, in `chunks`."""
+    import dask
+    import tifffile
+
+    files = sorted(Path(folder).glob("*.tif"))
+    with tifffile.TiffFile(files[0]) as tif:
+        shape, dtype = tif.pages[0].shape, tif.pages[0].dtype
+    planes = [
+        da.from_delayed(dask.delayed(tifffile.imread)(f), shape, dtype) for f in files
+    ]
+    da.stack(planes).rechunk(chunks).to_zarr(dst)
+
+
+def output_chunks(folder, chunks):
+    """The chunks W11's job writes (the library's default for None)."""
+    source = dls.open_source(str(folder))
+    background = dls.local_percentile(source, 0.25, chunks=chunks, **LIGHTSHEET)
+    result = dls.subtract_background(source, background)
+    return tuple(c[0] for c in result.chunks)
+
+
+def cpu_seconds():
+    """User and system CPU time of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def job(src, dst):
@@ -87,16 +180,22 @@ def copy(src, dst):
     da.from_zarr(z).to_zarr(dst, overwrite=True, compressors=ZstdCodec(level=1))
 
 
-def child(workload, side, src, dst, workers):
-    start = time.perf_counter()
+def child(workload, side, src, dst, extra):
+    start, cpu = time.perf_counter(), cpu_seconds()
     if workload == "W7":
         (job if side == "ours" else copy)(src, dst)
+    elif workload == "W10":
+        (lightsheet_job if side == "ours" else lightsheet_copy)(src, dst)
+    elif workload == "W11" and side == "ours":
+        lightsheet_job(src, dst, parse_chunks(extra))
+    elif workload == "W11":
+        tiff_copy(src, dst, parse_chunks(extra))
     elif workload == "W8":
         from distributed import Client, LocalCluster
 
         with (
             LocalCluster(
-                n_workers=workers,
+                n_workers=int(extra),
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=":0",
@@ -105,7 +204,8 @@ def child(workload, side, src, dst, workers):
         ):
             start = time.perf_counter()
             job(src, dst)
-    print(json.dumps({"seconds": time.perf_counter() - start, "rss": peak_rss_mib()}))
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "rss": peak_rss_mib()}))
 
 
 ENV = dict(os.environ)
@@ -180,11 +280,165 @@ def w9(path):
     )
 
 
+def timed(function, *args, **kwargs):
+    """``(result, wall seconds, CPU seconds)`` of one call."""
+    start, cpu = time.perf_counter(), cpu_seconds()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def touched(shape, dtype):
+    """A new array, written once: first-touch page faults are not timed."""
+    out = np.empty(shape, dtype)
+    out.fill(0)
+    return out
+
+
+def stages(src, workdir):
+    """W10's steps one by one, in this process; one JSON row per step.
+
+    Each step is timed alone (wall and CPU time of all threads), with the
+    default threaded scheduler where it is a dask computation, on the
+    volume at `src`; the in-memory arrays in between are allocated and
+    touched before timing. Floors: zstd decoding and encoding of the
+    volume's chunks in one thread (numcodecs, as zarr calls it), and NumPy
+    passes over memory.
+    """
+    import numcodecs
+
+    from dask_localstats._engine import resample_stage
+    from dask_localstats._grid import make_grid
+
+    z = zarr.open_array(src, mode="r")
+    gib = z.nbytes / 2**30
+    chunks = da.core.normalize_chunks(z.chunks, z.shape)
+    rows = []
+
+    def row(step, wall, cpu, note=""):
+        rows.append(dict(step=step, wall=wall, cpu=cpu, gib=gib, note=note))
+        print(json.dumps(rows[-1]), flush=True)
+
+    # the job as a whole, in this process
+    dst = workdir / "stages-out.zarr"
+    shutil.rmtree(dst, ignore_errors=True)
+    _, wall, cpu = timed(lightsheet_job, src, dst)
+    row("whole job (to_zarr of subtract_background)", wall, cpu)
+    shutil.rmtree(dst, ignore_errors=True)
+    # read: files into memory, zstd decoding in one thread, zarr threaded
+    files = sorted(f for f in Path(src).rglob("*") if f.is_file() and "c" in f.parts)
+    raw, wall, cpu = timed(_read_all, files)
+    packed = sum(map(len, raw)) / z.nbytes
+    row("read the chunk files (page cache)", wall, cpu, f"ratio {packed:.2f}")
+    _, wall, cpu = timed(_code_all, numcodecs.Zstd().decode, raw)
+    row("zstd decode, 1 thread (numcodecs)", wall, cpu)
+    del raw
+    v = touched(z.shape, z.dtype)
+    _, wall, cpu = timed(da.from_zarr(z).store, v, lock=False)
+    row("read + decode, zarr via dask (threaded)", wall, cpu)
+    # the coarse stage: from the store, and from memory
+    kwargs = dict(interpolate=None, **LIGHTSHEET)
+    stored = dls.local_percentile(z, 0.25, **kwargs)
+    _, wall, cpu = timed(stored.compute)
+    row("coarse stage from the zarr store (threaded)", wall, cpu)
+    coarse, wall, cpu = timed(dls.local_percentile, v, 0.25, **kwargs)
+    row("coarse stage from memory (threaded)", wall, cpu, f"grid {coarse.shape}")
+    # resampling to full resolution, float32
+    grid = make_grid(
+        z.shape, LIGHTSHEET["selem"], LIGHTSHEET["spacing"], LIGHTSHEET["step"]
+    )
+    lazy = resample_stage(
+        da.from_array(coarse, chunks=coarse.shape), grid, 1, "corners", chunks
+    )
+    bg = touched(z.shape, np.float32)
+    _, wall, cpu = timed(lazy.store, bg, lock=False)
+    row("resample, order 1, to float32 (threaded)", wall, cpu)
+    # the subtraction, rounded and clipped
+    lazy = dls.subtract_background(v, da.from_array(bg, chunks=chunks))
+    out = touched(z.shape, z.dtype)
+    _, wall, cpu = timed(lazy.store, out, lock=False)
+    row("subtract_background, uint16 (threaded)", wall, cpu)
+    del bg
+    # encoding and writing
+    blocks = [np.ascontiguousarray(out[region]) for region in _regions(chunks)]
+    for level in (0, 1):
+        encoded, wall, cpu = timed(
+            _code_all, numcodecs.Zstd(level=level).encode, blocks
+        )
+        packed = sum(map(len, encoded)) / z.nbytes
+        row(f"zstd encode level {level}, 1 thread", wall, cpu, f"ratio {packed:.2f}")
+    del blocks, encoded
+    _, wall, cpu = timed(dls.to_zarr, da.from_array(out, chunks=chunks), dst)
+    row("dls.to_zarr of the result (threaded)", wall, cpu)
+    shutil.rmtree(dst, ignore_errors=True)
+    _, wall, cpu = timed(da.from_array(out, chunks=chunks).to_zarr, str(dst))
+    row("da.to_zarr of the result (threaded)", wall, cpu)
+    shutil.rmtree(dst, ignore_errors=True)
+    # memory passes
+    _, wall, cpu = timed(np.copyto, out, v)
+    row("NumPy copy of the uint16 volume, 1 thread", wall, cpu)
+    f32 = touched(z.shape, np.float32)
+    _, wall, cpu = timed(np.add, f32, 1, out=f32)
+    row("NumPy float32 pass in place, 1 thread", wall, cpu)
+    return rows
+
+
+def _read_all(files):
+    return [f.read_bytes() for f in files]
+
+
+def _code_all(code, items):
+    return [code(item) for item in items]
+
+
+def _regions(chunks):
+    """Slices of each block of dask `chunks`, in C order."""
+    bounds = [np.cumsum((0, *c)) for c in chunks]
+    for index in itertools.product(*(range(len(c)) for c in chunks)):
+        yield tuple(slice(b[i], b[i + 1]) for b, i in zip(bounds, index, strict=True))
+
+
+def side_by_side(workload, src, extras, repeat, workdir):
+    """`repeat` fresh runs of each side (``extras``: side -> extra), alternating."""
+    runs = {side: [] for side in extras}
+    for _ in range(repeat):
+        for side, extra in extras.items():
+            dst = workdir / f"out-{side}.zarr"
+            runs[side].append(run_child(workload, side, src, dst, extra))
+            shutil.rmtree(dst, ignore_errors=True)
+    return runs
+
+
+def ratio_line(label, runs, baseline, target):
+    """A row of the main table: medians, the ratio and the worst peak RSS."""
+    ours = statistics.median(r["seconds"] for r in runs["ours"])
+    base = statistics.median(r["seconds"] for r in runs["B4"])
+    rss = max(r["rss"] for r in runs["ours"])
+    base_rss = max(r["rss"] for r in runs["B4"])
+    return (
+        f"| {label} | {ours:.1f} | {baseline} {base:.1f} | "
+        f"{ours / base:.2f}x the copy | {target} | {rss:.0f} / {base_rss:.0f} |"
+    )
+
+
+def cost_lines(label, runs, gib):
+    """Rows of the cost table: CPU time, CPU per GiB and hours per TiB."""
+    lines = []
+    for side, side_runs in runs.items():
+        wall = statistics.median(r["seconds"] for r in side_runs)
+        cpu = statistics.median(r["cpu"] for r in side_runs)
+        every = ", ".join(f"{r['seconds']:.1f}/{r['cpu']:.1f}" for r in side_runs)
+        lines.append(
+            f"| {label} | {side} | {wall:.1f} | {cpu:.1f} | {cpu / wall:.2f} | "
+            f"{cpu / gib:.1f} | {wall / gib * 1024 / 3600:.1f} | {every} |"
+        )
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 8])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="W7,W8,W9")
+    parser.add_argument("--only", default="W7,W8,W9,W10,W11")
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -196,36 +450,35 @@ def main(argv=None):
         help="MALLOC_ARENA_MAX for every child (both sides): glibc's limit on "
         "per-thread heaps, which otherwise hold freed memory in long runs",
     )
+    parser.add_argument(
+        "--tiff-chunks",
+        nargs="+",
+        default=["default", "64,256,256"],
+        help="W11's output chunks: 'default' (the library's) or z,y,x",
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.malloc_arena_max:
         ENV["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
     if args.child:
-        workload, side, src, dst, workers = args.child
+        workload, side, src, dst, extra = args.child
         if workload == "W9":
             return w9(Path(src))
-        return child(workload, side, src, dst, int(workers))
+        if workload == "stages":
+            stages(Path(src), Path(dst))
+            return None
+        return child(workload, side, src, dst, extra)
     args.workdir.mkdir(parents=True, exist_ok=True)
     only = args.only.split(",")
-    lines = []
+    lines, costs = [], []
+    print(environment(), flush=True)
     if "W7" in only:
         for gib in args.sizes:
             src = args.workdir / f"volume-{gib:g}GiB.zarr"
             make_volume(src, gib)
-            runs = {"ours": [], "B4": []}
-            for _ in range(args.repeat):
-                for side in runs:  # alternate, side by side
-                    dst = args.workdir / f"out-{side}.zarr"
-                    runs[side].append(run_child("W7", side, src, dst, 0))
-                    shutil.rmtree(dst, ignore_errors=True)
-            ours = statistics.median(r["seconds"] for r in runs["ours"])
-            base = statistics.median(r["seconds"] for r in runs["B4"])
-            rss = max(r["rss"] for r in runs["ours"])
-            base_rss = max(r["rss"] for r in runs["B4"])
-            lines.append(
-                f"| W7 {gib:g} GiB | {ours:.1f} | B4 copy {base:.1f} | "
-                f"{ours / base:.2f}x the copy | <= 1.5x | {rss:.0f} / {base_rss:.0f} |"
-            )
+            extras = {"ours": 0, "B4": 0}
+            runs = side_by_side("W7", src, extras, args.repeat, args.workdir)
+            lines.append(ratio_line(f"W7 {gib:g} GiB", runs, "B4 copy", "<= 1.5x"))
             print(lines[-1], flush=True)
     if "W8" in only:
         src = args.workdir / "volume-1GiB.zarr"
@@ -253,11 +506,61 @@ def main(argv=None):
         )
         print(lines[-1], flush=True)
         shutil.rmtree(args.workdir / "tera.zarr", ignore_errors=True)
+    if "W10" in only:
+        for gib in args.sizes:
+            src = args.workdir / f"lightsheet-{gib:g}GiB.zarr"
+            z = make_volume(src, gib, LIGHTSHEET_SECTION, LIGHTSHEET_CHUNKS)
+            extras = {"ours": "-", "B4": "-"}
+            runs = side_by_side("W10", src, extras, args.repeat, args.workdir)
+            label = f"W10 {gib:g} GiB {'x'.join(map(str, z.shape))}"
+            lines.append(ratio_line(label, runs, "B4 copy", "<= 1.5x, <= 1.5 GiB"))
+            costs += cost_lines(label, runs, z.nbytes / 2**30)
+            print(lines[-1], *costs[-2:], sep="\n", flush=True)
+    if "W11" in only:
+        folder = args.workdir / f"slices-{SLICES}"
+        make_slices(folder)
+        gib = SLICES * math.prod(SLICE_SHAPE) * 2 / 2**30
+        for text in args.tiff_chunks:
+            chunks = output_chunks(folder, parse_chunks(text))
+            shown = "x".join(map(str, chunks))
+            extras = {"ours": text, "B4": ",".join(map(str, chunks))}
+            runs = side_by_side("W11", folder, extras, args.repeat, args.workdir)
+            label = f"W11 {SLICES} TIFF slices, chunks {shown} ({text})"
+            lines.append(ratio_line(label, runs, "TIFF -> zarr", "<= 1.5x"))
+            costs += cost_lines(label, runs, gib)
+            print(lines[-1], *costs[-2:], sep="\n", flush=True)
+    if "stages" in only:
+        src = args.workdir / f"lightsheet-{args.sizes[0]:g}GiB.zarr"
+        make_volume(src, args.sizes[0], LIGHTSHEET_SECTION, LIGHTSHEET_CHUNKS)
+        command = [sys.executable, __file__, "--child", "stages", "-", src]
+        done = subprocess.run(
+            [*command, args.workdir, "-"], check=True, capture_output=True, text=True
+        )
+        steps = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
     header = (
         "| workload | ours (s) | baseline (s) | ratio | target | "
         "peak RSS ours / baseline (MiB) |\n|---|---|---|---|---|---|"
     )
     print("\n" + header + "\n" + "\n".join(lines))
+    if costs:
+        header = (
+            "| workload | side | wall (s) | CPU (s) | CPU / wall | CPU s per GiB | "
+            "h per TiB on 2 cores | every run, wall/CPU (s) |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
+        print("\n" + header + "\n" + "\n".join(costs))
+    if "stages" in only:
+        print(
+            f"\nW10's steps, {steps[0]['gib']:g} GiB, one process\n\n"
+            "| step | wall (s) | CPU (s) | CPU / wall | CPU s per GiB | note |\n"
+            "|---|---|---|---|---|---|"
+        )
+        for step in steps:
+            print(
+                f"| {step['step']} | {step['wall']:.2f} | {step['cpu']:.2f} | "
+                f"{step['cpu'] / step['wall']:.2f} | "
+                f"{step['cpu'] / step['gib']:.2f} | {step['note']} |"
+            )
 
 
 if __name__ == "__main__":
