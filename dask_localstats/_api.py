@@ -16,7 +16,13 @@ import dask.threaded
 import numpy as np
 from dask.base import tokenize
 
-from ._engine import OUTPUT_CHUNK_BYTES, auto_chunks, coarse_stage, resample_stage
+from ._engine import (
+    OUTPUT_CHUNK_BYTES,
+    auto_chunks,
+    coarse_stage,
+    identity,
+    resample_stage,
+)
 from ._grid import make_grid
 from ._interpolate import ALIGNS
 from ._io import open_source
@@ -140,8 +146,9 @@ def _default_chunks(source, lazy, shape):
 
     TIFF slices, stored one plane a file, give chunks of a few whole planes
     (one chunk a plane would make one output file a slice, and a chunk of
-    part of a plane would read each file several times); sources in memory
-    get chunks from the output budget.
+    part of a plane would read each file several times); sources in memory,
+    or stored in chunks of more than 8 times the output budget (128 MiB of
+    float64), get chunks from the output budget.
     """
     itemsize = np.dtype(np.float64).itemsize
     if isinstance(source, TiffSlices) and len(shape) > 1:
@@ -150,7 +157,12 @@ def _default_chunks(source, lazy, shape):
             depth = max(_PLANES, OUTPUT_CHUNK_BYTES // plane)
             return (min(depth, shape[0]), *shape[1:])
     chunks = getattr(source, "chunks", None) if lazy else None
-    return auto_chunks(shape, itemsize) if chunks is None else chunks
+    if chunks is None:
+        return auto_chunks(shape, itemsize)
+    sizes = [max(c) if isinstance(c, tuple) else c for c in chunks]
+    if math.prod(sizes) * itemsize <= OUTPUT_CHUNK_BYTES * 8:
+        return chunks
+    return auto_chunks(shape, itemsize)  # the source's chunks are too large
 
 
 def _check_block_bytes(block_bytes):
@@ -691,15 +703,19 @@ def subtract_background(source, background, *, dtype=None):
     if background.shape != source.shape:
         msg = f"`background` must have the shape of `source` {source.shape}, got {background.shape}"
         raise ValueError(msg)
-    name = "localstats-source-" + tokenize(background.name, "subtract")
-    image = da.from_array(source, chunks=background.chunks, name=name, asarray=True)
+    if isinstance(source, da.Array):
+        image = source.rechunk(background.chunks)
+    else:
+        name = "localstats-source-" + tokenize(identity(source))
+        image = da.from_array(source, chunks=background.chunks, name=name, asarray=True)
+    token = tokenize(image.name, background.name, dtype)
     return da.map_blocks(
         _subtract_block,
         image,
         background,
         dtype,
         dtype=dtype,
-        name="localstats-subtract",
+        name=f"localstats-subtract-{token}",
     )
 
 

@@ -160,7 +160,7 @@ def plan(request):
     options, notes = _in_axis_order(request.options, request.axes, axes, source.shape)
     if options.get("max_bin") == "auto":
         options["max_bin"] = _auto_bins(ome_in, source.dtype)
-    _check_recorded_range(options, ome_in)
+    _check_recorded_range(options, ome_in, source.dtype)
     result, extra = _statistic(request, options, source, mask)
     grid = make_grid(
         source.shape, options["selem"], options["spacing"], options["step"]
@@ -240,19 +240,27 @@ def _in_axis_order(options, order, axes, shape):
 
 def _auto_bins(image, dtype):
     """Bins for --max-bin auto: IN's recorded maximum + 1, else its dtype's range."""
-    recorded = None if image is None else image.maximum
-    if recorded is not None:
-        return int(recorded) + 1
     dtype = np.dtype(dtype)
+    recorded = None if image is None else image.maximum
+    if recorded is not None and not (
+        dtype.kind in "iu" and recorded >= np.iinfo(dtype).max
+    ):
+        return int(recorded) + 1
     if dtype.kind not in "bu":
         msg = f"--max-bin auto needs an unsigned integer IN or a recorded maximum, IN is {dtype}"
         raise ValueError(msg)
     return 2 if dtype.kind == "b" else int(np.iinfo(dtype).max) + 1
 
 
-def _check_recorded_range(options, image):
-    """Refuse before computing when IN's recorded maximum exceeds the bins."""
+def _check_recorded_range(options, image, dtype):
+    """Refuse before computing when IN's recorded maximum exceeds the bins.
+
+    A recorded maximum that is the dtype's own (as many writers put in
+    ``omero`` windows) says nothing of the data, and is not used.
+    """
     maximum = None if image is None else image.maximum
+    if maximum is not None and np.dtype(dtype).kind in "iu":
+        maximum = None if maximum >= np.iinfo(dtype).max else maximum
     bins = options.get("max_bin")
     if bins is None or maximum is None or options.get("clip_values"):
         return

@@ -282,7 +282,7 @@ def _component_bytes(fshape, dtype):
     return 2 * math.prod(fshape) * max(np.dtype(dtype).itemsize, 8)
 
 
-def _identity(array):
+def identity(array):
     """What names `array` in a task key: hashing NumPy data would cost a pass."""
     return uuid.uuid4().hex if isinstance(array, np.ndarray) else array
 
@@ -326,13 +326,14 @@ def coarse_stage(
     -------
     dask array of shape ``grid.counts + statistic.fshape``
     """
-    itemsize = np.dtype(source.dtype).itemsize + (mask is not None)
+    itemsize = np.dtype(source.dtype).itemsize
+    itemsize += 0 if mask is None else np.dtype(mask.dtype).itemsize
     block_bytes = block_bytes or DEFAULT_BLOCK_BYTES
     per_center = _component_bytes(statistic.fshape, dtype)
     per_block = plan_blocks(grid, itemsize, block_bytes, per_center)
     chunks = align_blocks(grid, per_block, _storage_chunks(source))
     token = tokenize(
-        _identity(source),
+        identity(source),
         grid.shape,
         grid.extent,
         grid.spacing,
@@ -340,7 +341,7 @@ def coarse_stage(
         grid.footprint,
         statistic,
         dtype,
-        _identity(mask),
+        identity(mask),
         chunks,
         missing,
     )

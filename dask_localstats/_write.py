@@ -374,6 +374,7 @@ def _reopen(path, record, array, layout, inventories):
     try:
         node = zarr.open(store=str(path), mode="r+")
         target = node["0"] if isinstance(node, zarr.Group) else node
+        target = target.with_config({"write_empty_chunks": True})
         previous = target.attrs[RECORD]
     except Exception:  # anything unreadable: not ours to continue
         msg = f"resume: the output {path} is not a store written by dask_localstats; overwrite=True (--overwrite) replaces it"
@@ -526,6 +527,7 @@ def compressors_of(compression):
         level = int(level) if level else None
     except ValueError:
         level = -1
+    most = 9 if name.startswith("blosc") else 22
     makers = {
         "zstd": lambda n: ZstdCodec(level=3 if n is None else n),
         "blosc-zstd": lambda n: BloscCodec(
@@ -535,8 +537,8 @@ def compressors_of(compression):
             cname="lz4", clevel=5 if n is None else n, shuffle="shuffle"
         ),
     }
-    if name not in makers or (level is not None and not 0 <= level <= 22):
-        msg = f"`compression` must be one of {COMPRESSIONS} (levels 0..22), got {compression!r}"
+    if name not in makers or (level is not None and not 0 <= level <= most):
+        msg = f"`compression` must be one of {COMPRESSIONS} (levels 0..22 for zstd, 0..9 for blosc), got {compression!r}"
         raise ValueError(msg)
     return [makers[name](level)]
 
@@ -845,8 +847,7 @@ def _write_levels(group, image, count, progress):
             str(k), shape=level.shape, chunks=first.chunks, dtype=level.dtype,
             compressors=first.compressors, fill_value=0,
             dimension_names=image.dimension_names,
-            config={"write_empty_chunks": True},
-        )  # fmt: skip
+        ).with_config({"write_empty_chunks": True})  # fmt: skip
         stage = Stage(f"level {k}", WRITE, math.prod(first.chunks), level.npartitions)
         shown = None if not progress else Progress([stage], _stream(progress))
         _compute([_write_graph(level, target, list(_regions(level)))], shown)

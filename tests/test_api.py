@@ -1,5 +1,6 @@
 """The public functions against the brute-force reference of SPEC.md."""
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -476,3 +477,14 @@ def test_subtract_background_checks():
         dls.subtract_background(image, np.zeros((4, 5)))
     with pytest.raises(TypeError, match=r"`dtype` must be an integer or float"):
         dls.subtract_background(image, np.zeros((4, 4)), dtype=bool)
+
+
+def test_subtractions_of_different_sources_are_different_computations():
+    background = da.full((4, 4), 20.0, chunks=2)
+    a, b = np.full((4, 4), 100, np.uint16), np.full((4, 4), 200, np.uint16)
+    x, y = dask.compute(
+        dls.subtract_background(a, background), dls.subtract_background(b, background)
+    )
+    assert (x == 80).all() and (y == 180).all()
+    lazy = dls.subtract_background(da.from_array(b, chunks=(1, 4)), background)
+    assert (lazy.compute() == 180).all()

@@ -328,6 +328,7 @@ def test_shards_and_codecs(tmp_path, spec, codec):
         (dict(compressors="gzip"), r"`compression` must be one of .*'gzip'"),
         (dict(compressors="zstd:x"), r"`compression` must be one of .*'zstd:x'"),
         (dict(compressors="blosc-lz4:99"), r"levels 0\.\.22"),
+        (dict(compressors="blosc-zstd:12"), r"0\.\.9 for blosc"),
     ],
 )
 def test_bad_layouts_are_refused_before_anything_is_written(tmp_path, options, match):
@@ -427,3 +428,14 @@ def test_pyramid_needs_an_ome_output(tmp_path):
         dls.to_zarr(da.zeros((4, 4)), tmp_path / "x.zarr", pyramid=2)
     with pytest.raises(ValueError, match=r"`pyramid` must be a number of levels"):
         dls.to_zarr(da.zeros((4, 4)), tmp_path / "x.zarr", pyramid=0)
+
+
+def test_resumed_chunks_of_fill_values_are_written_too(tmp_path):
+    from dask_localstats._stored import absent_chunks
+
+    zeros = da.zeros((8, 8), chunks=4, dtype="u2")
+    z = dls.to_zarr(zeros, tmp_path / "z.zarr")
+    z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
+    (tmp_path / "z.zarr" / "c" / "1" / "1").unlink()
+    resumed = dls.to_zarr(zeros, tmp_path / "z.zarr", resume=True)
+    assert absent_chunks(resumed) == []  # "the chunk exists" means "it is done"
