@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import itertools
 import json
@@ -110,15 +111,39 @@ def _output_path(store):
 
 
 def _check_not_input(where, inputs):
-    """Refuse an output that is, is inside, or holds one of the inputs."""
+    """Refuse an output that is, is inside, or holds one of the inputs.
+
+    Locations are compared as resolved paths, and local ones also as the
+    files they are (device and inode of each existing ancestor), so a bind
+    mount or a second mount of the same folder is caught too.
+    """
     for label, source in inputs.items():
         for place in locations(source):
-            if place.contains(where):
+            inside = place.contains(where) or _under(where, place)
+            if inside:
                 msg = f"the output {where} is {label} or inside it ({place}); refusing to write there"
                 raise RefusedError(msg)
-            if where.contains(place):
+            if where.contains(place) or _under(place, where):
                 msg = f"the output {where} holds {label} ({place}); refusing to write there"
                 raise RefusedError(msg)
+
+
+def _under(inner, outer):
+    """Whether the local `inner` is `outer` or inside it, as files on disk."""
+    if (
+        "file" not in (inner.protocol, outer.protocol)
+        or inner.protocol != outer.protocol
+    ):
+        return False
+    try:
+        target = os.stat(outer.path)
+    except OSError:
+        return False
+    for folder in [Path(inner.path), *Path(inner.path).parents]:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(folder), target):
+                return True
+    return False
 
 
 def _array_folders(root):
@@ -211,64 +236,79 @@ class Holder:
     def __str__(self):
         return f"pid {self.pid} on {self.host}, since {self.started}"
 
-    @property
-    def gone(self):
-        """Whether the process has ended (only known on this host)."""
-        if self.host != socket.gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
 
 def _holder(lock):
     try:
-        return Holder(**json.loads(lock.read_text()))
+        return Holder(**json.loads(Path(lock).read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
 
+def _flocked(lock):
+    """An open descriptor of the file `lock`, flocked by us, or None if taken.
+
+    Returns ``(fd, created)``. The lock file is the path's current file: one
+    removed or replaced while we waited is opened again.
+    """
+    while True:
+        try:
+            fd, created = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(lock, os.O_RDWR), False
+            except FileNotFoundError:
+                continue  # removed meanwhile: try again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None, False
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                return fd, created
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a file that is no longer the lock: again
+
+
 @contextlib.contextmanager
 def _locked(path, clear_stale):
-    """Hold the lock file of the output folder `path` while in the block."""
+    """Hold the lock of the output folder `path` while in the block.
+
+    The lock is a file, ``.dask_localstats.lock``, holding the pid, host and
+    start time of the run, and flocked by it for as long as it runs: the
+    system releases a flock when its process ends however it ends, so a
+    lock file nobody flocks was left by a run that is gone.
+    """
     lock = path / LOCK
-    me = Holder(
-        os.getpid(),
-        socket.gethostname(),
-        datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    )
-    text = json.dumps(me.__dict__)
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _holder(lock)
-            if attempt or holder is None or not holder.gone:
-                who = holder or "an unreadable lock file"
-                msg = f"the output {path} is being written by another run ({who}); wait for it, or stop it first"
-                raise LockedError(msg) from None
-            if not clear_stale:
-                msg = (
-                    f"the output {path} holds the lock of a run that is gone "
-                    f"({holder}); pass resume=True (--resume) to continue it or "
-                    "overwrite=True (--overwrite) to start again"
-                )
-                raise LockedError(msg) from None
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-        break
+    fd, created = _flocked(lock)
+    if fd is None:
+        who = _holder(lock) or "a run holding its lock"
+        msg = f"the output {path} is being written by another run ({who}); wait for it, or stop it first"
+        raise LockedError(msg)
     try:
-        yield
+        if not created and not clear_stale:
+            msg = (
+                f"the output {path} holds the lock of a run that is gone "
+                f"({_holder(lock) or 'an unreadable lock file'}); pass resume=True "
+                "(--resume) to continue it or overwrite=True (--overwrite) to start again"
+            )
+            raise LockedError(msg)
+        me = Holder(
+            os.getpid(),
+            socket.gethostname(),
+            datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me.__dict__).encode(), 0)
+        os.fsync(fd)
+        yield lock
     finally:
-        with contextlib.suppress(OSError):
-            if lock.read_text() == text:
-                lock.unlink()
+        if created or clear_stale:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    lock.unlink()  # while still flocked: nobody else holds it
+        os.close(fd)
 
 
 # --- the record -----------------------------------------------------------------

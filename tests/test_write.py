@@ -15,7 +15,7 @@ from slowly import kill_when
 from strategies import write_zarr
 
 import dask_localstats as dls
-from dask_localstats._write import LOCK, _written
+from dask_localstats._write import LOCK, _locked, _written
 from dask_localstats.errors import (
     InputChangedError,
     LockedError,
@@ -112,6 +112,17 @@ def test_overwrite_replaces_only_folders_of_zarr_entries(tmp_path, image):
     assert ours.attrs["dask_localstats"]["complete"]
 
 
+HOLD_LOCK = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                         "started": "2026-01-01T00:00:00"}).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
 def test_a_second_writer_is_refused_and_a_stale_lock_reported(tmp_path, image):
     source = write_zarr(tmp_path / "in.zarr", image)
     out = tmp_path / "out.zarr"
@@ -119,28 +130,42 @@ def test_a_second_writer_is_refused_and_a_stale_lock_reported(tmp_path, image):
     z = zarr.open_array(out, mode="r+")
     z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
     lock = out / LOCK
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, lock], stdout=subprocess.PIPE, text=True
+    )
     try:
-        lock.write_text(
-            f'{{"pid": {alive.pid}, "host": "{os.uname().nodename}", '
-            '"started": "2026-01-01T00:00:00"}'
-        )
+        assert holder.stdout.readline() == "locked\n"  # a run holds the lock
         before = files(out)
         for options in (dict(overwrite=True), dict(resume=True)):
-            with pytest.raises(LockedError, match=f"another run .pid {alive.pid} on"):
+            with pytest.raises(LockedError, match=f"another run .pid {holder.pid} on"):
                 dls.to_zarr(background(source), out, **options)
-        with pytest.raises(RefusedError, match=f"holds the lock of pid {alive.pid}"):
+        with pytest.raises(RefusedError, match=f"holds the lock of pid {holder.pid}"):
             dls.to_zarr(background(source), out)
         assert files(out) == before
     finally:
-        alive.kill()
-        alive.wait()
-    # the process is gone: its lock is stale, reported, and resume clears it
-    with pytest.raises(RefusedError, match=f"holds the lock of pid {alive.pid}"):
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    # the process is gone, its flock with it: the lock is stale, reported,
+    # and resume clears it
+    with pytest.raises(RefusedError, match=f"holds the lock of pid {holder.pid}"):
         dls.to_zarr(background(source), out)
     dls.to_zarr(background(source), out, resume=True)
     assert not lock.exists()
     assert zarr.open_array(out).attrs["dask_localstats"]["complete"]
+
+
+def test_a_lock_left_behind_is_named_and_cleared_only_when_asked(tmp_path):
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    (out / LOCK).write_text("")  # unreadable, and nobody holds it
+    with pytest.raises(LockedError, match=r"a run that is gone \(an unreadable lock"):
+        with _locked(out, clear_stale=False):
+            pass
+    assert (out / LOCK).exists()
+    with _locked(out, clear_stale=True) as lock:
+        assert '"pid": ' in lock.read_text()
+    assert not (out / LOCK).exists()
 
 
 def test_resume_writes_only_missing_chunks_and_checks_the_computation(tmp_path, image):
@@ -439,3 +464,32 @@ def test_resumed_chunks_of_fill_values_are_written_too(tmp_path):
     (tmp_path / "z.zarr" / "c" / "1" / "1").unlink()
     resumed = dls.to_zarr(zeros, tmp_path / "z.zarr", resume=True)
     assert absent_chunks(resumed) == []  # "the chunk exists" means "it is done"
+
+
+@pytest.fixture
+def bind_mount(tmp_path):
+    """`tmp_path/src` mounted again at `tmp_path/mnt` (needs root)."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    mounted = subprocess.run(
+        ["mount", "--bind", tmp_path / "src", tmp_path / "mnt"], capture_output=True
+    )
+    if mounted.returncode:
+        pytest.skip("bind mounts need root")
+    yield tmp_path / "src", tmp_path / "mnt"
+    subprocess.run(["umount", tmp_path / "mnt"], check=True)
+
+
+def test_a_second_mount_of_an_input_is_the_input(bind_mount, image):
+    src, mnt = bind_mount
+    source = write_zarr(src / "raw.zarr", image)
+    before = files(src)
+    result = background(source)
+    for out, match in [
+        (mnt / "raw.zarr", "is an input or inside it"),
+        (mnt / "raw.zarr" / "c" / "x", "is an input or inside it"),
+        (mnt, "holds an input"),
+    ]:
+        with pytest.raises(RefusedError, match=match):
+            dls.to_zarr(result, out, overwrite=True)
+    assert files(src) == before
