@@ -159,9 +159,9 @@ def test_a_lock_left_behind_is_named_and_cleared_only_when_asked(tmp_path):
     out = tmp_path / "out.zarr"
     out.mkdir()
     (out / LOCK).write_text("")  # unreadable, and nobody holds it
-    with pytest.raises(LockedError, match=r"a run that is gone \(an unreadable lock"):
-        with _locked(out, clear_stale=False):
-            pass
+    gone = r"a run that is gone \(an unreadable lock"
+    with pytest.raises(LockedError, match=gone), _locked(out, clear_stale=False):
+        pass
     assert (out / LOCK).exists()
     with _locked(out, clear_stale=True) as lock:
         assert '"pid": ' in lock.read_text()
