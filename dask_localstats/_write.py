@@ -51,6 +51,7 @@ import re
 import socket
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -445,8 +446,28 @@ def _reopen(path, record, array, layout, inventories):
 # --- computing -------------------------------------------------------------------
 
 
-def _write_chunk(target, block, region):
+def _check_guard(guard):
+    """Refuse to write once this run's lock is not its own any more.
+
+    `guard` is ``(lock path, lock text)`` of the run, or None. A task still
+    running after its run failed and let the lock go finds another run's
+    lock, or none, and writes nothing.
+    """
+    if guard is None:
+        return
+    lock, text = guard
+    try:
+        held = Path(lock).read_text() == text
+    except OSError:
+        held = False
+    if not held:
+        msg = f"the lock {lock} is not this run's any more; its writes stopped"
+        raise LockedError(msg)
+
+
+def _write_chunk(target, block, region, guard=None):
     """Write one whole chunk; a task of the write graph."""
+    _check_guard(guard)
     target[region] = block
     return np.ones(1, dtype=bool)
 
@@ -485,11 +506,11 @@ def _written(target, root, indices, check=not ATOMIC_CHUNKS):
     return done
 
 
-def _write_graph(array, target, todo):
+def _write_graph(array, target, todo, guard=None):
     """A dask array whose computation writes the chunks `todo` of `array`."""
     name = "localstats-write-" + tokenize(array.name, str(locate(target)), todo)
     layer = {
-        (name, i): (_write_chunk, target, (array.name, *index), region)
+        (name, i): (_write_chunk, target, (array.name, *index), region, guard)
         for i, (index, region) in enumerate(todo)
     }
     graph = HighLevelGraph.from_collections(name, layer, dependencies=[array])
@@ -513,14 +534,27 @@ def _compute(collections, progress=None):
     """Compute dask collections together (shared tasks once), for their effects.
 
     `progress`, a :class:`~dask_localstats._progress.Progress`, follows it.
+    Whatever happens, no task of it is still running on return (locally,
+    the pool's threads are waited for; on a cluster, the tasks cancelled),
+    so that nothing writes once the caller lets the output's lock go.
     """
     client = _client()
     shown = contextlib.nullcontext() if progress is None else progress.following(client)
     with shown:
         if client is None:
-            dask.compute(*collections)
-        else:
-            client.gather(client.compute(collections))
+            workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
+            pool = ThreadPoolExecutor(workers)
+            try:
+                dask.compute(*collections, scheduler="threads", pool=pool)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            return
+        futures = client.compute(collections)
+        try:
+            client.gather(futures)
+        except BaseException:
+            client.cancel(futures)
+            raise
 
 
 def _stream(progress):
@@ -770,14 +804,15 @@ def to_zarr(
         except FileExistsError:
             msg = f"the output {path} appeared meanwhile (another run?); refusing to write there"
             raise RefusedError(msg) from None
-    with _locked(path, clear_stale=overwrite or resume):
+    with _locked(path, clear_stale=overwrite or resume) as lock:
+        guard = (str(lock), lock.read_text())
         if resume:
             output = _reopen(path, record, array, layout, inventories)
         else:
             if exists:
                 _clear(path)
             output = _create(path, array, layout, record, attributes, ome)
-        written = _fill(array, output.array, resume, progress, path)
+        written = _fill(array, output.array, resume, progress, path, guard)
         changes = _input_changes(record["inputs"], _inventories(inputs))
         if changes:
             msg = (
@@ -786,7 +821,7 @@ def to_zarr(
             )
             raise InputChangedError(msg)
         if pyramid > 1:
-            _write_levels(output.node, ome, pyramid, progress)
+            _write_levels(output.node, ome, pyramid, progress, guard)
         output.mark({**record, "complete": True, "written": written})
     return output.array
 
@@ -795,8 +830,9 @@ def _block_file(folder, index):
     return Path(folder) / ("-".join(map(str, index)) + ".npy")
 
 
-def _save_block(block, folder, block_info=None):
+def _save_block(block, folder, guard=None, block_info=None):
     """Store one coarse block, atomically: written aside, renamed into place."""
+    _check_guard(guard)
     location = block_info[0]["chunk-location"]
     path = _block_file(folder, location)
     if not path.exists():
@@ -811,7 +847,7 @@ def _load_block(path):
     return np.load(path, allow_pickle=False)
 
 
-def _checkpointed(array, path):
+def _checkpointed(array, path, guard=None):
     """`array` reading its coarse blocks stored in `path`, and the saves of the rest.
 
     Every coarse grid that `array` resamples (see
@@ -859,6 +895,7 @@ def _checkpointed(array, path):
             loaded.map_blocks(
                 _save_block,
                 folder,
+                guard,
                 chunks=tuple((1,) * len(c) for c in coarse.chunks),
                 dtype=bool,
                 meta=np.empty((0,) * coarse.ndim, bool),
@@ -867,7 +904,7 @@ def _checkpointed(array, path):
     return da.Array(graph, array.name, array.chunks, meta=array._meta), stores, stages
 
 
-def _write_levels(group, image, count, progress):
+def _write_levels(group, image, count, progress, guard=None):
     """Levels 1 .. `count` - 1 of an OME-Zarr image, each from the one above."""
     spatial = [d for d, a in enumerate(image.axes) if a.get("type") == "space"]
     first = group["0"]
@@ -890,13 +927,13 @@ def _write_levels(group, image, count, progress):
         ).with_config({"write_empty_chunks": True})  # fmt: skip
         stage = Stage(f"level {k}", WRITE, math.prod(first.chunks), level.npartitions)
         shown = None if not progress else Progress([stage], _stream(progress))
-        _compute([_write_graph(level, target, list(_regions(level)))], shown)
+        _compute([_write_graph(level, target, list(_regions(level)), guard)], shown)
         factors = [f * 2 if d in axes else f for d, f in enumerate(factors)]
         levels.append((str(k), *level_image(image, factors)))
     group.attrs["ome"] = image.attributes(levels)
 
 
-def _fill(array, target, resume, progress, path):
+def _fill(array, target, resume, progress, path, guard=None):
     """Compute and write the chunks of `target` not written yet; how many.
 
     The coarse grids are stored (or found stored) first; on any failure the
@@ -910,11 +947,11 @@ def _fill(array, target, resume, progress, path):
     todo = [(index, region) for index, region in regions if index not in done]
     try:
         if todo:
-            array, saves, stages = _checkpointed(array, path)
+            array, saves, stages = _checkpointed(array, path, guard)
             voxels = math.prod(target.shards or target.chunks)
             stages.append(Stage("write", WRITE, voxels, len(todo)))
             shown = None if not progress else Progress(stages, _stream(progress))
-            _compute([_write_graph(array, target, todo), *saves], shown)
+            _compute([_write_graph(array, target, todo, guard), *saves], shown)
     except Exception as error:
         error.add_note(
             f"the output {path} is left incomplete; resume=True (--resume) continues it"
