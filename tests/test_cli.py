@@ -432,6 +432,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, image, capsys):
     assert not out.exists()
 
 
+@pytest.mark.thorough
 def test_sigkill_then_resume_finishes_without_recomputing(tmp_path):
     rng = np.random.default_rng(1)
     image = rng.integers(0, 4000, (8, 32, 32)).astype(np.uint16)
@@ -471,6 +472,7 @@ def test_sigkill_then_resume_finishes_without_recomputing(tmp_path):
     assert record(out)["fingerprint"] == record(tmp_path / "fresh.zarr")["fingerprint"]
 
 
+@pytest.mark.thorough
 def test_local_cluster(tmp_path, image):
     source = write_zarr(tmp_path / "in.zarr", image)
     out = tmp_path / "out.zarr"
@@ -535,6 +537,7 @@ def test_urls_symlinks_and_masks_never_become_the_output(tmp_path, image):
     assert chunk_files(tmp_path) == before
 
 
+@pytest.mark.thorough
 def test_resume_refuses_a_changed_input_then_accepts_it_restored(tmp_path):
     image = np.random.default_rng(2).integers(0, 4000, (8, 32, 32), np.uint16)
     source = write_zarr(tmp_path / "in.zarr", image, chunks=(4, 8, 8))
@@ -559,6 +562,7 @@ def test_resume_refuses_a_changed_input_then_accepts_it_restored(tmp_path):
     np.testing.assert_array_equal(zarr.open_array(out)[:], expected, strict=True)
 
 
+@pytest.mark.thorough
 def test_one_writer_at_a_time(tmp_path, image):
     source = write_zarr(tmp_path / "in.zarr", image)
     out = tmp_path / "out.zarr"

@@ -12,6 +12,8 @@ from dask.array.utils import assert_eq
 
 import dask_localstats as dls
 
+pytestmark = pytest.mark.thorough
+
 distributed = pytest.importorskip("distributed")
 
 KWARGS = dict(selem=(8, 16, 16), spacing=(8, 8, 8))

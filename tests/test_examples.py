@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.thorough
+
 pytest.importorskip("matplotlib")
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

@@ -297,6 +297,7 @@ def _python(tmp_path, out, delay=0.0, resume=False):
     return [sys.executable, "-c", textwrap.dedent(code)], env
 
 
+@pytest.mark.thorough
 def test_python_resume_after_sigkill_is_byte_identical(tmp_path):
     image = np.random.default_rng(1).integers(0, 4000, (8, 32, 32), np.uint16)
     write_zarr(tmp_path / "in.zarr", image, chunks=(4, 8, 8))
