@@ -37,7 +37,7 @@ from ._grid import make_grid
 from ._io import open_source
 from ._ome import OmeImage, output_image, read_image
 from ._options import PROG, build_parser
-from ._stored import locate
+from ._stored import locate, locations
 from ._write import to_zarr
 from .errors import LocalStatsError
 
@@ -290,31 +290,33 @@ def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=Fal
         Keyword arguments of :func:`dask_localstats._cluster.connect`.
     quiet : bool
         No progress bar; the summary line only.
-    log : file or None
-        Where to write the progress, as lines, and the summary too.
+    log : str or None
+        A file to append the progress, as lines, and the summary to; never
+        an input nor inside OUT.
     """
     started = time.monotonic()
     job = plan(request)
-    for note in job.notes[1:]:  # warnings, before computing
-        print(f"{PROG}: {note}", file=sys.stderr)
-    with connect(**(cluster or {})) as client:
-        if client is not None and not quiet:
-            print(f"{PROG}: dashboard at {client.dashboard_link}", file=sys.stderr)
-        written = to_zarr(
-            job.result,
-            request.output,
-            inputs=job.inputs,
-            provenance=job.provenance,
-            attributes={"command": shlex.join([PROG, *argv])},
-            ome=job.ome,
-            progress=log or not quiet,
-            overwrite=overwrite,
-            resume=resume,
-            **(request.layout or {}),
-        )
-    summary = _summary(request, written, job, time.monotonic() - started)
-    for out in (sys.stderr, log) if log else (sys.stderr,):
-        print(f"{PROG}: {summary}", file=out, flush=True)
+    with _log(log, job.inputs, request.output) as log:
+        for note in job.notes[1:]:  # warnings, before computing
+            print(f"{PROG}: {note}", file=sys.stderr)
+        with connect(**(cluster or {})) as client:
+            if client is not None and not quiet:
+                print(f"{PROG}: dashboard at {client.dashboard_link}", file=sys.stderr)
+            written = to_zarr(
+                job.result,
+                request.output,
+                inputs=job.inputs,
+                provenance=job.provenance,
+                attributes={"command": shlex.join([PROG, *argv])},
+                ome=job.ome,
+                progress=log or not quiet,
+                overwrite=overwrite,
+                resume=resume,
+                **(request.layout or {}),
+            )
+        summary = _summary(request, written, job, time.monotonic() - started)
+        for out in (sys.stderr, log) if log else (sys.stderr,):
+            print(f"{PROG}: {summary}", file=out, flush=True)
 
 
 def _summary(request, written, job, seconds):
@@ -335,10 +337,21 @@ def _summary(request, written, job, seconds):
 
 
 @contextlib.contextmanager
-def _log(path):
+def _log(path, inputs, output):
+    """The log file opened for appending, once it is known not to be data."""
     if path is None:
         yield None
         return
+    where = locate(path)
+    if locate(output).contains(where):
+        msg = f"--log-file {path!r} is inside OUT; give a path outside it"
+        raise ValueError(msg)
+    for label, source in inputs.items():
+        if any(place.overlaps(where) for place in locations(source)):
+            msg = (
+                f"--log-file {path!r} is {label} or inside it; refusing to append to it"
+            )
+            raise ValueError(msg)
     with open(path, "a") as log:
         yield log
 
@@ -374,9 +387,8 @@ def main(argv=None):
     cluster = dict(scheduler=args.scheduler, workers=args.workers,
                    memory_limit=args.memory_limit)  # fmt: skip
     try:
-        with _log(args.log_file) as log:
-            run(_request(args), argv, overwrite=args.overwrite, resume=args.resume,
-                cluster=cluster, quiet=args.quiet, log=log)  # fmt: skip
+        run(_request(args), argv, overwrite=args.overwrite, resume=args.resume,
+            cluster=cluster, quiet=args.quiet, log=args.log_file)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; continue with --resume", file=sys.stderr)
         return 130

@@ -180,6 +180,10 @@ def _open(file, path, dataset, level, setup, timepoint, name):
             raise ValueError(msg)
         attrs = file[group].attrs
         crop = tuple(int(_text(attrs[f"ImageSize{a}"])) for a in "ZYX")
+        stored = file[f"{group}/Data"].shape
+        if any(c > n for c, n in zip(crop, stored, strict=True)):
+            msg = f"`{name}`: {path!r} records an image of {crop} voxels in data of {stored}"
+            raise ValueError(msg)
         return Hdf5Source(path, f"{group}/Data", crop=crop)
     bdv = f"t{timepoint:05d}/s{setup:02d}/{level}/cells"
     if f"s{setup:02d}" in file or "t00000" in file:  # BigDataViewer

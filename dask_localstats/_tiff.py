@@ -216,6 +216,7 @@ def tiff_files(source):
             os.path.join(text, f)
             for f in os.listdir(text)
             if f.lower().endswith(_TIFF_SUFFIXES)
+            and not f.startswith(".")  # macOS's ._ files, hidden copies
             and os.path.isfile(os.path.join(text, f))
         ]
         return ("slices", files) if files else None
@@ -274,7 +275,25 @@ def open_tiff(kind, files, source, name, level=0, series=None):
             "(series= in the library) or a tighter glob"
         )
         raise ValueError(msg)
-    return TiffSlices(next(iter(found.values())), name)
+    files = next(iter(found.values()))
+    repeated = _repeated_planes(files)
+    if repeated:
+        msg = (
+            f"`{name}`: {os.fspath(source)!r} holds several files of plane "
+            f"{repeated[0]} ({len(repeated)} planes repeated); remove the copies"
+        )
+        raise ValueError(msg)
+    return TiffSlices(files, name)
+
+
+def _repeated_planes(files):
+    """Plane numbers that more than one file of a series has (``Z1``, ``Z01``)."""
+    numbers = [[int(n) for n in _NUMBER.findall(os.path.basename(f))] for f in files]
+    if len(files) < 2 or not numbers[0]:
+        return []
+    varying = [i for i in range(len(numbers[0])) if len({n[i] for n in numbers}) > 1]
+    planes = [tuple(n[i] for i in varying) for n in numbers]
+    return sorted({p[0] for p in planes if p and planes.count(p) > 1})
 
 
 _NUMBER = re.compile(r"(\d+)")

@@ -50,6 +50,8 @@ import os
 import re
 import socket
 import sys
+import urllib.parse
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,14 +101,24 @@ def _version():
 
 
 def _output_path(store):
-    """The local folder of `store` (path, ``file://`` URL or LocalStore)."""
+    """The local folder of `store` (path, ``file://`` URL or LocalStore).
+
+    Its parent is resolved as the system resolves it (through symlinks, so
+    ``link/../out.zarr`` is where the system would write).
+    """
     if isinstance(store, zarr.storage.LocalStore):
         return Path(store.root)
     if isinstance(store, str | os.PathLike):
         text = os.fspath(store)
-        text = text[len("file://") :] if text.startswith("file://") else text
+        if text.startswith("file:"):
+            url = urllib.parse.urlparse(text)
+            if url.netloc not in ("", "localhost"):
+                msg = f"`store` must be on this machine, got {store!r}"
+                raise ValueError(msg)
+            text = urllib.request.url2pathname(url.path)
         if "://" not in text:
-            return Path(os.path.abspath(os.path.expanduser(text)))
+            path = Path(text).expanduser()
+            return Path(os.path.realpath(path.parent)) / path.name
     msg = f"`store` must be a local path or file:// URL, got {store!r}"
     raise ValueError(msg)
 

@@ -774,3 +774,13 @@ def test_pyramid_on_the_command_line(tmp_path):
     assert [group[k].shape for k in "012"] == [(8, 96, 80), (8, 48, 40), (8, 24, 20)]
     datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
     assert datasets[2]["coordinateTransformations"][0]["scale"] == [3.0, 2.0, 2.0]
+
+
+def test_the_log_file_is_never_an_input(tmp_path, image):
+    tifffile.imwrite(tmp_path / "stack.tif", image)
+    before = (tmp_path / "stack.tif").read_bytes()
+    result = run("percentile", tmp_path / "stack.tif", tmp_path / "o.zarr",
+                 "--percentile", "0.5", *CLI_GEOMETRY, "--log-file",
+                 tmp_path / "stack.tif")  # fmt: skip
+    refused(result, "--log-file")
+    assert (tmp_path / "stack.tif").read_bytes() == before

@@ -84,3 +84,17 @@ def test_command_line_takes_a_lavision_glob_and_refuses_mixed_series(
     assert done[2].returncode == 0, done[2].stderr
     expected = dls.local_percentile(channels[1], 0.5, selem=(4, 8, 8))
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "c.zarr")[:], expected)
+
+
+def test_copies_of_a_plane_are_refused_and_hidden_files_left_out(tmp_path):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    plane = np.zeros((4, 5), np.uint16)
+    for name in ("Z1.tif", "Z2.tif", "._Z1.tif"):  # macOS's resource-fork copy
+        tifffile.imwrite(folder / name, plane)
+    assert dls.open_source(folder).shape == (2, 4, 5)
+    tifffile.imwrite(folder / "Z01.tif", plane)
+    with pytest.raises(
+        ValueError, match=r"several files of plane 1 .*remove the copies"
+    ):
+        dls.open_source(folder)

@@ -494,3 +494,15 @@ def test_a_second_mount_of_an_input_is_the_input(bind_mount, image):
         with pytest.raises(RefusedError, match=match):
             dls.to_zarr(result, out, overwrite=True)
     assert files(src) == before
+
+
+def test_output_urls_and_dot_dot_go_where_the_system_would_write(tmp_path):
+    (tmp_path / "d1" / "real").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "d1" / "real")
+    lazy = da.ones((4, 4), chunks=2, dtype="u1")
+    dls.to_zarr(lazy, f"file://localhost{tmp_path}/a%20b.zarr")
+    assert (tmp_path / "a b.zarr" / "zarr.json").exists()
+    dls.to_zarr(lazy, tmp_path / "link" / ".." / "c.zarr")
+    assert (tmp_path / "d1" / "c.zarr" / "zarr.json").exists()  # real/.. is d1
+    with pytest.raises(ValueError, match=r"`store` must be on this machine"):
+        dls.to_zarr(lazy, "file://elsewhere/data/x.zarr")
