@@ -12,7 +12,8 @@ inside a dask graph.
 
 *What.* An :class:`Inventory` lists (without reading them) the entries that
 store an input: each stored chunk of a zarr array, each file of a TIFF
-stack, with its size and modification stamp. Its digest identifies the
+stack, with its size and change stamp (for local files, the status-change
+time, which a rewrite sets even when it restores the modification time). Its digest identifies the
 content an output is computed from; an output records it, and resuming or
 finishing refuses when it changed. Compared with the array's chunk grid,
 the listing also tells which chunks are absent (:func:`absent_chunks`),
@@ -213,7 +214,7 @@ def _walk_local(root):
             else:
                 info = entry.stat(follow_symlinks=False)
                 key = os.path.relpath(entry.path, root).replace(os.sep, "/")
-                yield key, info.st_size, info.st_mtime_ns
+                yield key, info.st_size, info.st_ctime_ns
 
 
 def _walk_fsspec(fs, root):
@@ -252,8 +253,9 @@ class Inventory:
     where : str
         The input's location.
     entries : dict
-        ``{key: (size, stamp)}``, the stamp a modification time in
-        nanoseconds (local files) or the store's own (an ETag, a time).
+        ``{key: (size, stamp)}``, the stamp the file's status-change time in
+        nanoseconds (local files: any write, and any reset of the
+        modification time, changes it), or the store's own (an ETag, a time).
     """
 
     where: str
@@ -267,7 +269,7 @@ class Inventory:
             entries = {}
             for f in files:
                 info = os.stat(f)
-                entries[f] = (info.st_size, info.st_mtime_ns)
+                entries[f] = (info.st_size, info.st_ctime_ns)
             return cls(os.path.commonpath(files) if files else "", entries)
         entries = {k: (s, t) for k, s, t in _walk_zarr(source)}
         return cls(str(locate(source)), entries)

@@ -851,6 +851,8 @@ def _save_block(block, folder, guard=None, block_info=None):
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         with open(partial, "wb") as file:
             np.save(file, block, allow_pickle=False)
+            file.flush()
+            os.fsync(file.fileno())  # whole on disk before it is named
         os.replace(partial, path)
     return np.ones((1,) * block.ndim, dtype=bool)
 

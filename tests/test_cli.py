@@ -538,7 +538,7 @@ def test_urls_symlinks_and_masks_never_become_the_output(tmp_path, image):
 
 
 @pytest.mark.thorough
-def test_resume_refuses_a_changed_input_then_accepts_it_restored(tmp_path):
+def test_resume_refuses_a_changed_input_even_restored(tmp_path):
     image = np.random.default_rng(2).integers(0, 4000, (8, 32, 32), np.uint16)
     source = write_zarr(tmp_path / "in.zarr", image, chunks=(4, 8, 8))
     out = tmp_path / "out.zarr"
@@ -555,9 +555,10 @@ def test_resume_refuses_a_changed_input_then_accepts_it_restored(tmp_path):
     refused(run(*args, "--resume"), "IN ")
     refused(run(*args, "--resume"), "modified since: c/1/2/3")
     assert chunk_files(out) == before
-    chunk.write_bytes(data)  # restored as it was, stamp included
-    os.utime(chunk, ns=(info.st_atime_ns, info.st_mtime_ns))
-    ok(run(*args, "--resume"))
+    chunk.write_bytes(data)  # restored, modification time included: the
+    os.utime(chunk, ns=(info.st_atime_ns, info.st_mtime_ns))  # change time tells
+    refused(run(*args, "--resume"), "modified since: c/1/2/3")
+    ok(run(*args, "--overwrite"))
     expected = dls.local_percentile(image, 0.3, selem=(4, 8, 8), spacing=(2, 4, 4))
     np.testing.assert_array_equal(zarr.open_array(out)[:], expected, strict=True)
 
