@@ -678,7 +678,9 @@ def subtract_background(source, background, *, dtype=None):
     dtype : dtype or None
         Result dtype; default the source's. Integer results are rounded to
         the nearest integer and clipped to the dtype's range (a background
-        above the image gives 0 for unsigned types, never a wrapped value).
+        above the image gives 0 for unsigned types, never a wrapped value);
+        where the background is NaN (unknown), an integer result is 0 and a
+        float one NaN.
 
     Returns
     -------
@@ -741,4 +743,5 @@ def _subtract_plane(image, background, dtype):
         info = np.iinfo(dtype)
         np.rint(difference, out=difference)
         np.clip(difference, info.min, info.max, out=difference)
+        np.nan_to_num(difference, copy=False, nan=0.0)  # an unknown background
     return difference

@@ -488,3 +488,14 @@ def test_subtractions_of_different_sources_are_different_computations():
     assert (x == 80).all() and (y == 180).all()
     lazy = dls.subtract_background(da.from_array(b, chunks=(1, 4)), background)
     assert (lazy.compute() == 180).all()
+
+
+def test_subtracting_an_unknown_background():
+    image = np.full((2, 2), 50, np.int32)
+    background = np.array([[np.nan, 10.0], [20.0, np.nan]])
+    got = dls.subtract_background(image, background).compute()
+    np.testing.assert_array_equal(
+        got, np.array([[0, 40], [30, 0]], np.int32), strict=True
+    )
+    as_float = dls.subtract_background(image, background, dtype=np.float32).compute()
+    assert np.isnan(as_float[0, 0]) and as_float[0, 1] == 40
