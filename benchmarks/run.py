@@ -1,4 +1,4 @@
-"""Benchmarks W1..W6 of BENCHMARKS.md, each against its baselines.
+"""Benchmarks W1..W6 of docs/benchmarks.md, each against its baselines.
 
 Run from the repository root::
 

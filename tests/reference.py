@@ -1,7 +1,7 @@
-"""Brute-force reference implementation of SPEC.md.
+"""Brute-force reference implementation of docs/semantics.md.
 
 A deliberately simple, independent transcription of the contract in
-/work/shared/SPEC.md: one plain Python loop over every center, one window at a
+docs/semantics.md: one plain Python loop over every center, one window at a
 time, the statistic applied to the kept voxels, then `scipy.ndimage` for the
 resampling. NumPy inputs only; no dask and no input validation. The test-suite
 checks the real implementation against it voxel for voxel. (The benchmarks'
@@ -16,7 +16,7 @@ import scipy.ndimage as ndi
 
 
 def centers(shape, extent, spacing):
-    """Per-axis center positions (SPEC section 1), one 1-D int array per axis.
+    """Per-axis center positions (docs/semantics.md, the sub-grid), one 1-D int array per axis.
 
     Only `shape` and `spacing` matter; `extent` is accepted for symmetry.
     """

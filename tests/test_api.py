@@ -1,4 +1,4 @@
-"""The public functions against the brute-force reference of SPEC.md."""
+"""The public functions against the brute-force reference of docs/semantics.md."""
 
 import dask
 import dask.array as da
