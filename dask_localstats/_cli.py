@@ -35,7 +35,7 @@ from ._api import (
 from ._cluster import connect
 from ._grid import make_grid
 from ._io import open_source
-from ._ome import OmeImage, output_image, read_image
+from ._ome import axis_names, output_image, read_image, with_voxel_size
 from ._options import PROG, build_parser
 from ._stored import locate, locations
 from ._write import to_zarr
@@ -155,8 +155,10 @@ def plan(request):
     ome_in = None
     if isinstance(source, zarr.Array):
         ome_in = read_image(request.input, request.level, source.ndim)
-    ome_in = _with_voxel_size(ome_in, source, request)
-    axes = _axis_names(ome_in, source.ndim)
+    voxel = request.voxel_size or getattr(source, "voxel_size", None)
+    unit = request.unit if request.voxel_size else "micrometer"
+    ome_in = with_voxel_size(ome_in, source.ndim, voxel, unit)
+    axes = axis_names(ome_in, source.ndim)
     options, notes = _in_axis_order(request.options, request.axes, axes, source.shape)
     if options.get("max_bin") == "auto":
         options["max_bin"] = _auto_bins(ome_in, source.dtype)
@@ -185,29 +187,6 @@ def plan(request):
     }
     inputs = {"IN": source} if mask is None else {"IN": source, "MASK": mask}
     return Job(result, inputs, provenance, image, notes)
-
-
-def _with_voxel_size(image, source, request):
-    """IN's OME image, with the voxel size given or recorded (BigDataViewer)."""
-    voxel = request.voxel_size or getattr(source, "voxel_size", None)
-    if voxel is None:
-        return image
-    if len(voxel) != source.ndim:
-        msg = f"--voxel-size needs {source.ndim} sizes (one per axis of IN), got {list(voxel)}"
-        raise ValueError(msg)
-    if any(v <= 0 for v in voxel):
-        msg = f"--voxel-size must be positive, got {list(voxel)}"
-        raise ValueError(msg)
-    base = image or OmeImage.default(source.ndim)
-    unit = request.unit if request.voxel_size else "micrometer"
-    axes = [{**a, "unit": unit} if a.get("type") == "space" else a for a in base.axes]
-    return OmeImage(axes, list(voxel), base.translation, base.name, base.maximum)
-
-
-def _axis_names(image, ndim):
-    if image is not None:
-        return [a["name"] for a in image.axes]
-    return OmeImage.default(ndim).dimension_names if 2 <= ndim <= 5 else None
 
 
 def _in_axis_order(options, order, axes, shape):

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-__all__ = ["OmeImage", "level_path", "output_image", "read_image"]
+__all__ = [
+    "OmeImage",
+    "axis_names",
+    "level_path",
+    "output_image",
+    "read_image",
+    "with_voxel_size",
+]
 
 VERSION = "0.5"
 _DEFAULT_AXES = {2: "yx", 3: "zyx", 4: "czyx", 5: "tczyx"}
@@ -212,3 +219,35 @@ def output_image(image, ndim, grid, coarse, extra, name=""):
     scale.insert(position, 1.0)
     translation.insert(position, 0.0)
     return OmeImage(axes, scale, translation, name), position
+
+
+def with_voxel_size(image, ndim, voxel, unit="micrometer"):
+    """`image` (or default axes) with the voxel size `voxel`, if given.
+
+    Parameters
+    ----------
+    image : OmeImage or None
+    ndim : int
+    voxel : sequence of float or None
+        Physical size of a voxel per axis; None leaves `image` as it is.
+    unit : str
+        Unit of the spatial axes.
+    """
+    if voxel is None:
+        return image
+    if len(voxel) != ndim:
+        msg = f"--voxel-size needs {ndim} sizes (one per axis of IN), got {list(voxel)}"
+        raise ValueError(msg)
+    if any(v <= 0 for v in voxel):
+        msg = f"--voxel-size must be positive, got {list(voxel)}"
+        raise ValueError(msg)
+    base = image or OmeImage.default(ndim)
+    axes = [{**a, "unit": unit} if a.get("type") == "space" else a for a in base.axes]
+    return OmeImage(axes, list(voxel), base.translation, base.name, base.maximum)
+
+
+def axis_names(image, ndim):
+    """The names of an image's axes: its own, else the default for `ndim`."""
+    if image is not None:
+        return [a["name"] for a in image.axes]
+    return OmeImage.default(ndim).dimension_names if 2 <= ndim <= 5 else None

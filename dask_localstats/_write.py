@@ -40,19 +40,15 @@ continued and nothing that is not the writer's own is ever touched:
 from __future__ import annotations
 
 import contextlib
-import datetime
-import fcntl
 import hashlib
 import itertools
 import json
 import math
 import os
 import re
-import socket
 import sys
 import urllib.parse
 import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,20 +58,20 @@ import dask.array as da
 import numpy as np
 import zarr
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+from dask.highlevelgraph import HighLevelGraph
 
-from ._engine import checkpoint_of
-from ._progress import COARSE, WRITE, Progress, Stage
+from ._checkpoint import checkpointed
+from ._layout import layout_of
+from ._lock import LOCK, check_guard, holder, locked
+from ._progress import WRITE, Progress, Stage
 from ._public import public
 from ._pyramid import downsample, halved_axes, level_image
 from ._stored import Inventory, locate, locations, stored_sources
-from .errors import InputChangedError, LockedError, RefusedError
+from .errors import InputChangedError, RefusedError
 
 __all__ = ["to_zarr"]
 
 RECORD = "dask_localstats"
-LOCK = ".dask_localstats.lock"
-CHECKPOINT_FOLDER = ".dask_localstats"
 _METADATA = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
 _CHUNK_KEY = re.compile(r"^(c([/.]\d+)*|\d+([/.]\d+)*)$")
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -235,95 +231,6 @@ def _clear(path):
                 (Path(folder) / name).rmdir()
 
 
-# --- the lock --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Holder:
-    """Who holds an output's lock."""
-
-    pid: int
-    host: str
-    started: str
-
-    def __str__(self):
-        return f"pid {self.pid} on {self.host}, since {self.started}"
-
-
-def _holder(lock):
-    try:
-        return Holder(**json.loads(Path(lock).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _flocked(lock):
-    """An open descriptor of the file `lock`, flocked by us, or None if taken.
-
-    Returns ``(fd, created)``. The lock file is the path's current file: one
-    removed or replaced while we waited is opened again.
-    """
-    while True:
-        try:
-            fd, created = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
-        except FileExistsError:
-            try:
-                fd, created = os.open(lock, os.O_RDWR), False
-            except FileNotFoundError:
-                continue  # removed meanwhile: try again
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None, False
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(lock)):
-                return fd, created
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # we locked a file that is no longer the lock: again
-
-
-@contextlib.contextmanager
-def _locked(path, clear_stale):
-    """Hold the lock of the output folder `path` while in the block.
-
-    The lock is a file, ``.dask_localstats.lock``, holding the pid, host and
-    start time of the run, and flocked by it for as long as it runs: the
-    system releases a flock when its process ends however it ends, so a
-    lock file nobody flocks was left by a run that is gone.
-    """
-    lock = path / LOCK
-    fd, created = _flocked(lock)
-    if fd is None:
-        who = _holder(lock) or "a run holding its lock"
-        msg = f"the output {path} is being written by another run ({who}); wait for it, or stop it first"
-        raise LockedError(msg)
-    try:
-        if not created and not clear_stale:
-            msg = (
-                f"the output {path} holds the lock of a run that is gone "
-                f"({_holder(lock) or 'an unreadable lock file'}); pass resume=True "
-                "(--resume) to continue it or overwrite=True (--overwrite) to start again"
-            )
-            raise LockedError(msg)
-        me = Holder(
-            os.getpid(),
-            socket.gethostname(),
-            datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me.__dict__).encode(), 0)
-        os.fsync(fd)
-        yield lock
-    finally:
-        if created or clear_stale:
-            with contextlib.suppress(OSError):
-                if os.path.samestat(os.fstat(fd), os.stat(lock)):
-                    lock.unlink()  # while still flocked: nobody else holds it
-        os.close(fd)
-
-
 # --- the record -----------------------------------------------------------------
 
 
@@ -458,28 +365,9 @@ def _reopen(path, record, array, layout, inventories):
 # --- computing -------------------------------------------------------------------
 
 
-def _check_guard(guard):
-    """Refuse to write once this run's lock is not its own any more.
-
-    `guard` is ``(lock path, lock text)`` of the run, or None. A task still
-    running after its run failed and let the lock go finds another run's
-    lock, or none, and writes nothing.
-    """
-    if guard is None:
-        return
-    lock, text = guard
-    try:
-        held = Path(lock).read_text() == text
-    except OSError:
-        held = False
-    if not held:
-        msg = f"the lock {lock} is not this run's any more; its writes stopped"
-        raise LockedError(msg)
-
-
 def _write_chunk(target, block, region, guard=None):
     """Write one whole chunk; a task of the write graph."""
-    _check_guard(guard)
+    check_guard(guard)
     target[region] = block
     return np.ones(1, dtype=bool)
 
@@ -581,100 +469,6 @@ def _regular(array, unit):
     return array
 
 
-COMPRESSIONS = ("zstd[:LEVEL]", "blosc-zstd[:LEVEL]", "blosc-lz4[:LEVEL]", "none")
-
-
-def compressors_of(compression):
-    """zarr v3 compressors of a compression spec (or codecs, as they are).
-
-    Parameters
-    ----------
-    compression : str, codec, list of codecs or None
-        ``"auto"`` (zarr's default, zstd), ``"zstd[:LEVEL]"``,
-        ``"blosc-zstd[:LEVEL]"`` or ``"blosc-lz4[:LEVEL]"`` (blosc with byte
-        shuffle, which helps integer images), ``"none"`` or None; anything
-        else is passed to zarr as it is.
-
-    Examples
-    --------
-    >>> compressors_of("zstd:3")
-    [ZstdCodec(level=3, checksum=False)]
-    >>> compressors_of("none") is None
-    True
-    """
-    from zarr.codecs import BloscCodec, ZstdCodec
-
-    if compression is None or not isinstance(compression, str):
-        return compression
-    if compression in ("auto", "none"):
-        return None if compression == "none" else "auto"
-    name, _, level = compression.partition(":")
-    try:
-        level = int(level) if level else None
-    except ValueError:
-        level = -1
-    most = 9 if name.startswith("blosc") else 22
-    makers = {
-        "zstd": lambda n: ZstdCodec(level=3 if n is None else n),
-        "blosc-zstd": lambda n: BloscCodec(
-            cname="zstd", clevel=5 if n is None else n, shuffle="shuffle"
-        ),
-        "blosc-lz4": lambda n: BloscCodec(
-            cname="lz4", clevel=5 if n is None else n, shuffle="shuffle"
-        ),
-    }
-    if name not in makers or (level is not None and not 0 <= level <= most):
-        msg = f"`compression` must be one of {COMPRESSIONS} (levels 0..22 for zstd, 0..9 for blosc), got {compression!r}"
-        raise ValueError(msg)
-    return [makers[name](level)]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How an output array is stored.
-
-    Attributes
-    ----------
-    chunks : tuple of int
-        The chunk shape: what a reader decodes at once.
-    shards : tuple of int or None
-        The shard shape (zarr v3 sharding): chunks stored together in one
-        object. One task writes one whole shard, so no two tasks write the
-        same object.
-    compressors : codec list, "auto" or None
-    """
-
-    chunks: tuple
-    shards: tuple | None
-    compressors: object
-
-    @property
-    def unit(self):
-        """The region one task writes: a shard, or a chunk."""
-        return self.shards or self.chunks
-
-
-def _sizes(name, sizes, ndim):
-    sizes = tuple(int(c) for c in sizes)
-    if len(sizes) != ndim or any(c <= 0 for c in sizes):
-        msg = f"`{name}` must be {ndim} positive ints, got {sizes!r}"
-        raise ValueError(msg)
-    return sizes
-
-
-def _layout(array, chunks, shards, compressors):
-    """The :class:`Layout` of an output, checked against `array`."""
-    if chunks is None:
-        chunks = tuple(c[0] for c in array.chunks)
-    chunks = _sizes("chunks", chunks, array.ndim)
-    if shards is not None:
-        shards = _sizes("shards", shards, array.ndim)
-        if any(s % c for s, c in zip(shards, chunks, strict=True)):
-            msg = f"`shards` {shards} must be multiples of `chunks` {chunks}"
-            raise ValueError(msg)
-    return Layout(chunks, shards, compressors_of(compressors))
-
-
 def _as_dask(array):
     if isinstance(array, da.Array):
         return array
@@ -770,17 +564,9 @@ def to_zarr(
     >>> z.shape, z.chunks, int(z[:].sum()), z.attrs["dask_localstats"]["complete"]
     ((4, 6), (2, 2), 24, True)
     """
-    if overwrite and resume:
-        msg = "`overwrite` and `resume` exclude each other"
-        raise ValueError(msg)
-    if isinstance(pyramid, bool) or not isinstance(pyramid, int) or pyramid < 1:
-        msg = f"`pyramid` must be a number of levels >= 1, got {pyramid!r}"
-        raise ValueError(msg)
-    if pyramid > 1 and ome is None:
-        msg = "`pyramid` needs an OME-Zarr output (`ome`, command line: --ome)"
-        raise ValueError(msg)
+    _check_options(overwrite, resume, pyramid, ome)
     array = _as_dask(array)
-    layout = _layout(array, chunks, shards, compressors)
+    layout = layout_of(array, chunks, shards, compressors)
     array = _regular(array, layout.unit)
     path = _output_path(store)
     inputs = inputs if inputs is not None else {"an input": array}
@@ -794,29 +580,10 @@ def to_zarr(
         "inputs": {k: v.record() for k, v in inventories.items()},
         "complete": False,
     }
-    exists = path.exists() or path.is_symlink()
-    if exists and not (overwrite or resume):
-        holder = _holder(path / LOCK) if (path / LOCK).exists() else None
-        busy = "" if holder is None else f" (and holds the lock of {holder})"
-        msg = (
-            f"the output {path} exists{busy}; pass overwrite=True (--overwrite) to "
-            "replace it, or resume=True (--resume) to continue an interrupted run"
-        )
-        raise RefusedError(msg)
-    if resume and not exists:
-        msg = f"resume: the output {path} does not exist; nothing to resume"
-        raise RefusedError(msg)
-    if exists and overwrite:
-        _check_replaceable(path)
+    exists = _check_existing(path, overwrite, resume)
     if resume:  # refusals need no lock: checked first, and again under it
         _reopen(path, record, array, layout, inventories)
-    if not exists:
-        try:
-            path.mkdir(parents=True)
-        except FileExistsError:
-            msg = f"the output {path} appeared meanwhile (another run?); refusing to write there"
-            raise RefusedError(msg) from None
-    with _locked(path, clear_stale=overwrite or resume) as lock:
+    with locked(path, clear_stale=overwrite or resume) as lock:
         guard = (str(lock), lock.read_text())
         if resume:
             output = _reopen(path, record, array, layout, inventories)
@@ -838,84 +605,45 @@ def to_zarr(
     return output.array
 
 
-def _block_file(folder, index):
-    return Path(folder) / ("-".join(map(str, index)) + ".npy")
+def _check_options(overwrite, resume, pyramid, ome):
+    if overwrite and resume:
+        msg = "`overwrite` and `resume` exclude each other"
+        raise ValueError(msg)
+    if isinstance(pyramid, bool) or not isinstance(pyramid, int) or pyramid < 1:
+        msg = f"`pyramid` must be a number of levels >= 1, got {pyramid!r}"
+        raise ValueError(msg)
+    if pyramid > 1 and ome is None:
+        msg = "`pyramid` needs an OME-Zarr output (`ome`, command line: --ome)"
+        raise ValueError(msg)
 
 
-def _save_block(block, folder, guard=None, block_info=None):
-    """Store one coarse block, atomically: written aside, renamed into place."""
-    _check_guard(guard)
-    location = block_info[0]["chunk-location"]
-    path = _block_file(folder, location)
-    if not path.exists():
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-        with open(partial, "wb") as file:
-            np.save(file, block, allow_pickle=False)
-            file.flush()
-            os.fsync(file.fileno())  # whole on disk before it is named
-        os.replace(partial, path)
-    return np.ones((1,) * block.ndim, dtype=bool)
+def _check_existing(path, overwrite, resume):
+    """Whether the output exists, refusing what the options do not allow.
 
-
-def _load_block(path):
-    return np.load(path, allow_pickle=False)
-
-
-def _checkpointed(array, path, guard=None):
-    """`array` reading its coarse blocks stored in `path`, and the saves of the rest.
-
-    Every coarse grid that `array` resamples (see
-    :func:`dask_localstats._engine.checkpoint_of`) has a folder in
-    ``path/.dask_localstats/``, named from its dask name (its computation),
-    with one ``.npy`` file a block. Blocks found there are read instead of
-    computed; the others get a task that stores them as soon as they are
-    computed, in the same graph as the output's chunks.
-
-    Returns
-    -------
-    array : dask array
-    saves : list of dask arrays
-        To compute with `array`'s writes.
-    stages : list of Stage
-        The coarse blocks left to compute, for the progress bar.
+    A new output's folder is made here, atomically: a folder that appears
+    meanwhile (another run) is refused.
     """
-    layers, dependencies = dict(array.dask.layers), dict(array.dask.dependencies)
-    saves, stages = [], []
-    for layer in array.dask.layers.values():
-        coarse = checkpoint_of(layer)
-        if coarse is None or coarse.name not in layers:
-            continue
-        digest = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
-        folder = path / CHECKPOINT_FOLDER / f"coarse-{digest}"
-        folder.mkdir(parents=True, exist_ok=True)
-        mapping, missing = dict(layers[coarse.name]), 0
-        blocks = [k for k in mapping if isinstance(k, tuple) and k[0] == coarse.name]
-        for key in blocks:
-            file = _block_file(folder, key[1:])
-            if file.exists():
-                mapping[key] = (_load_block, str(file))
-            else:
-                missing += 1
-        layers[coarse.name] = MaterializedLayer(mapping)
-        if missing:
-            saves.append((coarse, str(folder)))
-            voxels = math.prod(array.shape[: coarse.ndim]) / len(blocks)
-            stages.append(Stage("background", COARSE, voxels, missing))
-    graph = HighLevelGraph(layers, dependencies)
-    stores = []
-    for coarse, folder in saves:
-        loaded = da.Array(graph, coarse.name, coarse.chunks, meta=coarse._meta)
-        stores.append(
-            loaded.map_blocks(
-                _save_block,
-                folder,
-                guard,
-                chunks=tuple((1,) * len(c) for c in coarse.chunks),
-                dtype=bool,
-                meta=np.empty((0,) * coarse.ndim, bool),
-            )
+    exists = path.exists() or path.is_symlink()
+    if exists and not (overwrite or resume):
+        who = holder(path / LOCK) if (path / LOCK).exists() else None
+        busy = "" if who is None else f" (and holds the lock of {who})"
+        msg = (
+            f"the output {path} exists{busy}; pass overwrite=True (--overwrite) to "
+            "replace it, or resume=True (--resume) to continue an interrupted run"
         )
-    return da.Array(graph, array.name, array.chunks, meta=array._meta), stores, stages
+        raise RefusedError(msg)
+    if resume and not exists:
+        msg = f"resume: the output {path} does not exist; nothing to resume"
+        raise RefusedError(msg)
+    if exists and overwrite:
+        _check_replaceable(path)
+    if not exists:
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            msg = f"the output {path} appeared meanwhile (another run?); refusing to write there"
+            raise RefusedError(msg) from None
+    return exists
 
 
 def _write_levels(group, image, count, progress, guard=None):
@@ -961,7 +689,7 @@ def _fill(array, target, resume, progress, path, guard=None):
     todo = [(index, region) for index, region in regions if index not in done]
     try:
         if todo:
-            array, saves, stages = _checkpointed(array, path, guard)
+            array, saves, stages = checkpointed(array, path, guard)
             voxels = math.prod(target.shards or target.chunks)
             stages.append(Stage("write", WRITE, voxels, len(todo)))
             shown = None if not progress else Progress(stages, _stream(progress))

@@ -24,7 +24,7 @@ from strategies import write_zarr
 import dask_localstats as dls
 from dask_localstats._cli import main
 from dask_localstats._grid import make_grid
-from dask_localstats._write import LOCK
+from dask_localstats._lock import LOCK
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GEOMETRY = dict(selem=(6, 8, 5), spacing=(4, 5, 5))

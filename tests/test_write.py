@@ -15,7 +15,8 @@ from slowly import kill_when
 from strategies import write_zarr
 
 import dask_localstats as dls
-from dask_localstats._write import LOCK, _locked, _written
+from dask_localstats._lock import LOCK
+from dask_localstats._write import _written
 from dask_localstats.errors import (
     InputChangedError,
     LockedError,
@@ -153,19 +154,6 @@ def test_a_second_writer_is_refused_and_a_stale_lock_reported(tmp_path, image):
     dls.to_zarr(background(source), out, resume=True)
     assert not lock.exists()
     assert zarr.open_array(out).attrs["dask_localstats"]["complete"]
-
-
-def test_a_lock_left_behind_is_named_and_cleared_only_when_asked(tmp_path):
-    out = tmp_path / "out.zarr"
-    out.mkdir()
-    (out / LOCK).write_text("")  # unreadable, and nobody holds it
-    gone = r"a run that is gone \(an unreadable lock"
-    with pytest.raises(LockedError, match=gone), _locked(out, clear_stale=False):
-        pass
-    assert (out / LOCK).exists()
-    with _locked(out, clear_stale=True) as lock:
-        assert '"pid": ' in lock.read_text()
-    assert not (out / LOCK).exists()
 
 
 def test_resume_writes_only_missing_chunks_and_checks_the_computation(tmp_path, image):

@@ -1,0 +1,107 @@
+"""How an output array is stored: chunks, shards and codecs.
+
+A :class:`Layout` is checked against the array to store before anything is
+created: chunk and shard shapes of one positive size per axis, shards made
+of whole chunks (zarr v3's sharding codec stores the chunks of a shard in
+one object, far fewer files for a large volume), and a compression spec
+turned into zarr v3 codecs (:func:`compressors_of`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["COMPRESSIONS", "Layout", "compressors_of", "layout_of"]
+
+COMPRESSIONS = ("zstd[:LEVEL]", "blosc-zstd[:LEVEL]", "blosc-lz4[:LEVEL]", "none")
+
+
+def compressors_of(compression):
+    """zarr v3 compressors of a compression spec (or codecs, as they are).
+
+    Parameters
+    ----------
+    compression : str, codec, list of codecs or None
+        ``"auto"`` (zarr's default, zstd), ``"zstd[:LEVEL]"``,
+        ``"blosc-zstd[:LEVEL]"`` or ``"blosc-lz4[:LEVEL]"`` (blosc with byte
+        shuffle, which helps integer images), ``"none"`` or None; anything
+        else is passed to zarr as it is.
+
+    Examples
+    --------
+    >>> compressors_of("zstd:3")
+    [ZstdCodec(level=3, checksum=False)]
+    >>> compressors_of("none") is None
+    True
+    """
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if compression is None or not isinstance(compression, str):
+        return compression
+    if compression in ("auto", "none"):
+        return None if compression == "none" else "auto"
+    name, _, level = compression.partition(":")
+    try:
+        level = int(level) if level else None
+    except ValueError:
+        level = -1
+    most = 9 if name.startswith("blosc") else 22
+    makers = {
+        "zstd": lambda n: ZstdCodec(level=3 if n is None else n),
+        "blosc-zstd": lambda n: BloscCodec(
+            cname="zstd", clevel=5 if n is None else n, shuffle="shuffle"
+        ),
+        "blosc-lz4": lambda n: BloscCodec(
+            cname="lz4", clevel=5 if n is None else n, shuffle="shuffle"
+        ),
+    }
+    if name not in makers or (level is not None and not 0 <= level <= most):
+        msg = f"`compression` must be one of {COMPRESSIONS} (levels 0..22 for zstd, 0..9 for blosc), got {compression!r}"
+        raise ValueError(msg)
+    return [makers[name](level)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an output array is stored.
+
+    Attributes
+    ----------
+    chunks : tuple of int
+        The chunk shape: what a reader decodes at once.
+    shards : tuple of int or None
+        The shard shape (zarr v3 sharding): chunks stored together in one
+        object. One task writes one whole shard, so no two tasks write the
+        same object.
+    compressors : codec list, "auto" or None
+    """
+
+    chunks: tuple
+    shards: tuple | None
+    compressors: object
+
+    @property
+    def unit(self):
+        """The region one task writes: a shard, or a chunk."""
+        return self.shards or self.chunks
+
+
+def _sizes(name, sizes, ndim):
+    sizes = tuple(int(c) for c in sizes)
+    if len(sizes) != ndim or any(c <= 0 for c in sizes):
+        msg = f"`{name}` must be {ndim} positive ints, got {sizes!r}"
+        raise ValueError(msg)
+    return sizes
+
+
+def layout_of(array, chunks, shards, compressors):
+    """The :class:`Layout` of an output, checked against `array`."""
+    if chunks is None:
+        chunks = tuple(c[0] for c in array.chunks)
+    chunks = _sizes("chunks", chunks, array.ndim)
+    if shards is not None:
+        shards = _sizes("shards", shards, array.ndim)
+        if any(s % c for s, c in zip(shards, chunks, strict=True)):
+            msg = f"`shards` {shards} must be multiples of `chunks` {chunks}"
+            raise ValueError(msg)
+    return Layout(chunks, shards, compressors_of(compressors))
