@@ -1,4 +1,4 @@
-"""Out-of-core benchmarks W7 to W11 of BENCHMARKS.md.
+"""Out-of-core benchmarks W7 to W11 of docs/benchmarks.md.
 
 Run ``python benchmarks/outofcore.py`` (``--sizes 1 8`` GiB for W7 and W10,
 ``--repeat 3``, ``--only W10,W11``, ``--workdir DIR`` where the synthetic
