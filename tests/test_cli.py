@@ -432,9 +432,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, image, capsys):
     assert not out.exists()
 
 
-@pytest.mark.thorough
-def test_sigkill_then_resume_finishes_without_recomputing(tmp_path):
-    rng = np.random.default_rng(1)
+def interrupted_run(tmp_path, seed):
+    """A run of 32 chunks killed (SIGKILL) after 4: image, source, OUT, args."""
+    rng = np.random.default_rng(seed)
     image = rng.integers(0, 4000, (8, 32, 32)).astype(np.uint16)
     source = write_zarr(tmp_path / "in.zarr", image, chunks=(4, 8, 8))
     out = tmp_path / "out.zarr"
@@ -448,6 +448,12 @@ def test_sigkill_then_resume_finishes_without_recomputing(tmp_path):
         lambda: len([p for p in chunk_files(out) if ".partial" not in p.name]) >= 4,
     )
     assert proc.returncode == -signal.SIGKILL
+    return image, source, out, args
+
+
+@pytest.mark.thorough
+def test_sigkill_then_resume_finishes_without_recomputing(tmp_path):
+    image, _, out, args = interrupted_run(tmp_path, 1)
     assert record(out)["complete"] is False
     before = chunk_files(out)
     chunks = {p for p in before if ".partial" not in p.name}
@@ -539,14 +545,7 @@ def test_urls_symlinks_and_masks_never_become_the_output(tmp_path, image):
 
 @pytest.mark.thorough
 def test_resume_refuses_a_changed_input_even_restored(tmp_path):
-    image = np.random.default_rng(2).integers(0, 4000, (8, 32, 32), np.uint16)
-    source = write_zarr(tmp_path / "in.zarr", image, chunks=(4, 8, 8))
-    out = tmp_path / "out.zarr"
-    args = ["percentile", source, out, "--percentile", "0.3", "--selem", "4", "8",
-            "8", "--spacing", "2", "4", "4", "--quiet"]  # fmt: skip
-    env = {**os.environ, "DASK_NUM_WORKERS": "1"}
-    proc = subprocess.Popen(slow_command(0.15, *args), env=env, stderr=subprocess.PIPE)
-    kill_when(proc, lambda: len(chunk_files(out)) >= 4)  # some chunks written
+    image, source, out, args = interrupted_run(tmp_path, 2)
     chunk = source / "c" / "1" / "2" / "3"
     data, info = chunk.read_bytes(), chunk.stat()
     z = zarr.open_array(source, mode="r+")
