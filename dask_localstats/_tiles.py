@@ -20,51 +20,46 @@ Paths
 :func:`tile_reduce` computes percentiles and local histograms,
 :func:`tile_moments` means, variances and standard deviations:
 
-- *Sorted tiles* (percentiles, few large tiles per window;
-  :class:`_SortedTiles`). Each tile's samples are sorted once
-  (``ndarray.sort``, which releases the GIL, so threads overlap). How many
-  samples of a window lie at or below some value is then a binary search
-  per tile, and each wanted order statistic a bisection on the value
-  (:meth:`_SortedTiles.select`). Work: about one sort of the voxels, whatever
-  the value range.
-- *Tile histograms* (percentiles, many small tiles per window;
+- *Tile histograms* (percentiles, and local histograms;
   :func:`_percentile_select`):
 
-  1. One ``np.bincount`` per row of tiles gives each tile's histogram of the
-     values, offset by the block's least kept value
-     (:meth:`_PhaseTiles.histograms`): work proportional to the voxels.
-  2. A window's histogram is the sum of its tiles' histograms: a product
-     with one 0/1 "tile range" matrix per axis (:func:`_window_sums`; BLAS
-     does the sums).
-  3. Steps 1 and 2 are done on coarse bins of about sqrt(range) values; the
-     coarse bin holding each wanted rank is found from the cumulative
-     counts, then fine histograms are counted only for the (tile, coarse
-     bin) pairs those ranks fall in (:meth:`_PhaseTiles.pair_histograms`)
-     and summed over the window's tiles to find the exact value.
+  1. One ``np.bincount`` per row of tiles gives each tile's histogram of
+     the values (:meth:`_PhaseTiles.histograms`), in *columns*: a lookup
+     table maps each value, offset by the block's least kept value, to its
+     column. Work: one pass over the samples, whatever the windows.
+  2. A window's histogram is the sum of its tiles' histograms: running sums
+     over the tiles, axis by axis, then a difference per window
+     (:func:`_window_sums`). Work: tiles times columns.
+  3. A wanted rank falls in the column where the window's cumulative count
+     exceeds it. At first the columns are runs of about sqrt(range)
+     values; the runs holding some rank are split into single values and
+     the histograms counted again (:class:`_Columns`). The columns carry
+     over to the block's next tilings, whose windows have like
+     percentiles, so most tilings take a single pass.
 
+- *Sorted tiles* (percentiles of values spanning more than ``_MAX_TABLE``
+  values, too many for lookup tables; :class:`_SortedTiles`). Each tile's
+  samples are sorted once (``ndarray.sort``, which releases the GIL). How
+  many samples of a window lie at or below some value is then a binary
+  search per tile, and each wanted order statistic a bisection on the
+  value (:meth:`_SortedTiles.select`).
 - *Local histograms* (:class:`~dask_localstats._kernels.Histogram`): steps
-  1 and 2 of the tile histograms, with the requested bins.
+  1 and 2 of the tile histograms, with the requested bins as columns.
 - *Moments* (``numpy.mean``, ``numpy.var``, ``numpy.std`` given to
   ``apply_local_function``): exact integer sums of the values and their
   squares per tile (:meth:`_PhaseTiles.sums`, ``np.add.reduceat``), then per
-  window with the same tile range matrices.
+  window with running sums as in step 2.
 
 For percentiles, NumPy's interpolation between the two order statistics is
 then applied as for the other kernels, so results are bit-identical to
 ``numpy.percentile``.
 
-Cost model
-----------
-For percentiles, :func:`_sorting_pays` chooses per tiling: sorting costs
-about one pass over the samples plus, for each of the bisection steps (ranks
-wanted times the bit length of the value range), one binary search in every
-tile of every window; tile histograms cost about two passes whatever the
-windows. Sorted tiles are taken when ``windows * tiles per window * steps *
-log2(largest tile) <= 4 * samples``. :func:`tile_reduce` declines (returns
-None, and the gathering kernel takes over) when the tile histograms of some
-tiling would hold more entries than the block has voxels and than
-``_MAX_ENTRIES``; :func:`tile_moments` declines when its integer sums could
-exceed 2**53.
+Declining
+---------
+:func:`tile_reduce` declines (returns None, and the gathering kernel takes
+over) when the first tile histograms of some tiling would hold more
+entries than the block has voxels and than ``_MAX_ENTRIES``;
+:func:`tile_moments` declines when its integer sums could exceed 2**53.
 """
 
 from __future__ import annotations
@@ -76,6 +71,8 @@ from typing import NamedTuple
 import numpy as np
 
 _MAX_ENTRIES = 1 << 23
+_MAX_TABLE = 1 << 22  # values a percentile's lookup tables may span
+_LOOPED = 256
 
 
 class AxisTiling(NamedTuple):
@@ -183,6 +180,19 @@ def _offsets(values, low, dtype=np.intp):
     return difference.astype(dtype)
 
 
+def _raw_table(table, low, dtype):
+    """`table` indexed by raw values of `dtype` (8 or 16 bits unsigned), or None.
+
+    Saves subtracting `low` from every sample: the table is shifted by `low`
+    and covers the whole dtype (masked samples may hold any value).
+    """
+    if table is None or dtype.kind != "u" or dtype.itemsize > 2:
+        return None
+    raw = np.zeros(1 << (8 * dtype.itemsize), dtype=table.dtype)
+    raw[low : low + len(table)] = table
+    return raw
+
+
 def _used_tiles(axis):
     """Whether each tile of an :class:`AxisTiling` lies in some window."""
     delta = np.zeros(len(axis.bounds), dtype=np.intp)
@@ -222,7 +232,7 @@ class _PhaseTiles:
 
     def __init__(self, block, mask, tiling, steps, low):
         region = tuple(axis.region(s) for axis, s in zip(tiling, steps, strict=True))
-        self.sub, self.low = block[region], low
+        self.sub, self.low, self.size = block[region], low, block.size
         keep = None if mask is None else mask[region].astype(bool, copy=False)
         for d, axis in enumerate(tiling):
             used = _used_samples(axis)
@@ -246,28 +256,43 @@ class _PhaseTiles:
         # where the tiles of axes 1.. start, within the samples
         self.starts = [axis.bounds[:-1] - axis.bounds[0] for axis in tiling[1:]]
 
-    def rows(self):
-        """Yield ``(tiles, values)`` of the kept samples, row of tiles by row."""
+    def histograms(self, table, ncols, check=None):
+        """Histograms ``(*shape, ncols)`` of the samples' columns, per tile.
+
+        A sample of value ``v`` counts in column ``table[v - low]`` of its
+        tile (column ``v - low`` when `table` is None). One
+        ``np.bincount`` per row of tiles, on keys ``tile * ncols + column``
+        (``uint32`` when they fit). `check`, if given, is called with the
+        least and greatest kept value of each row first.
+        """
         per_row = math.prod(self.shape[1:])
+        size = per_row * ncols + 1  # the last key takes masked samples
+        key = np.uint32 if size <= 2**32 else np.intp
+        inner = self.inner.astype(key) * key(ncols)
+        raw = _raw_table(table, self.low, self.sub.dtype)
+        # counts never exceed the block's size: int32 halves the traffic
+        count = np.int32 if self.size < 2**31 else np.int64
+        out = np.empty((self.shape[0], per_row * ncols), dtype=count)
         for t in range(self.shape[0]):
             part = slice(self.bounds0[t], self.bounds0[t + 1])
-            values = _offsets(self.sub[part], self.low)
-            tiles = self.inner + t * per_row
-            if self.keep is not None:
-                keep = self.keep[part]
-                values, tiles = values[keep], np.broadcast_to(tiles, keep.shape)[keep]
-            yield tiles, values
-
-    def histograms(self, nbins, shift=0, check=None):
-        """Histograms ``(*shape, nbins)`` of ``values >> shift`` per tile."""
-        per_row = math.prod(self.shape[1:])
-        out = np.empty((self.shape[0], per_row * nbins), dtype=np.int64)
-        for t, (tiles, values) in enumerate(self.rows()):
-            if check is not None and values.size:
-                check(values.min() + self.low, values.max() + self.low)
-            keys = (tiles - t * per_row) * nbins + (values >> shift)
-            out[t] = np.bincount(keys.ravel(), minlength=per_row * nbins)
-        return out.reshape((*self.shape, nbins))
+            values = self.sub[part]
+            keep = None if self.keep is None else self.keep[part]
+            if check is not None:
+                kept = values if keep is None else values[keep]
+                if kept.size:
+                    check(int(kept.min()), int(kept.max()))
+            if raw is not None:
+                keys = raw.take(values).astype(key, copy=False)
+            elif table is not None:
+                keys = table.take(_offsets(values, self.low), mode="clip")
+                keys = keys.astype(key, copy=False)
+            else:
+                keys = _offsets(values, self.low, key)
+            keys += inner
+            if keep is not None:
+                keys[~keep] = size - 1
+            out[t] = np.bincount(keys.ravel(), minlength=size)[:-1]
+        return out.reshape((*self.shape, ncols))
 
     def sums(self):
         """Kept counts and sums of ``values`` and ``values**2`` per tile.
@@ -290,34 +315,6 @@ class _PhaseTiles:
                     total = np.add.reduceat(total, starts, axis=d)
                 out[t, ..., k] = total
         return out
-
-    def pair_histograms(self, lookup, count, shift):
-        """Fine histograms ``(count, 2**shift)`` of selected (tile, coarse bin).
-
-        ``lookup[tile, coarse bin]`` numbers the selected pairs, -1 elsewhere.
-        """
-        fine = 1 << shift
-        ncoarse = lookup.shape[1]
-        lookup = lookup.ravel()
-        size = count * fine + 1  # the last bin takes the samples not selected
-        out = np.zeros(size, dtype=np.int64)
-        pending, held = [], 0
-
-        def flush():
-            out[:] += np.bincount(np.concatenate(pending), minlength=size)
-            pending.clear()
-
-        for tiles, values in self.rows():
-            pair = lookup.take(tiles * ncoarse + (values >> shift))
-            keys = np.where(pair >= 0, pair * fine + (values & (fine - 1)), size - 1)
-            pending.append(keys.ravel())
-            held += keys.size
-            if held >= _MAX_ENTRIES:  # bincount in batches: fewer passes on `out`
-                flush()
-                held = 0
-        if pending:
-            flush()
-        return out[:-1].reshape(count, fine)
 
 
 def _size_classes(axis):
@@ -459,20 +456,29 @@ def _gather(array, index):
     return array
 
 
-def _window_sums(histograms, tiling):
-    """Sum tile histograms over each window's box of tiles (float64).
+def _window_sums(tiles, tiling):
+    """Sum per-tile integers over each window's box of tiles.
 
-    Axis by axis, a product with the 0/1 matrix ``(windows, tiles)`` of the
-    windows' tile ranges (BLAS does the sums; float64 is exact for counts
-    below 2**53).
+    `tiles` has the tiling's shape, then any trailing axes. Axis by axis:
+    running sums over the tiles, then the difference between each window's
+    last and first tile. int64 sums wrap modulo 2**64, so every window
+    total that fits in int64 is exact.
     """
-    values = histograms.astype(np.float64)
     for d, axis in enumerate(tiling):
-        tiles = np.arange(axis.ntiles)
-        first, last = axis.first[:, None], axis.last[:, None]
-        ranges = ((tiles >= first) & (tiles < last)).astype(np.float64)
-        values = np.moveaxis(np.tensordot(ranges, values, axes=(1, d)), 0, d)
-    return values
+        if np.array_equal(axis.first, np.arange(axis.ntiles)) and np.array_equal(
+            axis.last, axis.first + 1
+        ):
+            continue  # one tile per window, in order: nothing to sum
+        moved = np.moveaxis(tiles, d, 0)
+        running = np.empty((len(moved) + 1, *moved.shape[1:]), dtype=moved.dtype)
+        running[0] = 0
+        if len(moved) <= _LOOPED:  # whole slices at a time: faster than cumsum
+            for i, part in enumerate(moved):
+                np.add(running[i], part, out=running[i + 1])
+        else:
+            np.cumsum(moved, axis=0, out=running[1:])
+        tiles = np.moveaxis(running[axis.last] - running[axis.first], 0, d)
+    return tiles
 
 
 def _window_tiles(tiling):
@@ -496,90 +502,85 @@ def _window_tiles(tiling):
     return flat.reshape(windows, -1)
 
 
-def _sorting_pays(tiling, searches):
-    """Whether sorted tiles beat tile histograms for one phase (the cost model).
-
-    Sorting costs about one pass over the samples; each of the `searches`
-    steps of bisection then probes every tile of every window about
-    log2(tile size) times. Histograms cost about two passes whatever the
-    windows. So sorting is chosen when
-
-        windows * tiles per window * searches * depth <= 4 * samples
-
-    with ``depth`` the bit length of the largest tile's size (a bound on the
-    probes of a binary search). The factor 4 was measured on ClearMap's
-    workloads.
-
-    Parameters
-    ----------
-    tiling : tuple of AxisTiling
-        The phase's tiling, one per axis.
-    searches : int
-        Bisection steps per window: the ranks wanted times the bit length
-        of the range of values.
-
-    Returns
-    -------
-    bool
-    """
-    windows = math.prod(len(axis.rows) for axis in tiling)
-    per_window = math.prod(int((axis.last - axis.first).max()) for axis in tiling)
-    sizes = [np.diff(axis.bounds) for axis in tiling]
-    samples = math.prod(int(s.sum()) for s in sizes)
-    depth = math.prod(int(s.max()) for s in sizes).bit_length()
-    return windows * per_window * searches * depth <= 4 * samples
-
-
 def _fine_shift(nbins):
     """log2 of the fine bins per coarse bin: about the square root of `nbins`."""
     return max(4, math.ceil(math.log2(max(nbins, 2)) / 2))
 
 
-def _percentile_select(samples, tiling, nbins, statistic, dtype):
+class _Columns:
+    """Histogram columns over the kept values, split where ranks fall.
+
+    The columns partition the offsets ``0 .. nbins - 1`` (values minus the
+    block's least kept value) into runs: at first runs of about
+    ``sqrt(nbins)`` values, then :meth:`refine` splits the runs some wanted
+    rank falls in into single values. One object serves all the phases of
+    a block, whose windows' percentiles are alike, so after the first phase
+    one histogram usually suffices.
+
+    Parameters
+    ----------
+    nbins : int
+        The number of offsets.
+    budget : int
+        The most columns a histogram may have (tiles times columns must fit
+        the memory budget).
+    """
+
+    def __init__(self, nbins, budget):
+        self.nbins, self.budget = nbins, budget
+        self.edges = np.arange(0, nbins, 1 << _fine_shift(nbins))
+
+    def table(self):
+        """The column of each offset (uint32)."""
+        widths = np.diff(self.edges, append=self.nbins)
+        return np.repeat(np.arange(len(self.edges), dtype=np.uint32), widths)
+
+    def refine(self, hit):
+        """Split the columns `hit` (indices) into single values, as the budget allows.
+
+        Returns whether any column was split. A column that does not fit
+        whole is split in as many equal parts as fit (at least two).
+        """
+        widths = np.diff(self.edges, append=self.nbins)
+        room, added = self.budget - len(self.edges), []
+        for column in hit[widths[hit] > 1]:
+            parts = max(2, min(int(widths[column]), room + 1))
+            start = self.edges[column]
+            added.append(start + np.arange(1, parts) * widths[column] // parts)
+            room -= parts - 1
+            if room <= 0:
+                break
+        if added:
+            self.edges = np.union1d(self.edges, np.concatenate(added))
+        return bool(added)
+
+
+def _percentile_select(samples, tiling, statistic, columns, dtype):
     """Kept counts per window and a selector of their order statistics.
 
-    Coarse histograms locate the coarse bin of every rank the percentiles
-    need; fine histograms are then counted only for the (tile, coarse bin)
-    pairs those ranks fall in.
+    Each pass counts tile histograms over `columns` (a :class:`_Columns`)
+    and sums them per window; a rank falls in the column where the
+    window's cumulative count exceeds it. Columns holding a rank and more
+    than one value are split, and the pass repeated, until every wanted
+    rank sits in a single-value column.
     """
-    shift = _fine_shift(nbins)
-    ncoarse = ((nbins - 1) >> shift) + 1
-    coarse = samples.histograms(ncoarse, shift)
-    cumulative = np.cumsum(
-        _window_sums(coarse, tiling).reshape(-1, ncoarse).astype(np.int64), axis=1
-    )
-    n = cumulative[:, -1]
-    tiles = _window_tiles(tiling)
-    total = math.prod(samples.shape)
-
-    def locate(rank):
-        bin_ = np.minimum((cumulative <= rank[:, None]).sum(axis=1), ncoarse - 1)
-        rows = np.arange(len(rank))
-        return bin_, rank - np.where(bin_ > 0, cumulative[rows, bin_ - 1], 0)
-
-    pairs = [tiles * ncoarse + locate(rank)[0][:, None] for rank in statistic.ranks(n)]
-    wanted = np.unique(np.concatenate([p.ravel() for p in pairs]))
-    wanted = wanted[wanted < total * ncoarse]  # not the padding tile
-    lookup = np.full((total + 1) * ncoarse, -1, dtype=np.intp)
-    lookup[wanted] = np.arange(len(wanted))
-    fine = samples.pair_histograms(lookup.reshape(-1, ncoarse), len(wanted), shift)
-    fine = np.concatenate([fine, np.zeros((1, fine.shape[1]), fine.dtype)])
-    fine = fine.astype(np.int32)  # halves the traffic of the gathers below
-
-    cache = {}
-
-    def select(rank):
-        bin_, residual = locate(rank)
-        key = bin_.tobytes()
-        if key not in cache:  # the ranks below and above often share a bin
-            counts = fine[lookup[tiles * ncoarse + bin_[:, None]]].sum(axis=1)
-            cache.clear()
-            cache[key] = np.cumsum(counts, axis=1)
-        position = (cache[key] <= residual[:, None]).sum(axis=1)
-        offset = (bin_ << shift) + np.minimum(position, (1 << shift) - 1)
-        return _offsets(offset, -samples.low, dtype)
-
-    return n, select
+    windows = math.prod(len(axis.rows) for axis in tiling)
+    while True:
+        counts = samples.histograms(columns.table(), len(columns.edges))
+        counts = _window_sums(counts, tiling).reshape(windows, -1)
+        cumulative = np.cumsum(counts, axis=1)
+        n = cumulative[:, -1]
+        ranks = statistic.ranks(n)
+        hits = [(cumulative <= rank[:, None]).sum(axis=1) for rank in ranks]
+        hit = np.unique(np.concatenate([h[n > 0] for h in hits]))
+        if not columns.refine(hit):
+            break
+    edges = np.append(columns.edges, 0)  # empty windows: any value
+    values = {
+        rank.tobytes(): _offsets(edges[h], -samples.low, dtype)
+        for rank, h in zip(ranks, hits, strict=True)
+    }
+    return n, lambda rank: values[rank.tobytes()]
 
 
 def _block_phases(origin, grid, start, stop):
@@ -607,12 +608,12 @@ def _kept_range(block, mask):
 def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histogram):
     """Window statistics of an integer block by tiles, or None.
 
-    Local histograms take the tile histograms path. For percentiles, the
-    cost model (:func:`_sorting_pays`) picks sorted tiles or tile histograms
-    for each tiling (step phase) of the block. The whole block is declined
-    when the tile histograms of some tiling would hold more entries than
-    the block has voxels (and more than ``_MAX_ENTRIES``): then the
-    gathering kernel of :mod:`dask_localstats._kernels` is cheaper.
+    Local histograms and percentiles take the tile histograms path;
+    percentiles of blocks whose kept values span more than ``_MAX_TABLE``
+    values take sorted tiles. The whole block is declined when the first
+    tile histograms of some tiling would hold more entries than the block
+    has voxels (and more than ``_MAX_ENTRIES``): then the gathering kernel
+    of :mod:`dask_localstats._kernels` is cheaper.
 
     Parameters
     ----------
@@ -631,44 +632,36 @@ def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histog
         or None when declined.
     """
     tilings = _block_phases(origin, grid, start, stop)
-    if histogram:
-        low, high, nbins = 0, None, statistic.max_bin
-        sort = [False] * len(tilings)
-    else:
-        low, high = _kept_range(block, mask)
-        nbins = high - low + 1
-        searches = len(statistic.quantiles()) * nbins.bit_length()
-        sort = [_sorting_pays(tiling, searches) for tiling in tilings]
-        nbins = ((nbins - 1) >> _fine_shift(nbins)) + 1  # coarse bins first
-    most = max(
-        (
-            math.prod(axis.ntiles for axis in tiling)
-            for tiling, sorted_ in zip(tilings, sort, strict=True)
-            if not sorted_
-        ),
-        default=0,
-    )
-    if most * nbins > max(block.size, _MAX_ENTRIES):
-        return None
-    check = statistic.check_range if histogram else None
+    budget = max(block.size, _MAX_ENTRIES)
+    low, high = (0, statistic.max_bin - 1) if histogram else _kept_range(block, mask)
+    nbins = high - low + 1
+    columns = None  # sorted tiles
+    if histogram or nbins <= _MAX_TABLE:
+        most = max(math.prod(axis.ntiles for axis in tiling) for tiling in tilings)
+        first = nbins if histogram else ((nbins - 1) >> _fine_shift(nbins)) + 1
+        if most * first > budget:
+            return None
+        if not histogram:
+            columns = _Columns(nbins, budget // most)
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     out = np.zeros(shape + statistic.fshape, dtype=dtype)
     counts = np.zeros(shape, dtype=np.int64)
-    for tiling, sorted_ in zip(tilings, sort, strict=True):
+    for tiling in tilings:
         rows = np.ix_(*(axis.rows for axis in tiling))
         if histogram:
             samples = _PhaseTiles(block, mask, tiling, grid.step, low)
-            sums = _window_sums(samples.histograms(nbins, check=check), tiling)
+            histograms = samples.histograms(None, nbins, statistic.check_range)
+            sums = _window_sums(histograms, tiling)
             out[rows] = sums
             counts[rows] = sums.sum(axis=-1)
         else:
             out[rows], counts[rows] = _tiling_percentiles(
-                block, mask, tiling, grid.step, statistic, (low, high), sorted_
+                block, mask, tiling, grid.step, statistic, (low, high), columns
             )
     return out, counts
 
 
-def _tiling_percentiles(block, mask, tiling, steps, statistic, kept_range, sort):
+def _tiling_percentiles(block, mask, tiling, steps, statistic, kept_range, columns):
     """Percentiles and kept counts of the windows of one tiling.
 
     Parameters
@@ -683,8 +676,9 @@ def _tiling_percentiles(block, mask, tiling, steps, statistic, kept_range, sort)
         The percentiles.
     kept_range : tuple of int
         The least and greatest kept values of the block.
-    sort : bool
-        Sorted tiles (True) or tile histograms (False).
+    columns : _Columns or None
+        The columns of the tile histograms, shared by the block's tilings;
+        None for sorted tiles.
 
     Returns
     -------
@@ -694,16 +688,14 @@ def _tiling_percentiles(block, mask, tiling, steps, statistic, kept_range, sort)
         Kept voxels per window, ``windows``.
     """
     low, high = kept_range
-    if sort:
+    if columns is None:
         tiles = _SortedTiles(block, mask, tiling, steps)
         ids = _window_tiles(tiling)
         n = tiles.kept[ids].sum(axis=1)
         select = tiles.select(ids, low, high)
     else:
         samples = _PhaseTiles(block, mask, tiling, steps, low)
-        n, select = _percentile_select(
-            samples, tiling, high - low + 1, statistic, block.dtype
-        )
+        n, select = _percentile_select(samples, tiling, statistic, columns, block.dtype)
     windows = tuple(len(axis.rows) for axis in tiling)
     values = statistic.combine(select, n).reshape(windows + statistic.fshape)
     return values, n.reshape(windows)

@@ -68,24 +68,46 @@ def coarse(source, percentile, geometry, mask):
 def test_both_methods_match_the_reference(sorting, data, geometry, percentile):
     source = data.draw(integer_images(geometry[0]))
     mask = data.draw(masks(geometry[0]))
-    with mock.patch.object(_tiles, "_sorting_pays", return_value=sorting):
+    # sorted tiles take over when the values span more than _MAX_TABLE
+    with mock.patch.object(_tiles, "_MAX_TABLE", -1 if sorting else 1 << 22):
         result, expected = coarse(source, percentile, geometry, mask)
     np.testing.assert_array_equal(result, expected, strict=True)
 
 
-def test_the_cost_model_picks_sorting_for_few_large_tiles():
-    # W7's geometry: 2 x 2 x 2 tiles of 32^3 per window; ClearMap's
-    # light-sheet correction (W2): 8 x 8 tiles of 25 x 25 voxels per window.
-    large = make_grid((128, 128, 128), (64, 64, 64), (32, 32, 32))
-    small = make_grid((400, 400, 4), (200, 200, 1), (25, 25, 1))
-    choices = []
-    for grid in (large, small):
-        tiling = [
-            next(_tiles._axis_phases(grid.windows(d, 0, grid.counts[d]), 0))
-            for d in range(3)
-        ]
-        choices.append(_tiles._sorting_pays(tiling, 13))
-    assert choices == [True, False]
+@given(
+    data=st.data(),
+    geometry=geometries(footprints=False),
+    percentile=percentiles,
+    room=st.integers(0, 6),
+)
+def test_histogram_columns_are_exact_within_any_budget(
+    data, geometry, percentile, room
+):
+    # a budget of a few columns more than the first histograms: the runs
+    # holding ranks are split a few parts at a time, over many passes
+    source = data.draw(arrays(np.uint16, geometry[0], st.integers(0, 700)))
+    mask = data.draw(masks(geometry[0]))
+    columns = _tiles._Columns
+
+    def tight(nbins, budget):
+        tight = columns(nbins, budget)
+        tight.budget = len(tight.edges) + room
+        return tight
+
+    with mock.patch.object(_tiles, "_Columns", tight):
+        result, expected = coarse(source, percentile, geometry, mask)
+    np.testing.assert_array_equal(result, expected, strict=True)
+
+
+def test_columns_split_the_runs_holding_ranks():
+    columns = _tiles._Columns(100, budget=30)
+    np.testing.assert_array_equal(columns.edges, np.arange(0, 100, 16))
+    assert columns.table()[[0, 15, 16, 99]].tolist() == [0, 0, 1, 6]
+    assert columns.refine(np.array([1, 6]))  # 16..31 whole, then 96..99 in part
+    np.testing.assert_array_equal(
+        columns.edges, [0, *range(16, 32), 32, 48, 64, 80, 96, 97, 98, 99]
+    )
+    assert not columns.refine(np.array([1, 16, 21, 24]))  # single values already
 
 
 def test_axis_tilings_split_windows_by_step_phase():
@@ -124,26 +146,20 @@ def test_sorted_tiles_count_and_select():
     np.testing.assert_array_equal(select(np.array([1, 2, 3, 2])), [4, 4, 9, 7])
 
 
-def test_histograms_still_decline_huge_ranges():
+def test_huge_ranges_take_sorted_tiles_and_big_histograms_decline():
     source = np.array([0, 2**60, 5, 7] * 4, np.int64)
     grid = make_grid(source.shape, (2,))
-    with mock.patch.object(_tiles, "_sorting_pays", return_value=False):
-        done = _tiles.tile_reduce(
-            source,
-            (0,),
-            grid,
-            (0,),
-            grid.counts,
-            Percentile(0.5),
-            source.dtype,
-            None,
-            histogram=False,
-        )
-    assert done is None
+    args = (source, (0,), grid, (0,), grid.counts, Percentile(0.5), np.float64, None)
+    values, counts = _tiles.tile_reduce(*args, histogram=False)
+    np.testing.assert_array_equal(values, np.percentile(source.reshape(8, 2), 50, 1))
+    assert counts.tolist() == [2] * 8
     histogram = _tiles.tile_reduce(
         source % 8, (0,), grid, (0,), grid.counts, Histogram(8), np.int64, None, True
     )
     assert histogram[0].shape == (8, 8)
+    # 8 tiles of 2**21 bins: more entries than the block has voxels
+    big = Histogram(2**21)
+    assert _tiles.tile_reduce(source % 8, *args[1:5], big, np.int64, None, True) is None
 
 
 @given(
