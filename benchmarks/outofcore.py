@@ -5,7 +5,8 @@ Run ``python benchmarks/outofcore.py`` (``--sizes 1 8`` GiB for W7 and W10,
 stores go; they are made once and reused; ``--malloc-arena-max 2`` runs both
 sides with glibc's per-thread heaps capped, see the README;
 ``--tiff-chunks`` the output chunks of W11; ``--only stages`` times W10's
-steps one by one in one process, on the first of ``--sizes``).
+steps one by one in one process, on the first of ``--sizes``; ``--only
+resume`` times R1).
 
 - W7: ``v - local_percentile(v, 0.1, selem=(64,)*3, spacing=(32,)*3)``
   stored into a new zstd zarr store, against B4, a plain
@@ -30,6 +31,11 @@ steps one by one in one process, on the first of ``--sizes``).
   with dask, rechunked, ``to_zarr``. ``--tiff-chunks default`` takes the
   library's default output chunks; ``64,256,256`` passes ``chunks=`` to
   ``local_percentile``.
+
+- R1: instant resume. W10's job (first of ``--sizes``) killed with SIGKILL
+  once 80% of its output chunks exist, then run again with ``resume=True``:
+  the resumed run's wall time against a whole run's, and its result
+  compared with the whole run's, array for array.
 
 W10 and W11 also report each side's CPU time (user + system, all threads)
 over wall time, CPU seconds per GiB of uint16 input and the hours one TiB
@@ -117,11 +123,11 @@ def parse_chunks(text):
     return None if text == "default" else tuple(int(c) for c in text.split(","))
 
 
-def lightsheet_job(src, dst, chunks=None):
+def lightsheet_job(src, dst, chunks=None, resume=False):
     """W10 and W11: subtract ClearMap's light-sheet background, as the library does."""
     source = dls.open_source(str(src))
     background = dls.local_percentile(source, 0.25, chunks=chunks, **LIGHTSHEET)
-    dls.to_zarr(dls.subtract_background(source, background), dst)
+    dls.to_zarr(dls.subtract_background(source, background), dst, resume=resume)
 
 
 def lightsheet_copy(src, dst):
@@ -186,6 +192,8 @@ def child(workload, side, src, dst, extra):
         (job if side == "ours" else copy)(src, dst)
     elif workload == "W10":
         (lightsheet_job if side == "ours" else lightsheet_copy)(src, dst)
+    elif workload == "R1":
+        lightsheet_job(src, dst, resume=side == "resume")
     elif workload == "W11" and side == "ours":
         lightsheet_job(src, dst, parse_chunks(extra))
     elif workload == "W11":
@@ -220,6 +228,55 @@ def run_child(*args):
         env=ENV,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def chunk_files(store):
+    """How many chunk files a zarr v3 store holds, and how many it will hold."""
+    meta = json.loads((store / "zarr.json").read_text())
+    chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    total = math.prod(-(-n // c) for n, c in zip(meta["shape"], chunks, strict=True))
+    done = sum(1 for f in (store / "c").rglob("*") if f.is_file())
+    return done, total
+
+
+def killed_at(src, dst, fraction):
+    """Run R1's job in a child and SIGKILL it once `fraction` of its chunks exist."""
+    command = [sys.executable, __file__, "--child", "R1", "whole", src, dst, "-"]
+    proc = subprocess.Popen(command, env=ENV, stderr=subprocess.DEVNULL)
+    while True:
+        assert proc.poll() is None, "R1: the job ended before it was killed"
+        if (dst / "c").exists():
+            done, total = chunk_files(dst)
+            if done >= fraction * total:
+                break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    return chunk_files(dst)
+
+
+def r1(src, repeat, workdir):
+    """R1's table row: resumed and whole runs, medians of `repeat`."""
+    whole, resumed, same = [], [], True
+    reference = workdir / "r1-whole.zarr"
+    for _ in range(repeat):
+        shutil.rmtree(reference, ignore_errors=True)
+        whole.append(run_child("R1", "whole", src, reference, "-"))
+        dst = workdir / "r1-resumed.zarr"
+        shutil.rmtree(dst, ignore_errors=True)
+        done, total = killed_at(src, dst, 0.8)
+        resumed.append(run_child("R1", "resume", src, dst, "-"))
+        a, b = zarr.open_array(reference, mode="r"), zarr.open_array(dst, mode="r")
+        same &= bool(np.array_equal(a[...], b[...]))
+        shutil.rmtree(dst, ignore_errors=True)
+    shutil.rmtree(reference, ignore_errors=True)
+    full = statistics.median(r["seconds"] for r in whole)
+    rest = statistics.median(r["seconds"] for r in resumed)
+    return (
+        f"| R1 resume after a kill at {done} of {total} chunks | {rest:.1f} | "
+        f"whole run {full:.1f} | {rest / full:.2f} of the whole run | "
+        f"<= 0.33 | {'identical' if same else 'DIFFERENT'} |"
+    )
 
 
 class _ChunkCounter(logging.Handler):
@@ -516,6 +573,12 @@ def main(argv=None):
             lines.append(ratio_line(label, runs, "B4 copy", "<= 1.5x, <= 1.5 GiB"))
             costs += cost_lines(label, runs, z.nbytes / 2**30)
             print(lines[-1], *costs[-2:], sep="\n", flush=True)
+    if "resume" in only:
+        gib = args.sizes[0]
+        src = args.workdir / f"lightsheet-{gib:g}GiB.zarr"
+        make_volume(src, gib, LIGHTSHEET_SECTION, LIGHTSHEET_CHUNKS)
+        lines.append(r1(src, args.repeat, args.workdir))
+        print(lines[-1], flush=True)
     if "W11" in only:
         folder = args.workdir / f"slices-{SLICES}"
         make_slices(folder)

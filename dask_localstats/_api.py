@@ -737,11 +737,14 @@ def _subtract_block(image, background, dtype):
 
 
 def _subtract_plane(image, background, dtype):
-    difference = image.astype(np.float64)
-    difference -= background
+    difference = np.subtract(image, background, dtype=np.float64)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         np.rint(difference, out=difference)
-        np.clip(difference, info.min, info.max, out=difference)
-        np.nan_to_num(difference, copy=False, nan=0.0)  # an unknown background
+        if info.min == 0:  # fmax takes 0 where the background is NaN (unknown)
+            np.fmax(difference, 0, out=difference)
+            np.minimum(difference, info.max, out=difference)
+        else:
+            np.clip(difference, info.min, info.max, out=difference)
+            np.nan_to_num(difference, copy=False, nan=0.0)
     return difference

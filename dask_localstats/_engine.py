@@ -91,13 +91,20 @@ def _halve_to_fit(counts, extent, nbytes, cost=None):
     return tuple(counts)
 
 
-def plan_blocks(grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES, per_center=0):
+def plan_blocks(
+    grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES, per_center=0, storage=None
+):
     """Number of centers per processing block on each axis.
 
-    Halves the axis whose region is longest until the block fits in
-    `block_bytes`: the source region it reads (`itemsize` bytes a voxel)
-    and `per_center` bytes for each of its centers (the statistic's output
-    and its temporaries, large for histograms of many bins).
+    Starting from the whole grid, halves one axis at a time until the block
+    fits in `block_bytes`: the source region it reads (`itemsize` bytes a
+    voxel) and `per_center` bytes for each of its centers (the statistic's
+    output and its temporaries, large for histograms of many bins). The
+    axis halved is the one that adds the least to the voxels all blocks
+    read (windows overhanging a block are read by its neighbours too, so
+    axes whose windows are short go first), keeping each block's region at
+    least one `storage` chunk long on every axis while another axis can
+    be halved (a chunk a region cuts is decoded whole, for each region).
 
     Raises
     ------
@@ -116,7 +123,27 @@ def plan_blocks(grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES, per_center=0):
     def cost(counts):
         return math.prod(extent(counts)) * itemsize + math.prod(counts) * per_center
 
-    counts = _halve_to_fit(grid.counts, extent, block_bytes, cost)
+    def halved(counts, d):
+        return [-(-k // 2) if i == d else k for i, k in enumerate(counts)]
+
+    def read(counts):  # voxels read by all blocks, and the longest region first
+        sizes = extent(counts)
+        blocks = [-(-m // k) for m, k in zip(grid.counts, counts, strict=True)]
+        return math.prod(b * e for b, e in zip(blocks, sizes, strict=True))
+
+    counts = list(grid.counts)
+    while cost(counts) > block_bytes:
+        axes = [d for d in range(grid.ndim) if counts[d] > 1]
+        if not axes:
+            break
+        whole = [
+            d
+            for d in axes
+            if storage is None or extent(halved(counts, d))[d] >= storage[d]
+        ]
+        sizes = extent(counts)
+        d = min(whole or axes, key=lambda d: (read(halved(counts, d)), -sizes[d]))
+        counts = halved(counts, d)
     if cost(counts) > block_bytes:
         msg = (
             f"one window (extent {grid.extent}, {math.prod(grid.extent) * itemsize} "
@@ -125,7 +152,7 @@ def plan_blocks(grid, itemsize, block_bytes=DEFAULT_BLOCK_BYTES, per_center=0):
             "`block_bytes`, or use smaller windows or fewer bins"
         )
         raise MemoryBudgetError(msg)
-    return counts
+    return tuple(counts)
 
 
 def auto_chunks(shape, itemsize, nbytes=OUTPUT_CHUNK_BYTES):
@@ -330,8 +357,9 @@ def coarse_stage(
     itemsize += 0 if mask is None else np.dtype(mask.dtype).itemsize
     block_bytes = block_bytes or DEFAULT_BLOCK_BYTES
     per_center = _component_bytes(statistic.fshape, dtype)
-    per_block = plan_blocks(grid, itemsize, block_bytes, per_center)
-    chunks = align_blocks(grid, per_block, _storage_chunks(source))
+    storage = _storage_chunks(source)
+    per_block = plan_blocks(grid, itemsize, block_bytes, per_center, storage)
+    chunks = align_blocks(grid, per_block, storage)
     token = tokenize(
         identity(source),
         grid.shape,

@@ -13,8 +13,10 @@ axis. We split the work the same way:
 2. :func:`resample_block` evaluates any rectangular block of the output: for
    each axis it builds the taps and weights of the block's coordinates
    (:func:`_taps`) and contracts the coefficients axis after axis, the
-   largest axis last. Cost: about ``k + 1`` multiply-adds per output voxel
-   for the last axis, much less for the others.
+   first axis last, one output plane at a time so that temporaries stay in
+   cache. Cost: about ``k + 1`` multiply-adds per output voxel for the
+   last contraction, much less for the others; taps of weight 0 (order 1
+   on an axis of spacing 1) are skipped.
 
 Coordinates come from :func:`coordinates`: ``align="corners"`` is zoom's
 (and ClearMap's) convention, the first coarse sample on voxel 0 and the last
@@ -129,23 +131,31 @@ def resample_block(coefficients, offset, coords, counts, order, dtype, bounds=No
         Shape ``tuple(map(len, coords)) + coefficients.shape[len(coords):]``.
     """
     values = np.asarray(coefficients, dtype=np.float64)
-    for axis in reversed(range(1, len(coords))):
-        values = _contract(
-            values, axis, *_local_taps(coords, counts, offset, order, axis)
-        )
-    index, weights = _local_taps(coords, counts, offset, order, 0)
-    if values[0].size < _SLAB:
-        return cast(_clip(_contract(values, 0, index, weights), bounds), dtype)
-    # The last contraction makes the full block: one output slab at a time, so
-    # the float64 temporaries stay in cache and only the result is written.
-    out = np.empty((len(index), *values.shape[1:]), dtype=dtype)
-    slab = np.empty(values.shape[1:])
-    for i, (taps, w) in enumerate(zip(index, weights, strict=True)):
-        np.multiply(values[taps[0]], w[0], out=slab)
-        for tap, weight in zip(taps[1:], w[1:], strict=True):
-            slab += weight * values[tap]
-        out[i] = cast(_clip(slab, bounds), dtype)
+    taps = [_local_taps(coords, counts, offset, order, d) for d in range(len(coords))]
+    if math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :]) < _SLAB:
+        for axis in reversed(range(len(coords))):
+            values = _contract(values, axis, *taps[axis])
+        return cast(_clip(values, bounds), dtype)
+    # One output plane (first axis) at a time, from the coarse planes it
+    # needs: the float64 temporaries stay in cache, only the result is written.
+    shape = (*map(len, coords), *values.shape[len(coords) :])
+    out = np.empty(shape, dtype=dtype)
+    for i, (index, weights) in enumerate(zip(*taps[0], strict=True)):
+        plane = _combine(values, index, weights)
+        for axis in reversed(range(1, len(coords))):
+            plane = _contract(plane, axis - 1, *taps[axis])
+        out[i] = cast(_clip(plane, bounds), dtype)
     return out
+
+
+def _combine(values, index, weights):
+    """``sum_j weights[j] * values[index[j]]`` (a view for a single unit tap)."""
+    if len(index) == 1 and weights[0] == 1:
+        return values[index[0]]
+    total = values[index[0]] * weights[0]
+    for tap, weight in zip(index[1:], weights[1:], strict=True):
+        total += weight * values[tap]
+    return total
 
 
 def _clip(values, bounds):
@@ -158,12 +168,20 @@ _SLAB = 4096
 
 
 def _local_taps(coords, counts, offset, order, axis):
+    """Taps of one axis, relative to `offset`, without taps of weight 0 only.
+
+    (Order 1 on coordinates that fall on coarse samples, as on an axis of
+    spacing 1, keeps a single tap of weight 1.)
+    """
     index, weights = _taps(coords[axis], counts[axis], order)
-    return index - offset[axis], weights
+    used = (weights != 0).any(axis=0)
+    return index[:, used] - offset[axis], weights[:, used]
 
 
 def _contract(values, axis, index, weights):
     """Sum of the taps along `axis`: ``sum_j weights[:, j] * values[index[:, j]]``."""
+    if index.shape[1] == 1 and (weights == 1).all():
+        return np.take(values, index[:, 0], axis=axis)
     shape = [1] * values.ndim
     shape[axis] = len(index)
     result = None

@@ -73,6 +73,7 @@ import numpy as np
 _MAX_ENTRIES = 1 << 23
 _MAX_TABLE = 1 << 22  # values a percentile's lookup tables may span
 _LOOPED = 256
+_STRIP = 1 << 16  # counts a bincount call makes: they stay in cache
 
 
 class AxisTiling(NamedTuple):
@@ -253,6 +254,9 @@ class _PhaseTiles:
             inner = inner * self.shape[d] + (index - 1).reshape(shape)
         self.inner = inner
         self.bounds0 = tiling[0].bounds - tiling[0].bounds[0]
+        self.bounds1 = (
+            tiling[1].bounds - tiling[1].bounds[0] if block.ndim > 1 else None
+        )
         # where the tiles of axes 1.. start, within the samples
         self.starts = [axis.bounds[:-1] - axis.bounds[0] for axis in tiling[1:]]
 
@@ -261,20 +265,27 @@ class _PhaseTiles:
 
         A sample of value ``v`` counts in column ``table[v - low]`` of its
         tile (column ``v - low`` when `table` is None). One
-        ``np.bincount`` per row of tiles, on keys ``tile * ncols + column``
-        (``uint32`` when they fit). `check`, if given, is called with the
-        least and greatest kept value of each row first.
+        ``np.bincount`` per strip of a row of tiles (a few tiles along axis
+        1, so that its counts stay in cache), on keys ``tile * ncols +
+        column`` (``uint32`` when they fit). `check`, if given, is called
+        with the least and greatest kept value of each strip first.
         """
         per_row = math.prod(self.shape[1:])
-        size = per_row * ncols + 1  # the last key takes masked samples
-        key = np.uint32 if size <= 2**32 else np.intp
+        across = self.shape[1] if len(self.shape) > 1 else 1
+        stride = per_row // across  # tiles per tile of axis 1
+        group = max(1, _STRIP // (stride * ncols))
+        key = np.uint32 if min(group, across) * stride * ncols < 2**32 else np.intp
         inner = self.inner.astype(key) * key(ncols)
         raw = _raw_table(table, self.low, self.sub.dtype)
         # counts never exceed the block's size: int32 halves the traffic
         count = np.int32 if self.size < 2**31 else np.int64
         out = np.empty((self.shape[0], per_row * ncols), dtype=count)
-        for t in range(self.shape[0]):
-            part = slice(self.bounds0[t], self.bounds0[t + 1])
+        for t, a in itertools.product(range(self.shape[0]), range(0, across, group)):
+            b = min(a + group, across)
+            lo, hi = stride * ncols * a, stride * ncols * b
+            part = (slice(self.bounds0[t], self.bounds0[t + 1]),)
+            if len(self.shape) > 1:
+                part += (slice(self.bounds1[a], self.bounds1[b]),)
             values = self.sub[part]
             keep = None if self.keep is None else self.keep[part]
             if check is not None:
@@ -288,10 +299,10 @@ class _PhaseTiles:
                 keys = keys.astype(key, copy=False)
             else:
                 keys = _offsets(values, self.low, key)
-            keys += inner
+            keys += inner[(slice(None), *part[1:])] - key(lo)
             if keep is not None:
-                keys[~keep] = size - 1
-            out[t] = np.bincount(keys.ravel(), minlength=size)[:-1]
+                keys[~keep] = hi - lo
+            out[t, lo:hi] = np.bincount(keys.ravel(), minlength=hi - lo + 1)[:-1]
         return out.reshape((*self.shape, ncols))
 
     def sums(self):
