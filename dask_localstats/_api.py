@@ -68,9 +68,9 @@ def _check_missing(grid, dtype, nan_policy, min_coverage, fill):
     return Missing(nan_policy == "omit", min_count, fill)
 
 
-def _open_inputs(source, mask):
+def _open_inputs(source, mask, storage_options=None):
     """Open `source` and `mask`; returns ``(source, mask, lazy)``."""
-    source = open_source(source)
+    source = open_source(source, storage_options=storage_options)
     lazy = not isinstance(source, np.ndarray)
     if source.ndim == 0:
         msg = f"`source` must have at least one dimension, got shape {source.shape}"
@@ -78,7 +78,7 @@ def _open_inputs(source, mask):
     _check_known_chunks("source", source)
     if mask is None:
         return source, None, lazy
-    mask = open_source(mask, "mask")
+    mask = open_source(mask, "mask", storage_options=storage_options)
     mask_lazy = not isinstance(mask, np.ndarray)
     _check_known_chunks("mask", mask)
     if mask.shape != source.shape:
@@ -211,8 +211,9 @@ def _local_statistic(
     fill,
     clip,
     missing_chunks,
+    storage_options,
 ):
-    source, mask, lazy = _open_inputs(source, mask)
+    source, mask, lazy = _open_inputs(source, mask, storage_options)
     grid = make_grid(source.shape, selem, spacing, step)
     interpolate = _check_interpolate(interpolate)
     _check_choice("align", align, ALIGNS)
@@ -264,6 +265,7 @@ def local_percentile(
     fill="zero",
     clip=False,
     missing_chunks="error",
+    storage_options=None,
 ):
     """Local percentiles on a sub-grid, resampled to the source's shape.
 
@@ -322,6 +324,9 @@ def local_percentile(
         before computing) raises :class:`~dask_localstats.errors.MissingChunksError`
         by default; ``'fill'`` reads them as the array's fill value, as zarr
         does (for sparse stores).
+    storage_options : dict or None
+        fsspec options of a `source` or `mask` given as a zarr URL
+        (``s3://...``, ``gs://...``): credentials, ``endpoint_url``, ...
 
     Returns
     -------
@@ -373,6 +378,7 @@ def local_percentile(
         fill=fill,
         clip=clip,
         missing_chunks=missing_chunks,
+        storage_options=storage_options,
     )
 
 
@@ -396,6 +402,7 @@ def local_histogram(
     fill="zero",
     clip=False,
     missing_chunks="error",
+    storage_options=None,
     clip_values=False,
 ):
     """Local histograms on a sub-grid.
@@ -456,6 +463,9 @@ def local_histogram(
         before computing) raises :class:`~dask_localstats.errors.MissingChunksError`
         by default; ``'fill'`` reads them as the array's fill value, as zarr
         does (for sparse stores).
+    storage_options : dict or None
+        fsspec options of a `source` or `mask` given as a zarr URL
+        (``s3://...``, ``gs://...``): credentials, ``endpoint_url``, ...
     clip_values : bool
         Count values below 0 in the first bin and values of `max_bin` or more
         in the last, instead of raising (off by default, as in ClearMap).
@@ -508,6 +518,7 @@ def local_histogram(
         fill=fill,
         clip=clip,
         missing_chunks=missing_chunks,
+        storage_options=storage_options,
     )
 
 
@@ -532,6 +543,7 @@ def apply_local_function(
     fill="zero",
     clip=False,
     missing_chunks="error",
+    storage_options=None,
     vectorized=False,
 ):
     """Apply a function to the voxels of each window of a sub-grid.
@@ -595,6 +607,9 @@ def apply_local_function(
         before computing) raises :class:`~dask_localstats.errors.MissingChunksError`
         by default; ``'fill'`` reads them as the array's fill value, as zarr
         does (for sparse stores).
+    storage_options : dict or None
+        fsspec options of a `source` or `mask` given as a zarr URL
+        (``s3://...``, ``gs://...``): credentials, ``endpoint_url``, ...
     vectorized : bool
         `function` takes an ``axis`` argument (like ``numpy.median`` or
         ``numpy.std``): call it once per batch of windows with equal kept
@@ -645,6 +660,7 @@ def apply_local_function(
         fill=fill,
         clip=clip,
         missing_chunks=missing_chunks,
+        storage_options=storage_options,
     )
 
 
@@ -665,7 +681,7 @@ def background_dtype(dtype):
 
 
 @public
-def subtract_background(source, background, *, dtype=None):
+def subtract_background(source, background, *, dtype=None, storage_options=None):
     """``source - background``, rounded and clipped to `dtype`, lazily.
 
     Parameters
@@ -681,6 +697,8 @@ def subtract_background(source, background, *, dtype=None):
         above the image gives 0 for unsigned types, never a wrapped value);
         where the background is NaN (unknown), an integer result is 0 and a
         float one NaN.
+    storage_options : dict or None
+        fsspec options of a `source` given as a zarr URL.
 
     Returns
     -------
@@ -695,7 +713,7 @@ def subtract_background(source, background, *, dtype=None):
     array([[ 0,  0],
            [ 5, 15]], dtype=uint16)
     """
-    source = open_source(source)
+    source = open_source(source, storage_options=storage_options)
     dtype = np.dtype(source.dtype if dtype is None else dtype)
     if dtype.kind not in "iuf":
         msg = f"`dtype` must be an integer or float dtype, got {dtype}"

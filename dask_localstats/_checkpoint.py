@@ -3,8 +3,8 @@
 Every coarse grid that a result resamples (see
 :func:`dask_localstats._engine.checkpoint_of`) gets a folder in the output,
 ``.dask_localstats/coarse-<digest of its dask name>/``, with one ``.npy``
-file a block, written aside, synced and renamed into place as soon as the
-block is computed, in the same graph as the output's chunks. A later run of
+file a block, stored whole (see :mod:`dask_localstats._place`) as soon as
+the block is computed, in the same graph as the output's chunks. A later run of
 the same computation (resuming) reads the blocks found there instead of
 computing them, so finishing the last chunks of an interrupted job costs
 only their resampling.
@@ -13,10 +13,8 @@ only their resampling.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
-import os
-import uuid
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -31,35 +29,29 @@ __all__ = ["CHECKPOINT_FOLDER", "checkpointed"]
 CHECKPOINT_FOLDER = ".dask_localstats"
 
 
-def _block_file(folder, index):
-    return Path(folder) / ("-".join(map(str, index)) + ".npy")
+def _block_key(folder, index):
+    return f"{folder}/{'-'.join(map(str, index))}.npy"
 
 
-def _save_block(block, folder, guard=None, block_info=None):
-    """Store one coarse block, atomically: written aside, renamed into place."""
+def _save_block(block, place, folder, guard=None, block_info=None):
+    """Store one coarse block in the output, whole."""
     check_guard(guard)
-    location = block_info[0]["chunk-location"]
-    path = _block_file(folder, location)
-    if not path.exists():
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-        with open(partial, "wb") as file:
-            np.save(file, block, allow_pickle=False)
-            file.flush()
-            os.fsync(file.fileno())  # whole on disk before it is named
-        os.replace(partial, path)
+    data = io.BytesIO()
+    np.save(data, block, allow_pickle=False)
+    place.write(_block_key(folder, block_info[0]["chunk-location"]), data.getvalue())
     return np.ones((1,) * block.ndim, dtype=bool)
 
 
-def _load_block(path):
-    return np.load(path, allow_pickle=False)
+def _load_block(place, key):
+    return np.load(io.BytesIO(place.read(key)), allow_pickle=False)
 
 
-def checkpointed(array, path, guard=None):
-    """`array` reading its coarse blocks stored in `path`, and the saves of the rest.
+def checkpointed(array, place, guard=None):
+    """`array` reading its coarse blocks stored in `place`, and the saves of the rest.
 
     Every coarse grid that `array` resamples (see
     :func:`dask_localstats._engine.checkpoint_of`) has a folder in
-    ``path/.dask_localstats/``, named from its dask name (its computation),
+    ``.dask_localstats/`` of the output's `place`, named from its dask name (its computation),
     with one ``.npy`` file a block. Blocks found there are read instead of
     computed; the others get a task that stores them as soon as they are
     computed, in the same graph as the output's chunks.
@@ -73,25 +65,25 @@ def checkpointed(array, path, guard=None):
         The coarse blocks left to compute, for the progress bar.
     """
     layers, dependencies = dict(array.dask.layers), dict(array.dask.dependencies)
-    saves, stages = [], []
+    saves, stages, stored = [], [], None
     for layer in array.dask.layers.values():
         coarse = checkpoint_of(layer)
         if coarse is None or coarse.name not in layers:
             continue
         digest = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
-        folder = path / CHECKPOINT_FOLDER / f"coarse-{digest}"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = f"{CHECKPOINT_FOLDER}/coarse-{digest}"
+        stored = set(place.files()[0]) if stored is None else stored
         mapping, missing = dict(layers[coarse.name]), 0
         blocks = [k for k in mapping if isinstance(k, tuple) and k[0] == coarse.name]
         for key in blocks:
-            file = _block_file(folder, key[1:])
-            if file.exists():
-                mapping[key] = (_load_block, str(file))
+            file = _block_key(folder, key[1:])
+            if file in stored:
+                mapping[key] = (_load_block, place, file)
             else:
                 missing += 1
         layers[coarse.name] = MaterializedLayer(mapping)
         if missing:
-            saves.append((coarse, str(folder)))
+            saves.append((coarse, folder))
             voxels = math.prod(array.shape[: coarse.ndim]) / len(blocks)
             stages.append(Stage("background", COARSE, voxels, missing))
     graph = HighLevelGraph(layers, dependencies)
@@ -101,6 +93,7 @@ def checkpointed(array, path, guard=None):
         stores.append(
             loaded.map_blocks(
                 _save_block,
+                place,
                 folder,
                 guard,
                 chunks=tuple((1,) * len(c) for c in coarse.chunks),

@@ -68,6 +68,7 @@ class Request:
     timepoint: int = 0
     voxel_size: tuple | None = None
     unit: str = "micrometer"
+    storage_options: dict | None = None
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _request(args):
         args.command, args.input, args.output, options, args.mask, args.level,
         args.ome, getattr(args, "subtract", False), layout, args.series, args.axes,
         args.setup, args.timepoint, args.voxel_size and tuple(args.voxel_size),
-        args.unit,
+        args.unit, dict(args.storage_option or ()) or None,
     )  # fmt: skip
 
 
@@ -149,12 +150,15 @@ def _describe(path, array):
 
 def plan(request):
     """The :class:`Job` of a :class:`Request`: inputs opened, nothing written."""
+    storage = request.storage_options
     source = open_source(request.input, "IN", request.level, request.series,
-                         request.setup, request.timepoint)  # fmt: skip
-    mask = None if request.mask is None else open_source(request.mask, "--mask")
+                         request.setup, request.timepoint, storage_options=storage)  # fmt: skip
+    mask = None
+    if request.mask is not None:
+        mask = open_source(request.mask, "--mask", storage_options=storage)
     ome_in = None
     if isinstance(source, zarr.Array):
-        ome_in = read_image(request.input, request.level, source.ndim)
+        ome_in = read_image(request.input, request.level, source.ndim, storage)
     voxel = request.voxel_size or getattr(source, "voxel_size", None)
     unit = request.unit if request.voxel_size else "micrometer"
     ome_in = with_voxel_size(ome_in, source.ndim, voxel, unit)
@@ -291,6 +295,7 @@ def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=Fal
                 progress=log or not quiet,
                 overwrite=overwrite,
                 resume=resume,
+                storage_options=request.storage_options,
                 **(request.layout or {}),
             )
         summary = _summary(request, written, job, time.monotonic() - started)

@@ -214,10 +214,13 @@ def _runs(indices):
     return runs
 
 
-def _open_zarr(path, name, level=0):
+def _open_zarr(path, name, level=0, storage_options=None):
+    options = {} if storage_options is None else {"storage_options": storage_options}
     try:
         node = zarr.open(
-            store=os.fspath(path) if isinstance(path, os.PathLike) else path, mode="r"
+            store=os.fspath(path) if isinstance(path, os.PathLike) else path,
+            mode="r",
+            **options,
         )
     except FileNotFoundError:
         msg = f"`{name}`: no zarr array or group at {path!r}"
@@ -263,7 +266,16 @@ def _zarr_behind(array):
 
 
 @public
-def open_source(source, name="source", level=0, series=None, setup=0, timepoint=0):
+def open_source(
+    source,
+    name="source",
+    level=0,
+    series=None,
+    setup=0,
+    timepoint=0,
+    *,
+    storage_options=None,
+):
     """Open any supported kind of source as an array, reading no data.
 
     Parameters
@@ -284,6 +296,9 @@ def open_source(source, name="source", level=0, series=None, setup=0, timepoint=
         For a BigDataViewer or Imaris HDF5 file (``file.h5``,
         ``file.ims``; a plain dataset is ``file.h5:/path/to/dataset``): the
         setup (Imaris: channel) and time point.
+    storage_options : dict or None
+        fsspec options of a zarr URL (``s3://...``, ``gs://...``):
+        credentials, ``endpoint_url`` and the like.
 
     Returns
     -------
@@ -311,7 +326,7 @@ def open_source(source, name="source", level=0, series=None, setup=0, timepoint=
         tiff = tiff_files(source)
         if tiff is not None:
             return open_tiff(*tiff, source, name, level, series)
-        return _open_zarr(source, name, level)
+        return _open_zarr(source, name, level, storage_options)
     if isinstance(source, TiffSource | Hdf5Source | zarr.Array):
         return source
     if isinstance(source, da.Array):

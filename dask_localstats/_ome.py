@@ -131,7 +131,7 @@ def _transforms(transforms, ndim):
     return scale, translation
 
 
-def read_image(location, level, ndim):
+def read_image(location, level, ndim, storage_options=None):
     """The :class:`OmeImage` of one level of an OME-Zarr image, else None.
 
     Parameters
@@ -142,9 +142,12 @@ def read_image(location, level, ndim):
         Resolution level.
     ndim : int
         Number of dimensions of that level's array.
+    storage_options : dict or None
+        fsspec options of a URL `location`.
     """
+    options = {} if storage_options is None else {"storage_options": storage_options}
     try:
-        group = zarr.open_group(location, mode="r")
+        group = zarr.open_group(location, mode="r", **options)
     except Exception:  # not a group (an array, TIFF or anything else)
         return None
     multiscales = _multiscales(group)

@@ -9,6 +9,7 @@ library's keyword arguments.
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 
@@ -44,6 +45,18 @@ def _max_bin(text):
     except ValueError:
         msg = f"a number of bins or 'auto', got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
+
+
+def _storage_option(text):
+    """``KEY=VALUE`` as ``(key, value)``, the value read as JSON if it can be."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        msg = f"expected KEY=VALUE, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def _add_geometry(parser, interpolate, dtype):
@@ -126,6 +139,11 @@ def _add_common(parser):
                        default="error", help="chunks absent from a zarr IN or "
                        "MASK: refuse (default), or read them as the fill value "
                        "(sparse stores)")  # fmt: skip
+    group.add_argument("--storage-option", action="append", type=_storage_option,
+                       metavar="KEY=VALUE", help="an fsspec option of zarr URLs "
+                       "(s3://, gs://...) of IN, MASK and OUT, such as "
+                       "endpoint_url=http://host:9000 or anon=true; VALUE is "
+                       "read as JSON if it can be (repeatable)")  # fmt: skip
     existing = group.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace OUT "
                           "if it exists (only if it holds nothing but zarr "

@@ -102,7 +102,7 @@ def _store_location(store):
     if isinstance(store, zarr.storage.LocalStore):
         return _local(store.root)
     if isinstance(store, zarr.storage.FsspecStore):
-        return _fsspec_location(getattr(store.fs, "sync_fs", store.fs), store.path)
+        return _fsspec_location(blocking(store.fs), store.path)
     if isinstance(store, zarr.storage.MemoryStore):
         return Location("memory", str(id(store._store_dict)))
     return None
@@ -217,8 +217,17 @@ def _walk_local(root):
                 yield key, info.st_size, info.st_ctime_ns
 
 
+def blocking(fs):
+    """A blocking twin of an fsspec file system made for asyncio (zarr's)."""
+    if hasattr(fs, "sync_fs"):  # fsspec's wrapper of a blocking file system
+        return fs.sync_fs
+    if getattr(fs, "asynchronous", False):
+        return type(fs)(**{**fs.storage_options, "asynchronous": False})
+    return fs
+
+
 def _walk_fsspec(fs, root):
-    fs = getattr(fs, "sync_fs", fs)
+    fs = blocking(fs)
     for path, info in fs.find(root, detail=True).items():
         stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified")
         key = path[len(root.rstrip("/")) + 1 :] if path != root else ""

@@ -47,8 +47,6 @@ import math
 import os
 import re
 import sys
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +61,7 @@ from dask.highlevelgraph import HighLevelGraph
 from ._checkpoint import checkpointed
 from ._layout import layout_of
 from ._lock import LOCK, check_guard, holder, locked
+from ._place import place_of
 from ._progress import WRITE, Progress, Stage
 from ._public import public
 from ._pyramid import downsample, halved_axes, level_image
@@ -94,29 +93,6 @@ def _version():
 
 
 # --- the output's place and content ----------------------------------------------
-
-
-def _output_path(store):
-    """The local folder of `store` (path, ``file://`` URL or LocalStore).
-
-    Its parent is resolved as the system resolves it (through symlinks, so
-    ``link/../out.zarr`` is where the system would write).
-    """
-    if isinstance(store, zarr.storage.LocalStore):
-        return Path(store.root)
-    if isinstance(store, str | os.PathLike):
-        text = os.fspath(store)
-        if text.startswith("file:"):
-            url = urllib.parse.urlparse(text)
-            if url.netloc not in ("", "localhost"):
-                msg = f"`store` must be on this machine, got {store!r}"
-                raise ValueError(msg)
-            text = urllib.request.url2pathname(url.path)
-        if "://" not in text:
-            path = Path(text).expanduser()
-            return Path(os.path.realpath(path.parent)) / path.name
-    msg = f"`store` must be a local path or file:// URL, got {store!r}"
-    raise ValueError(msg)
 
 
 def _check_not_input(where, inputs):
@@ -155,80 +131,58 @@ def _under(inner, outer):
     return False
 
 
-def _array_folders(root):
-    """Folders below `root` (itself included) that hold a zarr array."""
-    folders = set()
-    for folder, _, files in os.walk(root):
-        if ".zarray" in files:
-            folders.add(Path(folder))
-        elif "zarr.json" in files:
+def _array_prefixes(place, keys):
+    """Keys of the folders (``""``: the root) holding a zarr array."""
+    prefixes = set()
+    for key in keys:
+        folder, _, name = key.rpartition("/")
+        if name == ".zarray":
+            prefixes.add(folder)
+        elif name == "zarr.json":
             try:
-                meta = json.loads((Path(folder) / "zarr.json").read_text())
+                meta = json.loads(place.read(key))
             except (OSError, ValueError):
                 continue
             if meta.get("node_type") == "array":
-                folders.add(Path(folder))
-    return folders
+                prefixes.add(folder)
+    return prefixes
 
 
-def _entries(root):
-    """Every file of the store at `root`, and the first that is not zarr's.
-
-    Returns ``(files, foreign)``: the paths of the store's entries (metadata,
-    chunk keys of its arrays, the lock, zarr's temporary files), and the
-    first path that is none of those (a symlink counts), or None.
-    """
-    arrays = _array_folders(root)
-    files = []
-    for folder, dirs, names in os.walk(root):
-        for name in dirs:
-            if (Path(folder) / name).is_symlink():
-                return files, Path(folder) / name
-        for name in names:
-            path = Path(folder) / name
-            if path.is_symlink() or not _is_entry(root, path, arrays):
-                return files, path
-            files.append(path)
-    return files, None
-
-
-def _is_entry(root, path, arrays):
-    if path.name in _METADATA or path == root / LOCK:
+def _is_entry(key, arrays):
+    """Whether the file `key` is a zarr entry, our lock, or one of our checkpoints."""
+    name = key.rpartition("/")[2]
+    if name in _METADATA or key == LOCK or _CHECKPOINT.match(key):
         return True
-    if _CHECKPOINT.match(path.relative_to(root).as_posix()):
-        return True
-    holder = next((a for a in [path.parent, *path.parents] if a in arrays), None)
-    if holder is None:
-        return False
-    key = path.relative_to(holder).as_posix()
-    return bool(_CHUNK_KEY.match(_PARTIAL.sub("", key)))
+    parts = key.split("/")
+    for depth in range(len(parts) - 1, -1, -1):
+        folder = "/".join(parts[:depth])
+        if folder in arrays:
+            chunk = "/".join(parts[depth:])
+            return bool(_CHUNK_KEY.match(_PARTIAL.sub("", chunk)))
+    return False
 
 
-def _check_replaceable(path):
-    """Refuse replacing `path` unless it is a folder of zarr entries only."""
-    if path.is_symlink() or not path.is_dir():
-        msg = f"the output {path} exists and is not a folder; refusing to replace it"
+def _check_replaceable(place):
+    """Refuse replacing `place` unless it holds zarr entries only; their keys."""
+    if not place.is_folder():
+        msg = f"the output {place} exists and is not a folder; refusing to replace it"
         raise RefusedError(msg)
-    files, foreign = _entries(path)
+    keys, foreign = place.files()
+    arrays = _array_prefixes(place, keys)
+    foreign = foreign or next((k for k in keys if not _is_entry(k, arrays)), None)
     if foreign is not None:
         msg = (
-            f"the output {path} holds {foreign.relative_to(path)}, which is not a "
+            f"the output {place} holds {foreign}, which is not a "
             "zarr entry; refusing to delete it (remove it yourself, or choose "
             "another output)"
         )
         raise RefusedError(msg)
-    return files
+    return keys
 
 
-def _clear(path):
-    """Delete the zarr entries of the store at `path`, then its empty folders."""
-    for file in _check_replaceable(path):
-        if file != path / LOCK:
-            file.unlink()
-    for folder, dirs, _ in os.walk(path, topdown=False):
-        for name in dirs:
-            with contextlib.suppress(OSError):  # not empty: not ours to remove
-                (Path(folder) / name).rmdir()
+def _clear(place):
+    """Delete the zarr entries of the store at `place` (not the lock)."""
+    place.delete([key for key in _check_replaceable(place) if key != LOCK])
 
 
 # --- the record -----------------------------------------------------------------
@@ -308,7 +262,7 @@ class _Output:
             self.node.attrs[RECORD] = record
 
 
-def _create(path, array, layout, record, attributes, ome):
+def _create(place, array, layout, record, attributes, ome):
     options = dict(
         shape=array.shape,
         chunks=layout.chunks,
@@ -320,19 +274,22 @@ def _create(path, array, layout, record, attributes, ome):
         config={"write_empty_chunks": True},
     )
     if ome is None:
-        target = zarr.create_array(str(path), zarr_format=3, **options)
+        target = zarr.create_array(place.store(), zarr_format=3, **options)
         return _Output(target, target)
     group = zarr.create_group(
-        str(path), zarr_format=3, attributes={"ome": ome.attributes(), RECORD: record}
+        place.store(),
+        zarr_format=3,
+        attributes={"ome": ome.attributes(), RECORD: record},
     )
     target = group.create_array("0", dimension_names=ome.dimension_names, **options)
     return _Output(group, target)
 
 
-def _reopen(path, record, array, layout, inventories):
-    """The output of an interrupted run at `path`, checked for resuming."""
+def _reopen(place, record, array, layout, inventories):
+    """The output of an interrupted run at `place`, checked for resuming."""
+    path = place
     try:
-        node = zarr.open(store=str(path), mode="r+")
+        node = zarr.open(store=place.store(), mode="r+")
         target = node["0"] if isinstance(node, zarr.Group) else node
         target = target.with_config({"write_empty_chunks": True})
         previous = target.attrs[RECORD]
@@ -381,26 +338,28 @@ def _regions(array):
         yield index, region
 
 
-def _written(target, root, indices, check=not ATOMIC_CHUNKS):
+def _written(target, place, indices, check=not ATOMIC_CHUNKS):
     """The chunk indices whose files exist (and, with `check`, decode).
 
     Stray temporary files of interrupted writes are removed first. With
     `check` (zarr versions whose local store writes in place), a chunk that
     does not decode is deleted and counted as missing.
     """
-    for partial in root.rglob("*.partial"):
-        if _PARTIAL.search(partial.name):
-            partial.unlink(missing_ok=True)
+    keys, _ = place.files()
+    place.delete([key for key in keys if _PARTIAL.search(key)])
+    prefix = target.store_path.path.strip("/")
     done = set()
+    keys = set(keys)
     for index in indices:
-        path = root / target.metadata.encode_chunk_key(index)
-        if not path.is_file():
+        key = target.metadata.encode_chunk_key(index)
+        key = f"{prefix}/{key}" if prefix else key
+        if key not in keys:
             continue
         if check:
             try:
                 target.get_block_selection(index)
             except Exception:  # a torn chunk: recompute it
-                path.unlink()
+                place.delete([key])
                 continue
         done.add(index)
     return done
@@ -493,6 +452,7 @@ def to_zarr(
     ome=None,
     pyramid=1,
     progress=False,
+    storage_options=None,
 ):
     """Store a (lazy) array into a new zarr v3 array, chunk by chunk, resumably.
 
@@ -501,8 +461,11 @@ def to_zarr(
     array : dask array, zarr array or array_like
         The result to store; it is computed one output chunk per task, never
         whole.
-    store : str, os.PathLike or zarr LocalStore
-        Where to create the zarr array: a local path or ``file://`` URL.
+    store : str, os.PathLike, zarr LocalStore or FsspecStore
+        Where to create the zarr array: a local path, or a URL of any file
+        system fsspec knows (``s3://bucket/out.zarr``, ``gs://...``), with
+        its `storage_options`. In an object store the lock is a lease (see
+        :mod:`dask_localstats._lock`) and a chunk is one object, whole.
     chunks : tuple of int or None
         Storage chunks; default: the first chunk shape of `array`.
     shards : tuple of int or None
@@ -539,6 +502,9 @@ def to_zarr(
         Show one progress bar over the job (the coarse stage and the writing,
         weighted by voxels, with the rate and the time left) on stderr, or
         as lines in the file given.
+    storage_options : dict or None
+        fsspec options of a URL `store` (``key``, ``secret``,
+        ``endpoint_url``, ...).
 
     Returns
     -------
@@ -568,9 +534,9 @@ def to_zarr(
     array = _as_dask(array)
     layout = layout_of(array, chunks, shards, compressors)
     array = _regular(array, layout.unit)
-    path = _output_path(store)
+    path = place_of(store, storage_options)
     inputs = inputs if inputs is not None else {"an input": array}
-    _check_not_input(locate(path), inputs)
+    _check_not_input(path.location(), inputs)
     provenance = json.loads(json.dumps(provenance or {}, default=str))
     inventories = _inventories(inputs)
     record = {
@@ -583,8 +549,7 @@ def to_zarr(
     exists = _check_existing(path, overwrite, resume)
     if resume:  # refusals need no lock: checked first, and again under it
         _reopen(path, record, array, layout, inventories)
-    with locked(path, clear_stale=overwrite or resume) as lock:
-        guard = (str(lock), lock.read_text())
+    with locked(path, clear_stale=overwrite or resume) as guard:
         if resume:
             output = _reopen(path, record, array, layout, inventories)
         else:
@@ -623,9 +588,9 @@ def _check_existing(path, overwrite, resume):
     A new output's folder is made here, atomically: a folder that appears
     meanwhile (another run) is refused.
     """
-    exists = path.exists() or path.is_symlink()
+    exists = path.exists()
     if exists and not (overwrite or resume):
-        who = holder(path / LOCK) if (path / LOCK).exists() else None
+        who = holder(path)
         busy = "" if who is None else f" (and holds the lock of {who})"
         msg = (
             f"the output {path} exists{busy}; pass overwrite=True (--overwrite) to "
@@ -639,7 +604,7 @@ def _check_existing(path, overwrite, resume):
         _check_replaceable(path)
     if not exists:
         try:
-            path.mkdir(parents=True)
+            path.make()
         except FileExistsError:
             msg = f"the output {path} appeared meanwhile (another run?); refusing to write there"
             raise RefusedError(msg) from None
@@ -684,8 +649,7 @@ def _fill(array, target, resume, progress, path, guard=None):
     regions = list(_regions(array))
     done = set()
     if resume:
-        root = Path(target.store_path.store.root) / target.store_path.path
-        done = _written(target, root, [index for index, _ in regions])
+        done = _written(target, path, [index for index, _ in regions])
     todo = [(index, region) for index, region in regions if index not in done]
     try:
         if todo:

@@ -28,6 +28,7 @@ __all__ = [
     "MissingChunksError",
     "RefusedError",
     "SourceNotFoundError",
+    "StorageError",
 ]
 
 
@@ -61,6 +62,10 @@ class MemoryBudgetError(LocalStatsError, ValueError):
 
 class SourceNotFoundError(LocalStatsError, FileNotFoundError):
     """An input does not exist."""
+
+
+class StorageError(LocalStatsError, OSError):
+    """A store cannot be reached or written (credentials, network, rights)."""
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
 """Run the command line with slow chunk writes, so that tests can kill it.
 
 ``python tests/slowly.py DELAY ARGS...`` runs ``dask-localstats ARGS...``
-after making zarr's local store sleep `DELAY` seconds before writing each
-chunk (metadata is written at once). The delay is zarr's, not the
+after making zarr's local and fsspec stores sleep `DELAY` seconds before
+writing each chunk (metadata is written at once). The delay is zarr's, not the
 library's: the library runs unchanged.
 """
 
@@ -11,21 +11,22 @@ import signal
 import sys
 import time
 
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 METADATA = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
 
 
 def slow_writes(delay):
-    """Make every chunk write of zarr's LocalStore take `delay` seconds more."""
-    original = LocalStore.set
+    """Make every chunk write of zarr's local and fsspec stores `delay` s longer."""
+    for store in (LocalStore, FsspecStore):
+        original = store.set
 
-    async def set(self, key, value, *args, **kwargs):
-        if not key.endswith(METADATA):
-            time.sleep(delay)
-        return await original(self, key, value, *args, **kwargs)
+        async def set(self, key, value, *args, original=original, **kwargs):
+            if not key.endswith(METADATA):
+                time.sleep(delay)
+            return await original(self, key, value, *args, **kwargs)
 
-    LocalStore.set = set
+        store.set = set
 
 
 def kill_when(proc, done, seconds=60):

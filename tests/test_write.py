@@ -16,6 +16,7 @@ from strategies import write_zarr
 
 import dask_localstats as dls
 from dask_localstats._lock import LOCK
+from dask_localstats._place import Folder
 from dask_localstats._write import _written
 from dask_localstats.errors import (
     InputChangedError,
@@ -257,7 +258,7 @@ def test_written_skips_torn_chunks_and_removes_temporary_files(tmp_path):
     partial = "0." + "ab" * 16 + ".partial"
     (tmp_path / "a.zarr" / "c" / "0" / partial).write_bytes(b"xx")
     blocks = [(0, 0), (0, 1), (1, 0), (1, 1)]
-    done = _written(z, tmp_path / "a.zarr", blocks, check=True)
+    done = _written(z, Folder(tmp_path / "a.zarr"), blocks, check=True)
     assert done == {(0, 0), (0, 1), (1, 1)}
     assert not torn.exists()
     assert not list((tmp_path / "a.zarr").rglob("*.partial"))
