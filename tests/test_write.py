@@ -436,6 +436,12 @@ def test_pyramid_levels_are_valid_ome_zarr(tmp_path):
     assert [level.shape for level in node.data[:3]] == [
         (40, 100, 90), (20, 50, 45), (20, 25, 23)
     ]  # fmt: skip
+    # and napari's OME-Zarr plugin makes one multiscale image layer of it
+    from napari_ome_zarr import napari_get_reader
+
+    [(data, options, kind)] = napari_get_reader(str(out))(str(out))
+    assert kind == "image" and options["scale"] == [2.0, 0.5, 0.5]
+    assert [level.shape for level in data] == [level.shape for level in node.data]
 
 
 def test_pyramid_needs_an_ome_output(tmp_path):
