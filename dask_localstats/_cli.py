@@ -87,6 +87,17 @@ def _sizes(values):
     return values[0] if values and len(values) == 1 else values and tuple(values)
 
 
+def _shards(values):
+    """``--shards``: 'auto', 'none' or a shape."""
+    if values in (["auto"], ["none"]):
+        return None if values == ["none"] else "auto"
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        msg = f"--shards must be 'auto', 'none' or sizes, got {' '.join(values)}"
+        raise ValueError(msg) from None
+
+
 def _request(args):
     """The :class:`Request` of parsed arguments (the entry point's mapping)."""
     options = dict(
@@ -106,8 +117,8 @@ def _request(args):
         options.update(max_bin=args.max_bin, clip_values=args.clip_values)
     else:
         options["percentile"] = _sizes(args.percentile)
-    layout = dict(chunks=args.chunks, shards=args.shards, compressors=args.compression,
-                  pyramid=args.pyramid)  # fmt: skip
+    layout = dict(chunks=args.chunks, shards=_shards(args.shards),
+                  compressors=args.compression, pyramid=args.pyramid)  # fmt: skip
     return Request(
         args.command, args.input, args.output, options, args.mask, args.level,
         args.ome, getattr(args, "subtract", False), layout, args.series, args.axes,

@@ -9,6 +9,7 @@ turned into zarr v3 codecs (:func:`compressors_of`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = ["COMPRESSIONS", "Layout", "compressors_of", "layout_of"]
@@ -94,11 +95,49 @@ def _sizes(name, sizes, ndim):
     return sizes
 
 
+SHARD_BYTES = 128 * 2**20  # automatic shards: about this much, uncompressed
+
+
+def auto_shards(shape, chunks, itemsize, nbytes=SHARD_BYTES):
+    """Shards of whole chunks of about `nbytes`, or None for smaller arrays.
+
+    The shard grows from one chunk by doubling its shortest side that is
+    still shorter than the array, until it holds `nbytes`; an array of
+    less than two such shards is not sharded. A terabyte of 128 MiB shards
+    is 8192 files.
+
+    Examples
+    --------
+    >>> auto_shards((1024, 2048, 2048), (64, 256, 256), 2)
+    (256, 512, 512)
+    >>> auto_shards((64, 256, 256), (64, 64, 64), 2) is None
+    True
+    """
+    if math.prod(shape) * itemsize < 2 * nbytes:
+        return None
+    shards = list(chunks)
+    while math.prod(shards) * itemsize < nbytes:
+        growing = [d for d, n in enumerate(shape) if shards[d] < n]
+        if not growing:
+            break
+        d = min(growing, key=lambda d: (shards[d], -d))
+        shards[d] *= 2
+    shards = [
+        min(s, -(-n // c) * c) for s, n, c in zip(shards, shape, chunks, strict=True)
+    ]
+    return None if shards == list(chunks) else tuple(shards)
+
+
 def layout_of(array, chunks, shards, compressors):
-    """The :class:`Layout` of an output, checked against `array`."""
+    """The :class:`Layout` of an output, checked against `array`.
+
+    `shards` may be ``"auto"`` (:func:`auto_shards`) or None (no shards).
+    """
     if chunks is None:
         chunks = tuple(c[0] for c in array.chunks)
     chunks = _sizes("chunks", chunks, array.ndim)
+    if isinstance(shards, str) and shards == "auto":
+        shards = auto_shards(array.shape, chunks, array.dtype.itemsize)
     if shards is not None:
         shards = _sizes("shards", shards, array.ndim)
         if any(s % c for s, c in zip(shards, chunks, strict=True)):

@@ -127,8 +127,10 @@ def _add_common(parser):
     sizes = dict(nargs="+", type=int, metavar="N")
     group.add_argument("--chunks", **sizes, help="chunk shape of OUT (default: "
                        "IN's, or the processing blocks with --coarse)")  # fmt: skip
-    group.add_argument("--shards", **sizes, help="store chunks together in "
-                       "shards of this shape (multiples of the chunks)")  # fmt: skip
+    group.add_argument("--shards", nargs="+", default=["auto"], metavar="N",
+                       help="store chunks together in shards of this shape "
+                       "(multiples of the chunks); 'auto' (default): about 128 "
+                       "MiB each for outputs of 256 MiB or more; 'none'")  # fmt: skip
     group.add_argument("--pyramid", type=int, default=1, metavar="N",
                        help="write N resolution levels, each halving the spatial "
                        "axes longer than 32 voxels (implies --ome; default 1)")  # fmt: skip

@@ -442,7 +442,7 @@ def to_zarr(
     store,
     *,
     chunks=None,
-    shards=None,
+    shards="auto",
     compressors="auto",
     overwrite=False,
     resume=False,
@@ -468,10 +468,13 @@ def to_zarr(
         :mod:`dask_localstats._lock`) and a chunk is one object, whole.
     chunks : tuple of int or None
         Storage chunks; default: the first chunk shape of `array`.
-    shards : tuple of int or None
+    shards : "auto", tuple of int or None
         Store chunks together in shards of this shape (multiples of
         `chunks`; zarr v3's sharding codec), far fewer files for large
-        volumes. One task computes and writes one whole shard.
+        volumes. One task computes and writes one whole shard. ``"auto"``
+        (default): shards of about 128 MiB (uncompressed) for arrays of
+        256 MiB or more, so a terabyte is some 8000 files, not the millions
+        of its chunks; smaller arrays are not sharded. None: no shards.
     compressors : str, codec, list of codecs or None
         ``"auto"`` (zarr's default, zstd), a spec such as ``"zstd:3"``,
         ``"blosc-zstd:5"``, ``"blosc-lz4"`` or ``"none"`` (see

@@ -633,6 +633,8 @@ def test_output_layout_options(tmp_path, image):
     np.testing.assert_array_equal(z[:], expected, strict=True)
     refused(run("percentile", source, tmp_path / "x.zarr", "--percentile", "0.5",
                 *CLI_GEOMETRY, "--compression", "lzma"), "`compression` must be one of")  # fmt: skip
+    refused(run("percentile", source, tmp_path / "x.zarr", "--percentile", "0.5",
+                *CLI_GEOMETRY, "--shards", "big"), "--shards must be 'auto', 'none'")  # fmt: skip
 
 
 def test_missing_data_options_and_axis_order(tmp_path, image):
