@@ -4,12 +4,14 @@
 continued and nothing that is not the writer's own is ever touched:
 
 - **Whole chunks.** The output's chunks are regular, and one task computes
-  and writes one whole chunk (one shard, when sharded), so no two tasks
-  write the same object. zarr's local store writes a chunk to a temporary
-  file and renames it into place (zarr-python 3.1.6 and later), so a process
-  killed with SIGKILL leaves whole chunks and stray ``*.partial`` files, never
-  a torn chunk. Empty chunks are written too, so "the chunk exists" means
-  "the chunk is done".
+  and writes one whole chunk (one shard, when sharded; large outputs are
+  sharded by default, see :func:`~dask_localstats._layout.auto_shards`), so
+  no two tasks write the same object. zarr's local store writes a chunk to
+  a temporary file and renames it into place (zarr-python 3.1.6 and later),
+  and an object store shows an object whole or not at all, so a process
+  killed with SIGKILL leaves whole chunks (and locally stray ``*.partial``
+  files), never a torn chunk. Empty chunks are written too, so "the chunk
+  exists" means "the chunk is done".
 - **A record.** The array's attributes hold a ``dask_localstats`` record: the
   package version, a fingerprint of the computation (the dask graph's name,
   shape, dtype, chunks and the caller's ``provenance``), an inventory of each
@@ -24,11 +26,17 @@ continued and nothing that is not the writer's own is ever touched:
   inside the output (``.dask_localstats/coarse-*``), and the full resolution
   is built from the stored grid; resuming reads it instead of computing the
   coarse stage again.
-- **One writer.** A lock file created atomically in the output
+- **One writer.** A lock created atomically in the output
   (``.dask_localstats.lock``, holding the pid, the host and the start time)
-  is held for the whole run. A second writer is refused, naming the holder;
-  a lock whose process is gone (same host) is reported, and cleared by
-  ``overwrite`` or ``resume``.
+  is held for the whole run: flocked in a local folder, a lease refreshed
+  by the writer in an object store (:mod:`dask_localstats._lock`). A second
+  writer is refused, naming the holder; a lock whose run is gone is
+  reported, and cleared by ``overwrite`` or ``resume``.
+- **Anywhere fsspec reaches.** The output is a local path or any fsspec URL
+  (``s3://``, ``gs://``...), reached through a
+  :class:`~dask_localstats._place.Folder` or
+  :class:`~dask_localstats._place.Prefix` that lists, reads, writes whole
+  files and creates them only if absent.
 - **Only its own.** The output is never an input, inside one or holding one,
   whatever the spelling of either (:class:`~dask_localstats._stored.Location`).
   ``overwrite`` replaces an existing store only when every file in it is a
