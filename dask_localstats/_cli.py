@@ -32,7 +32,7 @@ from ._api import (
     local_percentile,
     subtract_background,
 )
-from ._cluster import connect
+from ._cluster import connect, job_script
 from ._grid import make_grid
 from ._io import open_source
 from ._ome import axis_names, output_image, read_image, with_voxel_size
@@ -380,8 +380,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     cluster = dict(scheduler=args.scheduler, workers=args.workers,
-                   memory_limit=args.memory_limit)  # fmt: skip
+                   memory_limit=args.memory_limit, jobqueue=args.jobqueue,
+                   jobs=args.jobs, job_options=dict(args.job_option or ()))  # fmt: skip
     try:
+        if args.print_job_script:
+            print(job_script(args.jobqueue, cluster["job_options"]))
+            return 0
         run(_request(args), argv, overwrite=args.overwrite, resume=args.resume,
             cluster=cluster, quiet=args.quiet, log=args.log_file)  # fmt: skip
     except KeyboardInterrupt:

@@ -2,19 +2,37 @@
 
 Computations use dask's default scheduler: this process's threads, or the
 dask.distributed client in use. :func:`connect` makes one from a scheduler's
-address or starts a local cluster of worker processes (with the
-``distributed`` extra), for as long as a ``with`` block lasts.
+address, starts a local cluster of worker processes (with the
+``distributed`` extra), or submits worker jobs to a batch system (SLURM,
+PBS, SGE, LSF... with the ``jobqueue`` extra, dask-jobqueue), for as long
+as a ``with`` block lasts.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-__all__ = ["connect"]
+__all__ = ["JOBQUEUES", "connect", "job_script"]
+
+# batch systems, by their dask-jobqueue cluster class; "local" runs the jobs
+# as processes of this machine (dask-jobqueue's own test runner)
+JOBQUEUES = {
+    "slurm": "SLURMCluster",
+    "pbs": "PBSCluster",
+    "sge": "SGECluster",
+    "lsf": "LSFCluster",
+    "oar": "OARCluster",
+    "htcondor": "HTCondorCluster",
+    "moab": "MoabCluster",
+    "local": "local.LocalCluster",
+}
 
 
 @contextlib.contextmanager
-def connect(scheduler=None, workers=None, memory_limit=None):
+def connect(
+    scheduler=None, workers=None, memory_limit=None, jobqueue=None, jobs=1,
+    job_options=None,
+):  # fmt: skip
     """A dask.distributed client for the duration of a ``with`` block.
 
     Parameters
@@ -25,6 +43,16 @@ def connect(scheduler=None, workers=None, memory_limit=None):
         Start a local cluster of this many worker processes instead.
     memory_limit : str or None
         Memory limit per local worker, e.g. ``"4GB"``; default ``"auto"``.
+    jobqueue : str or None
+        Instead, submit `jobs` worker jobs to this batch system (a key of
+        :data:`JOBQUEUES`), through dask-jobqueue's cluster class made with
+        `job_options` (``cores``, ``memory``, ``walltime``, ``queue``,
+        ``account``, ``scheduler_options``...); they are cancelled when the
+        block ends.
+    jobs : int
+        Number of jobs.
+    job_options : dict or None
+        Keyword arguments of the dask-jobqueue cluster class.
 
     Yields
     ------
@@ -38,6 +66,14 @@ def connect(scheduler=None, workers=None, memory_limit=None):
     ...     print(client)
     None
     """
+    if jobqueue is not None:
+        with _jobqueue_cluster(jobqueue, job_options) as cluster:
+            cluster.scale(jobs=_positive("jobs", jobs))
+            from distributed import Client
+
+            with Client(cluster) as client:
+                yield client
+        return
     if scheduler is None and workers is None:
         if memory_limit is not None:
             msg = "`memory_limit` (--memory-limit) applies to `workers` (--workers)"
@@ -81,3 +117,45 @@ def _memory_limit(text):
     except (ValueError, TypeError):
         msg = f"`memory_limit` (--memory-limit) must be a size such as 4GB or 'auto', got {text!r}"
         raise ValueError(msg) from None
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"`{name}` (--{name}) must be a positive number, got {value!r}"
+        raise ValueError(msg)
+    return value
+
+
+def _jobqueue_cluster(kind, options):
+    """The dask-jobqueue cluster of batch system `kind`, made with `options`."""
+    if kind not in JOBQUEUES:
+        msg = (
+            f"`jobqueue` (--jobqueue) must be one of {sorted(JOBQUEUES)}, got {kind!r}"
+        )
+        raise ValueError(msg)
+    try:
+        import dask_jobqueue
+        import dask_jobqueue.local
+    except ImportError:  # pragma: no cover - the `jobqueue` extra is missing
+        msg = "a batch-system cluster needs: pip install 'dask-localstats[jobqueue]'"
+        raise ValueError(msg) from None
+    module, _, name = JOBQUEUES[kind].rpartition(".")
+    cls = getattr(dask_jobqueue.local if module else dask_jobqueue, name)
+    try:
+        return cls(**(options or {}))
+    except (TypeError, ValueError) as error:
+        msg = f"`job_options` (--job-option) for {kind}: {error}"
+        raise ValueError(msg) from None
+
+
+def job_script(kind, options=None):
+    """The script each worker job of batch system `kind` would run.
+
+    Examples
+    --------
+    >>> script = job_script("slurm", {"cores": 4, "memory": "16GB", "queue": "cpu"})
+    >>> "#SBATCH -p cpu" in script and "dask_worker" in script.replace(".", "_")
+    True
+    """
+    with _jobqueue_cluster(kind, options) as cluster:
+        return cluster.job_script()

@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from . import __version__
+from ._cluster import JOBQUEUES
 from ._stored import MISSING_CHUNKS
 
 PROG = "dask-localstats"
@@ -47,7 +48,7 @@ def _max_bin(text):
         raise argparse.ArgumentTypeError(msg) from None
 
 
-def _storage_option(text):
+def _key_value(text):
     """``KEY=VALUE`` as ``(key, value)``, the value read as JSON if it can be."""
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -141,7 +142,7 @@ def _add_common(parser):
                        default="error", help="chunks absent from a zarr IN or "
                        "MASK: refuse (default), or read them as the fill value "
                        "(sparse stores)")  # fmt: skip
-    group.add_argument("--storage-option", action="append", type=_storage_option,
+    group.add_argument("--storage-option", action="append", type=_key_value,
                        metavar="KEY=VALUE", help="an fsspec option of zarr URLs "
                        "(s3://, gs://...) of IN, MASK and OUT, such as "
                        "endpoint_url=http://host:9000 or anon=true; VALUE is "
@@ -160,8 +161,21 @@ def _add_common(parser):
                        "reachable from its workers)")  # fmt: skip
     where.add_argument("--workers", type=int, metavar="N", help="start a local "
                        "dask.distributed cluster of N worker processes")  # fmt: skip
+    where.add_argument("--jobqueue", choices=sorted(JOBQUEUES), help="submit "
+                       "worker jobs to this batch system (dask-jobqueue; "
+                       "'local' runs them as local processes)")  # fmt: skip
     run.add_argument("--memory-limit", metavar="BYTES", help="memory limit per "
                      "worker with --workers, e.g. 4GB (default: auto)")  # fmt: skip
+    run.add_argument("--jobs", type=int, default=1, metavar="N", help="number "
+                     "of worker jobs with --jobqueue (default 1)")  # fmt: skip
+    run.add_argument("--job-option", action="append", type=_key_value,
+                     metavar="KEY=VALUE", help="an option of each job with "
+                     "--jobqueue: cores=8, memory=32GB, walltime=04:00:00, "
+                     "queue=..., account=..., scheduler_options={\"host\": "
+                     "\"ib0\"}; VALUE is read as JSON if it can be "
+                     "(repeatable)")  # fmt: skip
+    run.add_argument("--print-job-script", action="store_true", help="print "
+                     "the script of a worker job of --jobqueue, and exit")  # fmt: skip
     run.add_argument("--quiet", "-q", action="store_true",
                      help="no progress bar, only the summary line")  # fmt: skip
     run.add_argument("--log-file", metavar="PATH", help="append the progress "

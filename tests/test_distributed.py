@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import dask.array as da
@@ -75,3 +77,39 @@ def test_result_survives_the_loss_of_a_worker(client, stored):
         image, np.mean, interpolate=None, dtype=np.float64, **KWARGS
     )
     np.testing.assert_array_equal(computed, expected)
+
+
+def _cli(*args):
+    argv = [sys.executable, "-m", "dask_localstats._cli", *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+def test_a_batch_system_job_script_from_the_command_line():
+    pytest.importorskip("dask_jobqueue")
+    options = ["--job-option", "cores=4", "--job-option", "memory=16GB",
+               "--job-option", "queue=cpu", "--job-option", "walltime=04:00:00"]  # fmt: skip
+    done = _cli("percentile", "in.zarr", "out.zarr", "--percentile", "0.5",
+                "--selem", "8", "--jobqueue", "slurm", *options, "--print-job-script")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    script = done.stdout
+    assert script.startswith("#!") and "#SBATCH -p cpu" in script
+    assert "#SBATCH -t 04:00:00" in script and "--nworkers 4" in script
+    bad = _cli("percentile", "in.zarr", "out.zarr", "--percentile", "0.5",
+               "--selem", "8", "--jobqueue", "slurm", "--job-option", "cores=x",
+               "--print-job-script")  # fmt: skip
+    assert bad.returncode == 2 and "--job-option" in bad.stderr
+
+
+def test_a_job_on_batch_system_workers(stored, tmp_path):
+    # dask-jobqueue's local runner: the same job scripts, run as processes here
+    pytest.importorskip("dask_jobqueue")
+    image, path = stored
+    out = tmp_path / "out.zarr"
+    done = _cli("percentile", path, out, "--percentile", "0.5",
+                "--selem", "8", "16", "16", "--spacing", "8", "8", "8",
+                "--jobqueue", "local", "--jobs", "2", "--job-option", "cores=1",
+                "--job-option", "memory=2GB", "--job-option",
+                'scheduler_options={"host": "127.0.0.1"}', "--quiet")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    expected = dls.local_percentile(image, 0.5, **KWARGS)
+    np.testing.assert_array_equal(zarr.open_array(out, mode="r")[:], expected)
