@@ -35,13 +35,22 @@ import dask_localstats as dls
 
 CHUNKS = LIGHTSHEET_CHUNKS
 LAYOUTS = {  # label: (chunks, shards, compressors)
-    "chunks 64x256x256, zstd (zarr's default, level 3)": (CHUNKS, None, "zstd"),
-    "chunks 64x256x256, zstd:1": (CHUNKS, None, "zstd:1"),
-    "chunks 64x256x256, blosc-zstd:3 (shuffle)": (CHUNKS, None, "blosc-zstd:3"),
-    "chunks 64x256x256, blosc-lz4": (CHUNKS, None, "blosc-lz4"),
-    "chunks 64x256x256, none": (CHUNKS, None, "none"),
-    "shards 64x1024x1024 of 64x256x256, zstd:1": (CHUNKS, (64, 1024, 1024), "zstd:1"),
-    "shards 64x2048x2048 of 64x256x256, zstd:1": (CHUNKS, (64, 2048, 2048), "zstd:1"),
+    "chunks 64x256x256, no shards, zstd (zarr's default, level 3)": (
+        CHUNKS,
+        None,
+        "zstd",
+    ),
+    "chunks 64x256x256, no shards, zstd:1": (CHUNKS, None, "zstd:1"),
+    "chunks 64x256x256, no shards, blosc-zstd:3 (shuffle)": (
+        CHUNKS,
+        None,
+        "blosc-zstd:3",
+    ),
+    "chunks 64x256x256, no shards, blosc-lz4": (CHUNKS, None, "blosc-lz4"),
+    "chunks 64x256x256, no shards, none": (CHUNKS, None, "none"),
+    "shards 64x512x1024 (64 MiB), zstd": (CHUNKS, (64, 512, 1024), "zstd"),
+    "shards auto (128 MiB: 128x512x1024), zstd": (CHUNKS, "auto", "zstd"),
+    "shards 64x2048x2048 (512 MiB), zstd": (CHUNKS, (64, 2048, 2048), "zstd"),
 }
 
 
