@@ -154,6 +154,10 @@ def _add_common(parser):
     existing.add_argument("--resume", action="store_true", help="continue an "
                           "interrupted run into OUT, writing only missing "
                           "chunks")  # fmt: skip
+    _add_computing(parser)
+
+
+def _add_computing(parser):
     run = parser.add_argument_group("computing")
     where = run.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS", help="run on this "
