@@ -27,7 +27,9 @@ INPUTS (all read lazily, never loaded whole):
   differ only in the plane number; pick one with --series), in plane order.
   Brackets match literally first ('UltraII[00 x 00]'). HDF5 (the h5 extra): a
   dataset 'file.h5:/path/to/data', a BigDataViewer/BigStitcher 'file.h5' or an
-  Imaris 'file.ims' (--setup, --timepoint, --level). Paths may be file:// URLs.
+  Imaris 'file.ims' (--setup, --timepoint, --level). Paths may be file:// URLs,
+  and zarr stores (IN, MASK and OUT) any fsspec URL: s3://, gs://... (with
+  --storage-option).
 """
 
 
