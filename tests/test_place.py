@@ -129,6 +129,7 @@ def test_object_store_refusals(s3, image):
         dls.to_zarr(result, out, storage_options=s3, overwrite=True)
 
 
+@pytest.mark.thorough
 def test_the_command_line_killed_then_resumed_in_an_object_store(s3, image, tmp_path):
     put("s3://bucket/cli/in.zarr", image, s3, chunks=(4, 6, 6))
     options = [f"--storage-option={k}={v}" for k, v in s3.items()]
