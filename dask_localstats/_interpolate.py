@@ -14,7 +14,8 @@ axis. We split the work the same way:
    each axis it builds the taps and weights of the block's coordinates
    (:func:`_taps`) and contracts the coefficients axis after axis, the
    first axis last, one output plane at a time so that temporaries stay in
-   cache. Cost: about ``k + 1`` multiply-adds per output voxel for the
+   cache (the other axes first, on the coarse planes, when the first axis
+   expands). Cost: about ``k + 1`` multiply-adds per output voxel for the
    last contraction, much less for the others; taps of weight 0 (order 1
    on an axis of spacing 1) are skipped.
 
@@ -136,22 +137,31 @@ def resample_block(coefficients, offset, coords, counts, order, dtype, bounds=No
         for axis in reversed(range(len(coords))):
             values = _contract(values, axis, *taps[axis])
         return cast(_clip(values, bounds), dtype)
-    # One output plane (first axis) at a time, from the coarse planes it
-    # needs: the float64 temporaries stay in cache, only the result is written.
+    # The output is made one plane (first axis) at a time, so that the
+    # float64 temporaries stay in cache and only the result is written.
+    # When the first axis expands (more output planes than twice the coarse
+    # ones), the other axes are contracted first, once for all the coarse
+    # planes, and each output plane is a sum of a few of those; else (an
+    # axis of spacing about 1) each output plane is made from the coarse
+    # planes it needs.
+    ahead = len(coords[0]) > 2 * values.shape[0]
+    if ahead:
+        for axis in reversed(range(1, len(coords))):
+            values = _contract(values, axis, *taps[axis])
     shape = (*map(len, coords), *values.shape[len(coords) :])
     out = np.empty(shape, dtype=dtype)
     for i, (index, weights) in enumerate(zip(*taps[0], strict=True)):
         plane = _combine(values, index, weights)
-        for axis in reversed(range(1, len(coords))):
+        for axis in () if ahead else reversed(range(1, len(coords))):
             plane = _contract(plane, axis - 1, *taps[axis])
         out[i] = cast(_clip(plane, bounds), dtype)
     return out
 
 
 def _combine(values, index, weights):
-    """``sum_j weights[j] * values[index[j]]`` (a view for a single unit tap)."""
+    """``sum_j weights[j] * values[index[j]]``, a new array."""
     if len(index) == 1 and weights[0] == 1:
-        return values[index[0]]
+        return values[index[0]].copy()
     total = values[index[0]] * weights[0]
     for tap, weight in zip(index[1:], weights[1:], strict=True):
         total += weight * values[tap]
