@@ -46,10 +46,15 @@ LAYOUTS = {  # label: (chunks, shards, compressors)
         None,
         "blosc-zstd:3",
     ),
+    "chunks 64x256x256, no shards, blosc-zstd:1 (shuffle)": (
+        CHUNKS,
+        None,
+        "blosc-zstd:1",
+    ),
     "chunks 64x256x256, no shards, blosc-lz4": (CHUNKS, None, "blosc-lz4"),
     "chunks 64x256x256, no shards, none": (CHUNKS, None, "none"),
-    "shards 64x512x1024 (64 MiB), zstd": (CHUNKS, (64, 512, 1024), "zstd"),
-    "shards auto (128 MiB: 128x512x1024), zstd": (CHUNKS, "auto", "zstd"),
+    "shards auto (64 MiB: 128x512x512), zstd": (CHUNKS, "auto", "zstd"),
+    "shards 128x512x1024 (128 MiB), zstd": (CHUNKS, (128, 512, 1024), "zstd"),
     "shards 64x2048x2048 (512 MiB), zstd": (CHUNKS, (64, 2048, 2048), "zstd"),
 }
 

@@ -95,7 +95,7 @@ def _sizes(name, sizes, ndim):
     return sizes
 
 
-SHARD_BYTES = 128 * 2**20  # automatic shards: about this much, uncompressed
+SHARD_BYTES = 64 * 2**20  # automatic shards: about this much, uncompressed
 
 
 def auto_shards(shape, chunks, itemsize, nbytes=SHARD_BYTES):
@@ -103,13 +103,13 @@ def auto_shards(shape, chunks, itemsize, nbytes=SHARD_BYTES):
 
     The shard grows from one chunk by doubling its shortest side that is
     still shorter than the array, until it holds `nbytes`; an array of
-    less than two such shards is not sharded. A terabyte of 128 MiB shards
-    is 8192 files.
+    less than two such shards is not sharded. A terabyte of 64 MiB shards
+    is 16384 files (of 64 x 256 x 256 chunks, 131072).
 
     Examples
     --------
     >>> auto_shards((1024, 2048, 2048), (64, 256, 256), 2)
-    (256, 512, 512)
+    (256, 256, 512)
     >>> auto_shards((64, 256, 256), (64, 64, 64), 2) is None
     True
     """

@@ -132,8 +132,8 @@ def _add_common(parser):
                        "IN's, or the processing blocks with --coarse)")  # fmt: skip
     group.add_argument("--shards", nargs="+", default=["auto"], metavar="N",
                        help="store chunks together in shards of this shape "
-                       "(multiples of the chunks); 'auto' (default): about 128 "
-                       "MiB each for outputs of 256 MiB or more; 'none'")  # fmt: skip
+                       "(multiples of the chunks); 'auto' (default): about 64 "
+                       "MiB each for outputs of 128 MiB or more; 'none'")  # fmt: skip
     group.add_argument("--pyramid", type=int, default=1, metavar="N",
                        help="write N resolution levels, each halving the spatial "
                        "axes longer than 32 voxels (implies --ome; default 1)")  # fmt: skip

@@ -480,9 +480,10 @@ def to_zarr(
         Store chunks together in shards of this shape (multiples of
         `chunks`; zarr v3's sharding codec), far fewer files for large
         volumes. One task computes and writes one whole shard. ``"auto"``
-        (default): shards of about 128 MiB (uncompressed) for arrays of
-        256 MiB or more, so a terabyte is some 8000 files, not the millions
-        of its chunks; smaller arrays are not sharded. None: no shards.
+        (default): shards of about 64 MiB (uncompressed) for arrays of
+        128 MiB or more, so a terabyte is some 16000 files, not the
+        hundreds of thousands of its chunks; smaller arrays are not
+        sharded. None: no shards.
     compressors : str, codec, list of codecs or None
         ``"auto"`` (zarr's default, zstd), a spec such as ``"zstd:3"``,
         ``"blosc-zstd:5"``, ``"blosc-lz4"`` or ``"none"`` (see

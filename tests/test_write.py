@@ -338,17 +338,17 @@ def test_shards_and_codecs(tmp_path, spec, codec):
 def test_large_outputs_are_sharded_by_default(tmp_path):
     from dask_localstats._layout import SHARD_BYTES, layout_of
 
-    # a terabyte of 64 x 256 x 256 chunks: 131072 files, in shards 8192
+    # a terabyte of 64 x 256 x 256 chunks: 131072 files, in shards 16384
     layout = layout_of(da.zeros((8192,) * 3, dtype="u2", chunks=(64, 256, 256)),
                        None, "auto", "auto")  # fmt: skip
     assert layout.chunks == (64, 256, 256)
     assert math.prod(layout.shards) * 2 == SHARD_BYTES
-    assert 2**40 // (math.prod(layout.shards) * 2) == 8192
-    # 256 MiB of TIFF-like chunks of 4 slices: shards of 64 slices
+    assert 2**40 // (math.prod(layout.shards) * 2) == 16384
+    # 256 MiB of TIFF-like chunks of 4 slices: shards of 32 slices
     slices = da.zeros((128, 1024, 1024), dtype="u2", chunks=(4, 1024, 1024))
-    assert layout_of(slices, None, "auto", "auto").shards == (64, 1024, 1024)
+    assert layout_of(slices, None, "auto", "auto").shards == (32, 1024, 1024)
     # below two shards' worth, or when asked, none
-    small = da.zeros((64, 1024, 1024), dtype="u2", chunks=(4, 1024, 1024))
+    small = da.zeros((32, 1024, 1024), dtype="u2", chunks=(4, 1024, 1024))
     assert layout_of(small, None, "auto", "auto").shards is None
     assert layout_of(slices, None, None, "auto").shards is None
 
