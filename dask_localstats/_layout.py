@@ -15,6 +15,7 @@ from dataclasses import dataclass
 __all__ = ["COMPRESSIONS", "Layout", "compressors_of", "layout_of"]
 
 COMPRESSIONS = ("zstd[:LEVEL]", "blosc-zstd[:LEVEL]", "blosc-lz4[:LEVEL]", "none")
+AUTO_COMPRESSION = "blosc-zstd:1"  # "auto", as measured (see compressors_of)
 
 
 def compressors_of(compression):
@@ -23,15 +24,20 @@ def compressors_of(compression):
     Parameters
     ----------
     compression : str, codec, list of codecs or None
-        ``"auto"`` (zarr's default, zstd), ``"zstd[:LEVEL]"``,
+        ``"auto"`` (``"blosc-zstd:1"``), ``"zstd[:LEVEL]"``,
         ``"blosc-zstd[:LEVEL]"`` or ``"blosc-lz4[:LEVEL]"`` (blosc with byte
         shuffle, which helps integer images), ``"none"`` or None; anything
-        else is passed to zarr as it is.
+        else is passed to zarr as it is. ``"auto"`` was measured on the
+        light-sheet correction of a 1 GiB uint16 volume (the README's
+        layout table): 22% smaller than zarr's default (zstd level 3) and
+        its job 16% faster, as fast as zstd level 1.
 
     Examples
     --------
     >>> compressors_of("zstd:3")
     [ZstdCodec(level=3, checksum=False)]
+    >>> compressors_of("auto")[0].cname.value, compressors_of("auto")[0].clevel
+    ('zstd', 1)
     >>> compressors_of("none") is None
     True
     """
@@ -39,8 +45,10 @@ def compressors_of(compression):
 
     if compression is None or not isinstance(compression, str):
         return compression
-    if compression in ("auto", "none"):
-        return None if compression == "none" else "auto"
+    if compression == "none":
+        return None
+    if compression == "auto":
+        compression = AUTO_COMPRESSION
     name, _, level = compression.partition(":")
     try:
         level = int(level) if level else None
