@@ -159,8 +159,8 @@ class Prefix:
 
     def exists(self):
         fs, root = self._fs
-        with _reaching(self):
-            return bool(fs.find(root)) or fs.isfile(root)
+        with _reaching(self):  # a prefix exists once an object lies below it
+            return fs.exists(root)
 
     def is_folder(self):
         with _reaching(self):
