@@ -304,7 +304,7 @@ def local_percentile(
         Chunks of the full-resolution result; default: the source's.
     block_bytes : int or None
         Memory budget of one task: the source region it reads and its
-        results (128 MiB by default).
+        results (64 MiB by default).
     nan_policy : {'propagate', 'omit'}
         With ``'omit'``, NaN voxels of a float source are left out of the
         windows like masked ones; ``'propagate'`` (default) gives NaN for a
@@ -443,7 +443,7 @@ def local_histogram(
         Chunks of the full-resolution result; default: the source's.
     block_bytes : int or None
         Memory budget of one task: the source region it reads and its
-        results (128 MiB by default).
+        results (64 MiB by default).
     nan_policy : {'propagate', 'omit'}
         With ``'omit'``, NaN voxels of a float source are left out of the
         windows like masked ones; ``'propagate'`` (default) gives NaN for a
@@ -587,7 +587,7 @@ def apply_local_function(
         Chunks of the full-resolution result; default: the source's.
     block_bytes : int or None
         Memory budget of one task: the source region it reads and its
-        results (128 MiB by default).
+        results (64 MiB by default).
     nan_policy : {'propagate', 'omit'}
         With ``'omit'``, NaN voxels of a float source are left out of the
         windows like masked ones; ``'propagate'`` (default) gives NaN for a

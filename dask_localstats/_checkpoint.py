@@ -4,10 +4,11 @@ Every coarse grid that a result resamples (see
 :func:`dask_localstats._engine.checkpoint_of`) gets a folder in the output,
 ``.dask_localstats/coarse-<digest of its dask name>/``, with one ``.npy``
 file a block, stored whole (see :mod:`dask_localstats._place`) as soon as
-the block is computed, in the same graph as the output's chunks. A later run of
-the same computation (resuming) reads the blocks found there instead of
-computing them, so finishing the last chunks of an interrupted job costs
-only their resampling.
+the block is computed, in the same graph as the output's chunks. Blocks
+found stored are read instead of computed: by a later batch of the same run
+(the blocks that neighbouring batches share are computed once) and by a
+later run of the same computation (resuming), so finishing the last chunks
+of an interrupted job costs only their resampling.
 """
 
 from __future__ import annotations
@@ -15,90 +16,132 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from dataclasses import dataclass, field
 
 import dask.array as da
 import numpy as np
+from dask._task_spec import Task
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from ._engine import checkpoint_of
+from ._engine import BlockLayer, checkpoint_of
 from ._lock import check_guard
-from ._progress import COARSE, Stage
 
-__all__ = ["CHECKPOINT_FOLDER", "checkpointed"]
+__all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "checkpointed", "save_block"]
 
 CHECKPOINT_FOLDER = ".dask_localstats"
 
 
-def _block_key(folder, index):
-    return f"{folder}/{'-'.join(map(str, index))}.npy"
-
-
-def _save_block(block, place, folder, guard=None, block_info=None):
+def save_block(block, place, key, guard=None):
     """Store one coarse block in the output, whole."""
     check_guard(guard)
     data = io.BytesIO()
     np.save(data, block, allow_pickle=False)
-    place.write(_block_key(folder, block_info[0]["chunk-location"]), data.getvalue())
-    return np.ones((1,) * block.ndim, dtype=bool)
+    place.write(key, data.getvalue())
+    return np.ones(1, dtype=bool)
 
 
 def _load_block(place, key):
     return np.load(io.BytesIO(place.read(key)), allow_pickle=False)
 
 
-def checkpointed(array, place, guard=None):
-    """`array` reading its coarse blocks stored in `place`, and the saves of the rest.
+@dataclass
+class Checkpoint:
+    """A coarse grid stored in the output, block by block.
+
+    Attributes
+    ----------
+    coarse : dask array
+        The grid, as computed.
+    place : Folder or Prefix
+        The output.
+    folder : str
+        Its blocks' folder in the output.
+    stored : set of str
+        The keys of the blocks stored, updated as batches store more.
+    """
+
+    coarse: da.Array
+    place: object
+    folder: str
+    stored: set = field(default_factory=set)
+
+    def key(self, index):
+        """The file of the block `index`."""
+        return f"{self.folder}/{'-'.join(map(str, index))}.npy"
+
+    @property
+    def missing(self):
+        """How many blocks are not stored."""
+        return self.coarse.npartitions - len(self.stored)
+
+    def load(self, key, index):
+        """The task reading block `index` if it is stored, else None."""
+        file = self.key(index)
+        return Task(key, _load_block, self.place, file) if file in self.stored else None
+
+    def owns(self, file):
+        """Whether `file` is one of this grid's blocks."""
+        return file.startswith(self.folder + "/") and file.endswith(".npy")
+
+    def unsaved(self, graph):
+        """``{file: key}`` of the blocks that `graph` computes and are not stored."""
+        found = {}
+        for layer in graph.layers.values():
+            for key in layer:
+                if isinstance(key, tuple) and key[0] == self.coarse.name:
+                    file = self.key(key[1:])
+                    if file not in self.stored:
+                        found[file] = key
+        return found
+
+
+def _substituted(layer, checkpoint):
+    """`layer` (the grid's) with stored blocks read, not computed."""
+    if isinstance(layer, BlockLayer):
+        return layer.substituted(checkpoint.load)
+    mapping = dict(layer)
+    for key in mapping:
+        if isinstance(key, tuple) and key[0] == checkpoint.coarse.name:
+            mapping[key] = checkpoint.load(key, key[1:]) or mapping[key]
+    return MaterializedLayer(mapping)
+
+
+def checkpointed(array, place):
+    """`array` reading its coarse blocks stored in `place`, and their checkpoints.
 
     Every coarse grid that `array` resamples (see
     :func:`dask_localstats._engine.checkpoint_of`) has a folder in
-    ``.dask_localstats/`` of the output's `place`, named from its dask name (its computation),
-    with one ``.npy`` file a block. Blocks found there are read instead of
-    computed; the others get a task that stores them as soon as they are
-    computed, in the same graph as the output's chunks.
+    ``.dask_localstats/`` of the output's `place`, named from its dask name
+    (its computation), with one ``.npy`` file a block. Blocks stored there
+    when the returned array's tasks are made are read instead of computed;
+    :meth:`Checkpoint.unsaved` finds the others in a graph, to store them
+    with :func:`save_block`.
 
     Returns
     -------
     array : dask array
-    saves : list of dask arrays
-        To compute with `array`'s writes.
-    stages : list of Stage
-        The coarse blocks left to compute, for the progress bar.
+    checkpoints : list of Checkpoint
     """
     layers, dependencies = dict(array.dask.layers), dict(array.dask.dependencies)
-    saves, stages, stored = [], [], None
+    checkpoints, listing = [], None
     for layer in array.dask.layers.values():
         coarse = checkpoint_of(layer)
         if coarse is None or coarse.name not in layers:
             continue
         digest = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
         folder = f"{CHECKPOINT_FOLDER}/coarse-{digest}"
-        stored = set(place.files()[0]) if stored is None else stored
-        mapping, missing = dict(layers[coarse.name]), 0
-        blocks = [k for k in mapping if isinstance(k, tuple) and k[0] == coarse.name]
-        for key in blocks:
-            file = _block_key(folder, key[1:])
-            if file in stored:
-                mapping[key] = (_load_block, place, file)
-            else:
-                missing += 1
-        layers[coarse.name] = MaterializedLayer(mapping)
-        if missing:
-            saves.append((coarse, folder))
-            voxels = math.prod(array.shape[: coarse.ndim]) / len(blocks)
-            stages.append(Stage("background", COARSE, voxels, missing))
+        listing = place.files()[0] if listing is None else listing
+        checkpoint = Checkpoint(coarse, place, folder)
+        checkpoint.stored = {k for k in listing if checkpoint.owns(k)}
+        layers[coarse.name] = _substituted(layers[coarse.name], checkpoint)
+        checkpoints.append(checkpoint)
     graph = HighLevelGraph(layers, dependencies)
-    stores = []
-    for coarse, folder in saves:
-        loaded = da.Array(graph, coarse.name, coarse.chunks, meta=coarse._meta)
-        stores.append(
-            loaded.map_blocks(
-                _save_block,
-                place,
-                folder,
-                guard,
-                chunks=tuple((1,) * len(c) for c in coarse.chunks),
-                dtype=bool,
-                meta=np.empty((0,) * coarse.ndim, bool),
-            )
-        )
-    return da.Array(graph, array.name, array.chunks, meta=array._meta), stores, stages
+    array = da.Array(graph, array.name, array.chunks, meta=array._meta)
+    return array, checkpoints
+
+
+def coarse_voxels(array, checkpoint):
+    """Output voxels per block of the checkpoint's grid, for progress."""
+    return math.prod(array.shape[: checkpoint.coarse.ndim]) / max(
+        checkpoint.coarse.npartitions, 1
+    )

@@ -37,33 +37,28 @@ import itertools
 import math
 import os
 import uuid
-import weakref
 
 import dask.array as da
 import numpy as np
+from dask._task_spec import DataNode, Task, TaskRef, parse_input
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from ._graph import BlockLayer
 from ._interpolate import coordinates, prefilter, resample_block, taps_range
 from ._io import ChunkCache, read_region
 from ._kernels import KEEP_ALL, fill_nearest, flagged_dtype, reduce_block
 from .errors import MemoryBudgetError
 
-DEFAULT_BLOCK_BYTES = 128 * 2**20
-# The coarse grid each resampling layer reads, by the layer's id, for writers
-# that store it once and resume from it (dask_localstats._write); an entry
-# lives as long as its layer (layers are not hashable).
-CHECKPOINTS = {}
+DEFAULT_BLOCK_BYTES = 64 * 2**20
 
 
 def checkpoint_of(layer):
-    """The coarse grid (dask array) a resampling layer reads, or None."""
-    return CHECKPOINTS.get(id(layer))
+    """The coarse grid (dask array) a resampling layer reads, or None.
 
-
-def _remember(layer, coarse):
-    CHECKPOINTS[id(layer)] = coarse
-    weakref.finalize(layer, CHECKPOINTS.pop, id(layer), None)
+    Writers store it once and resume from it (:mod:`dask_localstats._write`).
+    """
+    return getattr(layer, "coarse", None)
 
 
 # Decoded storage chunks kept for the neighbouring blocks, per block budget.
@@ -232,17 +227,18 @@ def _pieces(bounds, lo, hi):
 
 
 def _region_task(array, region, cache=None):
-    """A task producing ``array[region]`` (region: a (lo, hi) pair per axis).
+    """A task (inline, without key) producing ``array[region]``.
 
-    `array` is either a dask array, whose intersecting chunks become
-    dependencies, or a graph key naming a sliceable array, read through the
-    :class:`~dask_localstats._io.ChunkCache` named by the key `cache` if
-    given. Axes of the dask array beyond `region` must be single chunks;
-    they are taken whole.
+    `region` is a (lo, hi) pair per axis. `array` is either a dask array,
+    whose intersecting chunks become dependencies, or the key of a task
+    holding a sliceable array, read through the
+    :class:`~dask_localstats._io.ChunkCache` of key `cache` if given. Axes
+    of the dask array beyond `region` must be single chunks; they are taken
+    whole.
     """
     slices = tuple(slice(lo, hi) for lo, hi in region)
     if not isinstance(array, da.Array):
-        return (_read, array, slices, cache)
+        return Task(None, _read, TaskRef(array), slices, cache and TaskRef(cache))
     bounds = [list(itertools.accumulate(c, initial=0)) for c in array.chunks]
     per_axis = [_pieces(b, lo, hi) for b, (lo, hi) in zip(bounds, region, strict=False)]
     extra = (0,) * (array.ndim - len(region))
@@ -250,12 +246,12 @@ def _region_task(array, region, cache=None):
         [
             tuple(d for _, _, d in combo),
             tuple(s for _, s, _ in combo),
-            (array.name, *(i for i, _, _ in combo), *extra),
+            TaskRef((array.name, *(i for i, _, _ in combo), *extra)),
         ]
         for combo in itertools.product(*per_axis)
     ]
     shape = tuple(hi - lo for lo, hi in region) + array.shape[len(region) :]
-    return (_assemble, shape, array.dtype, parts)
+    return Task(None, _assemble, shape, array.dtype, parse_input(parts))
 
 
 @functools.cache
@@ -317,17 +313,18 @@ def identity(array):
 def _source_layer(source, name, cache_bytes):
     """Graph pieces to read `source`.
 
-    Returns ``(reference, cache key or None, layer dict, dependencies)``; a
-    source stored in chunks is read through a chunk cache of `cache_bytes`.
+    Returns ``(reference, cache key or None, shared tasks, dependencies)``;
+    a source stored in chunks is read through a chunk cache of
+    `cache_bytes`.
     """
     if isinstance(source, da.Array):
         return source, None, {}, [source]
     key, cache = f"source-{name}", None
-    layer = {key: source}
+    shared = {key: DataNode(key, source)}
     if _storage_chunks(source):
         cache = f"cache-{name}"
-        layer[cache] = (ChunkCache, cache_bytes)
-    return key, cache, layer, []
+        shared[cache] = Task(cache, ChunkCache, cache_bytes)
+    return key, cache, shared, []
 
 
 def coarse_stage(
@@ -375,22 +372,24 @@ def coarse_stage(
     )
     name = f"localstats-coarse-{token}"
     cache_bytes = CACHE_BLOCKS * block_bytes
-    src_ref, src_cache, layer, deps = _source_layer(source, name, cache_bytes)
+    src_ref, src_cache, shared, deps = _source_layer(source, name, cache_bytes)
     mask_ref = mask_cache = None
     if mask is not None:
-        mask_ref, mask_cache, mask_layer, mask_deps = _source_layer(
+        mask_ref, mask_cache, mask_shared, mask_deps = _source_layer(
             mask, f"mask-{name}", cache_bytes
         )
-        layer.update(mask_layer)
+        shared.update(mask_shared)
         deps += mask_deps
     bounds = [list(itertools.accumulate(c, initial=0)) for c in chunks]
-    for index in itertools.product(*(range(len(c)) for c in chunks)):
-        start = tuple(b[i] for b, i in zip(bounds, index, strict=True))
-        stop = tuple(b[i + 1] for b, i in zip(bounds, index, strict=True))
+
+    def block(key, index):
+        start = tuple(b[i] for b, i in zip(bounds, index, strict=False))
+        stop = tuple(b[i + 1] for b, i in zip(bounds, index, strict=False))
         region = [grid.region(d, start[d], stop[d]) for d in range(grid.ndim)]
         origin = tuple(lo for lo, _ in region)
         mask_task = None if mask is None else _region_task(mask_ref, region, mask_cache)
-        layer[(name, *index, *(0,) * len(statistic.fshape))] = (
+        return Task(
+            key,
             _coarse_block,
             _region_task(src_ref, region, src_cache),
             origin,
@@ -402,6 +401,9 @@ def coarse_stage(
             mask_task,
             missing,
         )
+
+    numblocks = [len(c) for c in chunks] + [1] * len(statistic.fshape)
+    layer = BlockLayer(name, numblocks, block, shared)
     chunks += tuple((f,) for f in statistic.fshape)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
     if missing.fill != "nearest":
@@ -508,34 +510,35 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
         bounds = list(itertools.accumulate(fchunks[0], initial=0))
         parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
         parts = [None] if len(parts) == 1 else parts
-    layer = {}
-    edges = [np.cumsum((0, *c)) for c in chunks]
-    for index in itertools.product(*(range(len(c)) for c in chunks)):
-        start = tuple(int(edges[d][i]) for d, i in enumerate(index))
-        stop = tuple(int(edges[d][i + 1]) for d, i in enumerate(index))
+    edges = [list(itertools.accumulate(c, initial=0)) for c in chunks]
+
+    def block(key, index):
+        start = tuple(edges[d][i] for d, i in enumerate(index[:ndim]))
+        stop = tuple(edges[d][i + 1] for d, i in enumerate(index[:ndim]))
         coords = _block_coordinates(grid, align, start, stop)
         region = [
             taps_range(x, m, order) for x, m in zip(coords, grid.counts, strict=True)
         ]
         offset = tuple(lo for lo, _ in region)
-        source = _region_task(coefficients, region)
-        for j, part in enumerate(parts):
-            trailing = (j, *(0,) * (len(fshape) - 1)) if fshape else ()
-            layer[(name, *index, *trailing)] = (
-                _resample,
-                source,
-                offset,
-                grid,
-                order,
-                align,
-                start,
-                stop,
-                coarse.dtype,
-                limits,
-                part,
-            )
+        part = parts[index[ndim]] if fshape else None
+        return Task(
+            key,
+            _resample,
+            _region_task(coefficients, region),
+            offset,
+            grid,
+            order,
+            align,
+            start,
+            stop,
+            coarse.dtype,
+            limits and TaskRef(limits),
+            part,
+        )
+
     out_chunks = tuple(chunks) + tuple(fchunks)
+    layer = BlockLayer(name, [len(c) for c in out_chunks], block)
+    layer.coarse = coarse  # see checkpoint_of
     graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)
-    _remember(graph.layers[name], coarse)
     meta = np.empty((0,) * len(out_chunks), coarse.dtype)
     return da.Array(graph, name, out_chunks, dtype=coarse.dtype, meta=meta)

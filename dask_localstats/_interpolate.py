@@ -95,13 +95,15 @@ def _taps(x, count, order):
 
 
 def taps_range(x, count, order):
-    """The range ``(lo, hi)`` of coarse indices that coordinates `x` touch.
+    """The range ``(lo, hi)`` of coarse indices that coordinates `x` need.
 
-    `x` must be sorted, as coordinates of consecutive voxels are.
+    Taps whose weight is 0 for every coordinate (order 1 on coordinates
+    that fall on coarse samples) are not needed, as :func:`resample_block`
+    skips them.
     """
-    first, last = _first_tap([x[0], x[-1]], order)
-    index = _mirror(np.arange(first, last + order + 1), count)
-    return int(index.min()), int(index.max()) + 1
+    index, weights = _taps(np.asarray(x, dtype=np.float64), count, order)
+    used = index[:, (weights != 0).any(axis=0)]
+    return int(used.min()), int(used.max()) + 1
 
 
 def resample_block(coefficients, offset, coords, counts, order, dtype, bounds=None):

@@ -122,8 +122,13 @@ class Progress:
             print(self.line(), end=end, file=self.out, flush=True)
 
     @contextlib.contextmanager
-    def following(self, client=None):
-        """Follow a computation made within the block (locally or on `client`)."""
+    def following(self, client=None, tasks=None):
+        """Follow a computation made within the block (locally or on `client`).
+
+        `tasks` gives how many tasks of each stage's prefix it runs (default:
+        all the stage's tasks), counted done when it ends.
+        """
+        before = {s.prefix: s.done for s in self.stages}
         try:
             with self._watching(client):
                 yield
@@ -131,6 +136,9 @@ class Progress:
             if getattr(self.out, "isatty", lambda: False)():
                 print(file=self.out)  # end the bar's line before the error's
             raise
+        for stage in self.stages:
+            ran = stage.tasks if tasks is None else tasks.get(stage.prefix, 0)
+            stage.done = before[stage.prefix] + ran
         self.show(force=True)
 
     @contextlib.contextmanager
@@ -138,29 +146,28 @@ class Progress:
         if client is None:
             with _Follower(self):
                 yield
-        else:
-            stop = threading.Event()
-            poller = threading.Thread(
-                target=self._poll, args=(client, stop), daemon=True
-            )
-            poller.start()
-            try:
-                yield
-            finally:
-                stop.set()
-                poller.join()
-            for stage in self.stages:
-                stage.done = stage.tasks
+            return
+        stop = threading.Event()
+        poller = threading.Thread(target=self._poll, args=(client, stop), daemon=True)
+        poller.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            poller.join()
 
     def _poll(self, client, stop):
         prefixes = [s.prefix for s in self.stages]
+        start, base = None, {s.prefix: s.done for s in self.stages}
         while not stop.wait(1.0):
             try:
                 counts = client.run_on_scheduler(_finished, prefixes)
             except Exception:  # the cluster is going away: stop showing
                 return
+            start = counts if start is None else start
             for stage in self.stages:
-                stage.done = counts.get(stage.prefix, 0)
+                ran = counts.get(stage.prefix, 0) - start.get(stage.prefix, 0)
+                stage.done = base[stage.prefix] + ran
             self.show()
 
 

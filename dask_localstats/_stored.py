@@ -140,7 +140,8 @@ def _graph_sources(array):
     """The zarr arrays and TIFF sources held in the graph of a dask array."""
     found = {}
     for layer in array.dask.layers.values():
-        mapping = getattr(layer, "mapping", None)
+        # a materialized layer's tasks, or the tasks a lazy one's blocks share
+        mapping = getattr(layer, "mapping", None) or getattr(layer, "shared", None)
         if not isinstance(mapping, dict):
             continue  # a layer of generated tasks, holding no stored array
         for value in mapping.values():

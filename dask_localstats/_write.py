@@ -63,14 +63,16 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
+from dask._task_spec import Task, TaskRef
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from ._checkpoint import checkpointed
+from ._checkpoint import checkpointed, coarse_voxels, save_block
+from ._graph import cull
 from ._layout import layout_of
 from ._lock import LOCK, check_guard, holder, locked
 from ._place import place_of
-from ._progress import WRITE, Progress, Stage
+from ._progress import COARSE, WRITE, Progress, Stage
 from ._public import public
 from ._pyramid import downsample, halved_axes, level_image
 from ._stored import Inventory, locate, locations, stored_sources
@@ -79,6 +81,10 @@ from .errors import InputChangedError, RefusedError
 __all__ = ["to_zarr"]
 
 RECORD = "dask_localstats"
+# Tasks in the graph of one batch of the output's chunks: far below what
+# dask.distributed's scheduler handles well, large enough to keep a cluster busy.
+DEFAULT_BATCH_SIZE = 50_000
+_PROBE = 64  # chunks whose graph gives the tasks a chunk needs
 _METADATA = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
 _CHUNK_KEY = re.compile(r"^(c([/.]\d+)*|\d+([/.]\d+)*)$")
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -337,6 +343,11 @@ def _write_chunk(target, block, region, guard=None):
     return np.ones(1, dtype=bool)
 
 
+def _units(array, done=frozenset()):
+    """``(index, region)`` of the chunks of `array` not in `done`, in C order."""
+    return ((i, r) for i, r in _regions(array) if i not in done)
+
+
 def _regions(array):
     bounds = [np.cumsum((0, *c)) for c in array.chunks]
     for index in itertools.product(*(range(len(c)) for c in array.chunks)):
@@ -374,15 +385,48 @@ def _written(target, place, indices, check=not ATOMIC_CHUNKS):
 
 
 def _write_graph(array, target, todo, guard=None):
-    """A dask array whose computation writes the chunks `todo` of `array`."""
-    name = "localstats-write-" + tokenize(array.name, str(locate(target)), todo)
+    """A dask array whose computation writes the chunks `todo` of `array`.
+
+    `todo` lists ``(index, region)`` of the chunks; the graph is culled to
+    what they need.
+    """
+    indices = [index for index, _ in todo]
+    name = "localstats-write-" + tokenize(array.name, str(locate(target)), indices)
     layer = {
-        (name, i): (_write_chunk, target, (array.name, *index), region, guard)
+        (name, i): Task(
+            (name, i),
+            _write_chunk,
+            target,
+            TaskRef((array.name, *index)),
+            region,
+            guard,
+        )
         for i, (index, region) in enumerate(todo)
     }
     graph = HighLevelGraph.from_collections(name, layer, dependencies=[array])
+    graph = cull(graph, layer)
     chunks = ((1,) * len(todo),)
     return da.Array(graph, name, chunks, dtype=bool, meta=np.empty((0,), bool))
+
+
+def _saves(writes, checkpoints, place, guard=None):
+    """A dask array storing the coarse blocks that `writes` computes, and their files."""
+    found = {}
+    for checkpoint in checkpoints:
+        found.update(checkpoint.unsaved(writes.dask))
+    if not found:
+        return None, []
+    name = "localstats-checkpoint-" + tokenize(writes.name, sorted(found))
+    layer = {
+        (name, i): Task((name, i), save_block, TaskRef(key), place, file, guard)
+        for i, (file, key) in enumerate(found.items())
+    }
+    layers = {**writes.dask.layers, name: MaterializedLayer(layer)}
+    dependencies = {**writes.dask.dependencies, name: set(writes.dask.layers)}
+    graph = HighLevelGraph(layers, dependencies)
+    chunks = ((1,) * len(layer),)
+    saves = da.Array(graph, name, chunks, dtype=bool, meta=np.empty((0,), bool))
+    return saves, list(found)
 
 
 def _client():
@@ -397,16 +441,21 @@ def _client():
         return None
 
 
-def _compute(collections, progress=None):
+def _compute(collections, progress=None, tasks=None):
     """Compute dask collections together (shared tasks once), for their effects.
 
-    `progress`, a :class:`~dask_localstats._progress.Progress`, follows it.
+    `progress`, a :class:`~dask_localstats._progress.Progress`, follows it
+    (`tasks`: how many tasks of each stage's prefix it runs).
     Whatever happens, no task of it is still running on return (locally,
     the pool's threads are waited for; on a cluster, the tasks cancelled),
     so that nothing writes once the caller lets the output's lock go.
     """
     client = _client()
-    shown = contextlib.nullcontext() if progress is None else progress.following(client)
+    shown = (
+        contextlib.nullcontext()
+        if progress is None
+        else progress.following(client, tasks)
+    )
     with shown:
         if client is None:
             workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
@@ -461,6 +510,7 @@ def to_zarr(
     pyramid=1,
     progress=False,
     storage_options=None,
+    batch_size=DEFAULT_BATCH_SIZE,
 ):
     """Store a (lazy) array into a new zarr v3 array, chunk by chunk, resumably.
 
@@ -518,6 +568,14 @@ def to_zarr(
     storage_options : dict or None
         fsspec options of a URL `store` (``key``, ``secret``,
         ``endpoint_url``, ...).
+    batch_size : int
+        Tasks in the graph of one batch. The output is computed in batches
+        of consecutive chunks (whole slabs along the first axis when one
+        fits), each graph made and submitted when the one before is done,
+        so a job of any size keeps the scheduler's graph and the client's
+        memory bounded; the coarse blocks neighbouring batches share are
+        stored by the first and read by the next (see ``checkpoints``
+        above). Results do not depend on it.
 
     Returns
     -------
@@ -543,7 +601,7 @@ def to_zarr(
     >>> z.shape, z.chunks, int(z[:].sum()), z.attrs["dask_localstats"]["complete"]
     ((4, 6), (2, 2), 24, True)
     """
-    _check_options(overwrite, resume, pyramid, ome)
+    _check_options(overwrite, resume, pyramid, ome, batch_size)
     array = _as_dask(array)
     layout = layout_of(array, chunks, shards, compressors)
     array = _regular(array, layout.unit)
@@ -569,7 +627,7 @@ def to_zarr(
             if exists:
                 _clear(path)
             output = _create(path, array, layout, record, attributes, ome)
-        written = _fill(array, output.array, resume, progress, path, guard)
+        written = _fill(array, output.array, resume, progress, path, guard, batch_size)
         changes = _input_changes(record["inputs"], _inventories(inputs))
         if changes:
             msg = (
@@ -583,7 +641,13 @@ def to_zarr(
     return output.array
 
 
-def _check_options(overwrite, resume, pyramid, ome):
+def _check_options(overwrite, resume, pyramid, ome, batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        msg = f"`batch_size` must be an int (tasks a batch), got {batch_size!r}"
+        raise TypeError(msg)
+    if batch_size < 1:
+        msg = f"`batch_size` must be at least 1 (tasks a batch), got {batch_size}"
+        raise ValueError(msg)
     if overwrite and resume:
         msg = "`overwrite` and `resume` exclude each other"
         raise ValueError(msg)
@@ -653,27 +717,58 @@ def _write_levels(group, image, count, progress, guard=None):
     group.attrs["ome"] = image.attributes(levels)
 
 
-def _fill(array, target, resume, progress, path, guard=None):
+def _fill(array, target, resume, progress, path, guard, batch_size):
     """Compute and write the chunks of `target` not written yet; how many.
 
-    The coarse grids are stored (or found stored) first; on any failure the
-    error says that the output is left incomplete, to be resumed.
+    The chunks are written in batches (see :func:`_batches`); the coarse
+    blocks each batch computes are stored with it (or found stored); on
+    any failure the error says that the output is left incomplete, to be
+    resumed.
     """
-    regions = list(_regions(array))
     done = set()
     if resume:
-        done = _written(target, path, [index for index, _ in regions])
-    todo = [(index, region) for index, region in regions if index not in done]
+        done = _written(target, path, (index for index, _ in _regions(array)))
+    count = array.npartitions - len(done)
     try:
-        if todo:
-            array, saves, stages = checkpointed(array, path, guard)
+        if count:
+            array, checkpoints = checkpointed(array, path)
+            stages = [
+                Stage("background", COARSE, coarse_voxels(array, c), c.missing)
+                for c in checkpoints
+            ]
             voxels = math.prod(target.shards or target.chunks)
-            stages.append(Stage("write", WRITE, voxels, len(todo)))
+            stages.append(Stage("write", WRITE, voxels, count))
             shown = None if not progress else Progress(stages, _stream(progress))
-            _compute([_write_graph(array, target, todo, guard), *saves], shown)
+            for writes in _batches(array, target, done, guard, batch_size):
+                saves, files = _saves(writes, checkpoints, path, guard)
+                tasks = {WRITE: writes.npartitions, COARSE: len(files)}
+                _compute([writes, *([saves] if files else [])], shown, tasks)
+                for checkpoint in checkpoints:
+                    checkpoint.stored.update(f for f in files if checkpoint.owns(f))
     except Exception as error:
         error.add_note(
             f"the output {path} is left incomplete; resume=True (--resume) continues it"
         )
         raise
-    return len(todo)
+    return count
+
+
+def _batches(array, target, done, guard, batch_size):
+    """The write graphs of the chunks not `done`, batch by batch.
+
+    A batch is a run of consecutive chunks in C order (whole slabs along
+    the first axis when a slab fits) whose culled graph holds about
+    `batch_size` tasks; the tasks a chunk needs are estimated from the
+    first chunks. Each graph is made only when the one before is computed.
+    """
+    units = _units(array, done)
+    probe = list(itertools.islice(units, _PROBE))
+    if not probe:
+        return
+    per_unit = len(_write_graph(array, target, probe, guard).dask) / len(probe)
+    size = max(1, int(batch_size / max(per_unit, 1.0)))
+    slab = math.prod(len(c) for c in array.chunks[1:])
+    size = size // slab * slab if size >= slab else size
+    units = itertools.chain(probe, units)
+    while batch := list(itertools.islice(units, size)):
+        yield _write_graph(array, target, batch, guard)

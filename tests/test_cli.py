@@ -616,7 +616,7 @@ def test_damaged_inputs_and_budgets_are_one_line(tmp_path, image):
     filled[0:4, 8:16, 18:27] = 0
     expected = dls.local_percentile(filled, 0.5, **GEOMETRY)
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "d.zarr")[:], expected)
-    refused(results[4], "more than `block_bytes`=134217728")
+    refused(results[4], "more than `block_bytes`=67108864")
     assert not (tmp_path / "e.zarr").exists()
 
 

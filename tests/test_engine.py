@@ -25,6 +25,7 @@ from strategies import (
 import dask_localstats as dls
 from dask_localstats import _engine
 from dask_localstats._engine import (
+    DEFAULT_BLOCK_BYTES,
     align_blocks,
     auto_chunks,
     coarse_stage,
@@ -133,7 +134,7 @@ def test_histogram_blocks_and_chunks_fit_the_budget(tmp_path):
     source = zarr.create_array(
         tmp_path / "empty.zarr", shape=(512,) * 3, chunks=(64,) * 3, dtype="u2"
     )  # never written: nothing is computed here
-    budget = 128 * 2**20
+    budget = DEFAULT_BLOCK_BYTES
     for interpolate in (None, 1):
         hist = dls.local_histogram(
             source, 4096, selem=8, interpolate=interpolate, missing_chunks="fill"
@@ -148,7 +149,7 @@ def test_histogram_blocks_and_chunks_fit_the_budget(tmp_path):
 
 def test_a_task_over_the_budget_is_refused_before_computing(tmp_path):
     source = da.zeros((64, 64), chunks=32, dtype="u2").map_blocks(_fail, dtype="u2")
-    with pytest.raises(MemoryBudgetError, match=r"more than `block_bytes`=134217728"):
+    with pytest.raises(MemoryBudgetError, match=r"more than `block_bytes`=67108864"):
         dls.local_histogram(source, 2**24, selem=8)
     with pytest.raises(MemoryBudgetError, match=r"`block_bytes`=1000"):
         dls.local_percentile(source, 0.5, selem=(30, 30), block_bytes=1000)

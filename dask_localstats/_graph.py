@@ -1,0 +1,150 @@
+"""Lazy graphs: layers whose tasks are made on demand, and culling that keeps them so.
+
+The engine's stages have one task per block of a regular grid of blocks; a
+:class:`BlockLayer` makes the task of a block only when it is asked for, so
+the graph of a petabyte's pipeline is built at once and holds no tasks.
+:func:`cull` takes the part of a graph that some keys need, layer by layer
+from the last, asking each layer for the tasks of the keys wanted: lazy
+layers (ours, dask's blockwise ones) make only those, and no layer is asked
+for all its keys, so computing one block of a huge result, or one batch of
+it, costs what that part needs.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import itertools
+import math
+
+from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
+
+__all__ = ["BlockLayer", "cull"]
+
+
+class BlockLayer(Layer):
+    """Tasks on a grid of blocks, each made only when it is asked for.
+
+    A dask layer whose tasks are generated on demand: ``layer[key]`` makes
+    the task of one block, and :meth:`cull` makes only those of the blocks
+    wanted (with the `shared` tasks they read, such as the source and its
+    chunk cache), so a graph over a petabyte is built in no time and
+    computing a part of it generates only that part's tasks. Tasks are
+    dask's :class:`~dask._task_spec.Task` objects, whose dependencies are
+    known without a scan of the whole graph.
+
+    Parameters
+    ----------
+    name : str
+        The name of the block keys ``(name, *index)``.
+    numblocks : tuple of int
+        Blocks per axis.
+    make : callable
+        ``make(key, index)``: the task of one block.
+    shared : dict or None
+        ``{key: GraphNode}`` of tasks that blocks read.
+    """
+
+    has_legacy_tasks = False
+
+    def __init__(self, name, numblocks, make, shared=None):
+        super().__init__()
+        self.name, self.numblocks, self.make = name, tuple(numblocks), make
+        self.shared = dict(shared or {})
+
+    def _index(self, key):
+        if (
+            isinstance(key, tuple)
+            and len(key) == len(self.numblocks) + 1
+            and key[0] == self.name
+            and all(
+                isinstance(i, int) and 0 <= i < n
+                for i, n in zip(key[1:], self.numblocks, strict=True)
+            )
+        ):
+            return key[1:]
+        return None
+
+    def __getitem__(self, key):
+        if key in self.shared:
+            return self.shared[key]
+        index = self._index(key)
+        if index is None:
+            raise KeyError(key)
+        return self.make(key, index)
+
+    def __iter__(self):
+        yield from self.shared
+        for index in itertools.product(*map(range, self.numblocks)):
+            yield (self.name, *index)
+
+    def __len__(self):
+        return len(self.shared) + math.prod(self.numblocks)
+
+    def is_materialized(self):
+        return False
+
+    def get_output_keys(self):
+        return set(self)
+
+    def substituted(self, substitute):
+        """A copy whose task for a block is ``substitute(key, index)`` unless None."""
+
+        def make(key, index):
+            node = substitute(key, index)
+            return self.make(key, index) if node is None else node
+
+        return BlockLayer(self.name, self.numblocks, make, self.shared)
+
+    def cull(self, keys, all_hlg_keys):
+        tasks = {}
+        for key in keys:
+            index = self._index(key)
+            if index is not None:
+                tasks[key] = self.make(key, index)
+        for node in list(tasks.values()):
+            for dep in node.dependencies:
+                if dep in self.shared:
+                    tasks[dep] = self.shared[dep]
+        deps = {key: set(node.dependencies) for key, node in tasks.items()}
+        return MaterializedLayer(tasks, annotations=self.annotations), deps
+
+
+class _Keys:
+    """The keys of a graph's layers, tested without listing them.
+
+    A tuple key ``(name, ...)`` is taken to exist when a layer is named
+    `name` (dask's array keys); another key, when a materialized layer
+    holds it. This is what culling a layer of old-style tasks asks.
+    """
+
+    def __init__(self, graph):
+        self.names = set(graph.layers)
+        self.materialized = [
+            layer for layer in graph.layers.values() if layer.is_materialized()
+        ]
+
+    def __contains__(self, key):
+        if isinstance(key, tuple):
+            return bool(key) and key[0] in self.names
+        return any(key in layer for layer in self.materialized)
+
+
+def cull(graph, keys):
+    """The part of `graph` (a HighLevelGraph) that computes `keys`.
+
+    Unlike ``HighLevelGraph.cull``, it keeps the layers' names and their
+    dependencies, and never lists all the keys of the graph.
+    """
+    keys = set(keys)
+    known = _Keys(graph)
+    order = graphlib.TopologicalSorter(graph.dependencies).static_order()
+    layers = {}
+    for name in reversed(list(order)):
+        culled, deps = graph.layers[name].cull(keys, known)
+        if not deps:
+            continue
+        layers[name] = culled
+        keys.update(*deps.values())
+        keys.difference_update(deps)
+    dependencies = {name: graph.dependencies[name] & layers.keys() for name in layers}
+    return HighLevelGraph(layers, dependencies)
