@@ -38,7 +38,7 @@ from ._io import open_source
 from ._ome import axis_names, output_image, read_image, with_voxel_size
 from ._options import PROG, build_parser
 from ._stored import locate, locations
-from ._write import to_zarr
+from ._write import DEFAULT_BATCH_SIZE, to_zarr
 from .errors import LocalStatsError
 
 # --- planning ---------------------------------------------------------------
@@ -270,7 +270,7 @@ def _check_recorded_range(options, image, dtype):
 
 
 def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=False,
-        log=None):  # fmt: skip
+        log=None, batch_size=DEFAULT_BATCH_SIZE):  # fmt: skip
     """Plan a request, write its result, report; see :func:`main`.
 
     Parameters
@@ -287,6 +287,8 @@ def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=Fal
     log : str or None
         A file to append the progress, as lines, and the summary to; never
         an input nor inside OUT.
+    batch_size : int
+        As in :func:`dask_localstats.to_zarr`.
     """
     started = time.monotonic()
     job = plan(request)
@@ -307,6 +309,7 @@ def run(request, argv, *, overwrite=False, resume=False, cluster=None, quiet=Fal
                 overwrite=overwrite,
                 resume=resume,
                 storage_options=request.storage_options,
+                batch_size=batch_size,
                 **(request.layout or {}),
             )
         summary = _summary(request, written, job, time.monotonic() - started)
@@ -387,7 +390,8 @@ def main(argv=None):
             print(job_script(args.jobqueue, cluster["job_options"]))
             return 0
         run(_request(args), argv, overwrite=args.overwrite, resume=args.resume,
-            cluster=cluster, quiet=args.quiet, log=args.log_file)  # fmt: skip
+            cluster=cluster, quiet=args.quiet, log=args.log_file,
+            batch_size=args.batch_size)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; continue with --resume", file=sys.stderr)
         return 130

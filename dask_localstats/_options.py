@@ -16,6 +16,7 @@ import numpy as np
 from . import __version__
 from ._cluster import JOBQUEUES
 from ._stored import MISSING_CHUNKS
+from ._write import DEFAULT_BATCH_SIZE
 
 PROG = "dask-localstats"
 
@@ -182,6 +183,12 @@ def _add_computing(parser):
                      "(repeatable)")  # fmt: skip
     run.add_argument("--print-job-script", action="store_true", help="print "
                      "the script of a worker job of --jobqueue, and exit")  # fmt: skip
+    run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                     metavar="TASKS", help="tasks in the graph of one batch: "
+                     "OUT is computed in batches of consecutive chunks, each "
+                     "submitted when the one before is done, so the graph "
+                     "and the memory of a job of any size stay bounded "
+                     f"(default {DEFAULT_BATCH_SIZE})")  # fmt: skip
     run.add_argument("--quiet", "-q", action="store_true",
                      help="no progress bar, only the summary line")  # fmt: skip
     run.add_argument("--log-file", metavar="PATH", help="append the progress "

@@ -58,6 +58,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import dask
 import dask.array as da
@@ -739,12 +740,15 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
             voxels = math.prod(target.shards or target.chunks)
             stages.append(Stage("write", WRITE, voxels, count))
             shown = None if not progress else Progress(stages, _stream(progress))
-            for writes in _batches(array, target, done, guard, batch_size):
-                saves, files = _saves(writes, checkpoints, path, guard)
-                tasks = {WRITE: writes.npartitions, COARSE: len(files)}
-                _compute([writes, *([saves] if files else [])], shown, tasks)
+            batches = _batches(
+                array, target, done, checkpoints, path, guard, batch_size
+            )
+            for batch in batches:
+                tasks = {WRITE: batch.writes.npartitions, COARSE: len(batch.files)}
+                saves = [batch.saves] if batch.files else []
+                _compute([batch.writes, *saves], shown, tasks)
                 for checkpoint in checkpoints:
-                    checkpoint.stored.update(f for f in files if checkpoint.owns(f))
+                    checkpoint.stored.update(filter(checkpoint.owns, batch.files))
     except Exception as error:
         error.add_note(
             f"the output {path} is left incomplete; resume=True (--resume) continues it"
@@ -753,22 +757,45 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
     return count
 
 
-def _batches(array, target, done, guard, batch_size):
-    """The write graphs of the chunks not `done`, batch by batch.
+class _Batch(NamedTuple):
+    """The graphs of one batch: its writes, the saves of its coarse blocks."""
+
+    writes: da.Array
+    saves: da.Array | None
+    files: list
+
+    def __len__(self):
+        return len(self.writes.dask) + len(self.files)
+
+
+def _batch(array, target, units, checkpoints, place, guard):
+    writes = _write_graph(array, target, units, guard)
+    return _Batch(writes, *_saves(writes, checkpoints, place, guard))
+
+
+def _batches(array, target, done, checkpoints, place, guard, batch_size):
+    """The graphs of the chunks not `done`, batch by batch.
 
     A batch is a run of consecutive chunks in C order (whole slabs along
-    the first axis when a slab fits) whose culled graph holds about
-    `batch_size` tasks; the tasks a chunk needs are estimated from the
-    first chunks. Each graph is made only when the one before is computed.
+    the first axis when a slab fits) whose culled graph holds at most
+    `batch_size` tasks (unless one chunk alone needs more): the tasks a
+    chunk needs are estimated from the first chunks, and a batch found
+    larger is halved. Each graph is made only when the one before is
+    computed, so coarse blocks stored by a batch are read by the next.
     """
     units = _units(array, done)
     probe = list(itertools.islice(units, _PROBE))
     if not probe:
         return
-    per_unit = len(_write_graph(array, target, probe, guard).dask) / len(probe)
+    per_unit = len(_batch(array, target, probe, checkpoints, place, guard)) / len(probe)
     size = max(1, int(batch_size / max(per_unit, 1.0)))
     slab = math.prod(len(c) for c in array.chunks[1:])
     size = size // slab * slab if size >= slab else size
     units = itertools.chain(probe, units)
     while batch := list(itertools.islice(units, size)):
-        yield _write_graph(array, target, batch, guard)
+        graphs = _batch(array, target, batch, checkpoints, place, guard)
+        while len(graphs) > batch_size and len(batch) > 1:
+            units = itertools.chain(batch[len(batch) // 2 :], units)
+            batch = batch[: len(batch) // 2]
+            graphs = _batch(array, target, batch, checkpoints, place, guard)
+        yield graphs

@@ -160,7 +160,8 @@ def test_percentile_matches_the_library_and_records_the_run(tmp_path, image):
 def test_subtract_is_clipped_to_the_input_dtype(tmp_path, image):
     source = write_zarr(tmp_path / "in.zarr", image)
     ok(run("percentile", source, tmp_path / "out.zarr", "--percentile", "0.6",
-           "--subtract", "--interpolate", "3", *CLI_GEOMETRY))  # fmt: skip
+           "--subtract", "--interpolate", "3", "--batch-size", "30",
+           *CLI_GEOMETRY))  # fmt: skip
     background = dls.local_percentile(
         image, 0.6, interpolate=3, dtype=np.float32, **GEOMETRY
     )
@@ -420,6 +421,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, image, capsys):
         ([source, out, *p, "--selem", "4", "--subtract", "--coarse"],
          "drop --coarse"),
         ([source, out, *p], "--selem"),
+        ([source, out, *p, "--selem", "4", "--batch-size", "0"],
+         "`batch_size` must be at least 1 (tasks a batch), got 0"),
         ([source, "s3://bucket/out.zarr", *p, "--selem", "4"], "cannot be reached"),
     ]  # fmt: skip
     for argv, match in cases:

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -12,10 +13,16 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from dask.callbacks import Callback
+from dask.core import flatten
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from slowly import kill_when
 from strategies import write_zarr
 
 import dask_localstats as dls
+from dask_localstats._engine import _coarse_block
+from dask_localstats._graph import cull
 from dask_localstats._lock import LOCK
 from dask_localstats._place import Folder
 from dask_localstats._write import _written
@@ -535,3 +542,97 @@ def test_output_urls_and_dot_dot_go_where_the_system_would_write(tmp_path):
     assert (tmp_path / "d1" / "c.zarr" / "zarr.json").exists()  # real/.. is d1
     with pytest.raises(ValueError, match=r"`store` must be on this machine"):
         dls.to_zarr(lazy, "file://elsewhere/data/x.zarr")
+
+
+class _Graphs(Callback):
+    """dask's local callbacks: the size of each graph run, the coarse blocks made."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.coarse = [], []
+
+    def _start(self, dsk):
+        self.sizes.append(len(dsk))
+
+    def _pretask(self, key, dsk, state):
+        if getattr(dsk[key], "func", None) is _coarse_block:
+            self.coarse.append(key)
+
+
+@settings(max_examples=min(settings.default.max_examples // 2, 40))
+@given(
+    shape=st.tuples(*(st.integers(4, 24),) * 3),
+    chunks=st.tuples(*(st.integers(2, 9),) * 3),
+    batch_size=st.integers(1, 300),
+    order=st.sampled_from([0, 1, 3]),
+)
+def test_batches_bound_the_graphs_and_give_the_same_result(
+    shape, chunks, batch_size, order
+):
+    image = np.random.default_rng(3).integers(0, 50, shape).astype(np.uint16)
+    options = dict(selem=(5, 6, 4), spacing=(3, 4, 2), interpolate=order)
+    expected = dls.local_percentile(image, 0.4, **options, chunks=chunks)
+    with tempfile.TemporaryDirectory() as folder:
+        source = write_zarr(Path(folder) / "in.zarr", image, chunks=chunks)
+        result = dls.local_percentile(source, 0.4, **options, block_bytes=2000)
+        graphs = _Graphs()
+        with graphs:
+            out = dls.to_zarr(result, Path(folder) / "out.zarr", batch_size=batch_size)
+        np.testing.assert_array_equal(out[:], expected, strict=True)
+        assert out.attrs["dask_localstats"]["complete"]
+        coarse = next(v for v in result.dask.layers if "coarse" in v)
+        blocks = result.dask.layers[coarse].numblocks
+        # each coarse block computed once, in the first batch that needs it
+        assert sorted(graphs.coarse) == sorted(set(graphs.coarse))
+        assert len(graphs.coarse) == math.prod(blocks)
+        assert out.attrs["dask_localstats"]["written"] == result.npartitions
+        # a batch holds at most batch_size tasks, or a single chunk's (with
+        # the saves of its coarse blocks), and the tasks dask adds to gather
+        # the results of its writes and saves
+        alone = max(
+            2 * len(cull(result.dask, [k])) for k in flatten(result.__dask_keys__())
+        )
+        assert max(graphs.sizes) <= max(batch_size, alone) + 2
+        if batch_size < result.npartitions:
+            assert len(graphs.sizes) > 1
+
+
+def test_a_batched_run_resumes_batch_by_batch(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image, chunks=(4, 5, 5))
+    result = dls.local_percentile(
+        source, 0.5, selem=(6, 8, 5), spacing=(4, 5, 5), block_bytes=3000
+    )
+    expected = dls.local_percentile(image, 0.5, selem=(6, 8, 5), spacing=(4, 5, 5))
+    failing = {"left": 1}
+
+    class Failing(Callback):  # the run stops in its second batch
+        def _start(self, dsk):
+            failing["left"] -= 1
+            if failing["left"] < 0:
+                raise RuntimeError("the node went down")
+
+    out = tmp_path / "out.zarr"
+    with Failing(), pytest.raises(RuntimeError, match="the node went down"):
+        dls.to_zarr(result, out, batch_size=20)
+    stored = {p for p in (out / "c").rglob("*") if p.is_file()}
+    assert stored  # a batch written
+    blocks = {p for p in (out / ".dask_localstats").rglob("*.npy")}
+    assert blocks
+    graphs = _Graphs()
+    with graphs:
+        resumed = dls.to_zarr(result, out, resume=True, batch_size=20)
+    np.testing.assert_array_equal(resumed[:], expected, strict=True)
+    assert resumed.attrs["dask_localstats"]["written"] == result.npartitions - len(
+        stored
+    )
+    # the blocks stored by the first run are read, not computed again
+    computed = {"-".join(map(str, key[1:])) for key in graphs.coarse}
+    assert computed and not computed & {p.stem for p in blocks}
+
+
+def test_batch_size_is_checked(tmp_path, image):
+    with pytest.raises(ValueError, match=r"`batch_size` must be at least 1.* got 0"):
+        dls.to_zarr(image, tmp_path / "out.zarr", batch_size=0)
+    with pytest.raises(TypeError, match=r"`batch_size` must be an int.* got 2\.5"):
+        dls.to_zarr(image, tmp_path / "out.zarr", batch_size=2.5)
+    assert not (tmp_path / "out.zarr").exists()

@@ -1,0 +1,107 @@
+"""Lazy layers and culling: graphs of any size, parts computed alone."""
+
+import itertools
+import math
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from strategies import Counting
+
+import dask_localstats as dls
+from dask_localstats._graph import BlockLayer, cull
+
+
+def test_a_petabyte_pipeline_is_built_without_tasks(tmp_path):
+    z = zarr.create_array(
+        tmp_path / "never-written.zarr",
+        shape=(2**17, 2**17, 2**16),  # 2 PiB of uint16, never written
+        chunks=(256, 256, 256),
+        dtype="u2",
+    )
+    background = dls.local_percentile(
+        z, 0.1, selem=(64,) * 3, spacing=(32,) * 3, missing_chunks="fill"
+    )
+    result = da.from_zarr(z) - da.minimum(da.from_zarr(z), background)
+    lazy = [lay for lay in result.dask.layers.values() if isinstance(lay, BlockLayer)]
+    assert len(lazy) == 2  # the coarse stage and the resampling
+    assert not any(layer.is_materialized() for layer in lazy)
+    assert result.npartitions == 2**26
+    part = cull(result.dask, [(result.name, 100, 200, 50)])
+    assert len(part) < 100  # one chunk's tasks: a few coarse blocks and reads
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_one_block_reads_only_the_source_near_it(order):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 64, (24, 160, 128)).astype(np.uint16)
+    storage = (8, 16, 16)
+    source = Counting(image, storage)
+    selem, spacing = (1, 20, 20), (1, 5, 5)
+    options = dict(selem=selem, spacing=spacing, interpolate=order, dtype="float32")
+    background = dls.local_percentile(
+        da.from_array(source, chunks=storage), 0.25, block_bytes=40_000, **options
+    )
+    result = dls.subtract_background(da.from_array(source, chunks=storage), background)
+    index = (2, 5, 4)
+    block = result.blocks[index].compute()
+    whole = dls.subtract_background(image, dls.local_percentile(image, 0.25, **options))
+    region = tuple(
+        slice(sum(c[:i]), sum(c[: i + 1]))
+        for c, i in zip(result.chunks, index, strict=True)
+    )
+    np.testing.assert_array_equal(block, whole[region])
+    # the chunks read lie within a processing block and a window of the output
+    # block, on every axis
+    coarse = next(
+        v for v in background.dask.dependencies if v.startswith("localstats-coarse")
+    )
+    centers = background.dask.layers[coarse]
+    reach = [
+        n // max(k, 1) * s + e  # a processing block's extent, roughly
+        for n, k, s, e in zip(
+            image.shape, centers.numblocks, spacing, selem, strict=True
+        )
+    ]
+    read = set(source.chunks_read)
+    assert read
+    for chunk in read:
+        for d, (r, c) in enumerate(zip(region, storage, strict=True)):
+            lo, hi = chunk[d] * c, (chunk[d] + 1) * c
+            assert hi > r.start - reach[d] and lo < r.stop + reach[d], (chunk, d)
+    assert (
+        len(read)
+        < math.prod(-(-s // c) for s, c in zip(image.shape, storage, strict=True)) / 4
+    )
+
+
+def test_cull_keeps_layer_names_and_dependencies():
+    layer = BlockLayer(
+        "squares",
+        (4,),
+        lambda key, index: dask._task_spec.Task(
+            key, np.square, np.arange(index[0], index[0] + 2)
+        ),
+    )
+    squares = da.Array(
+        dask.highlevelgraph.HighLevelGraph.from_collections("squares", layer, []),
+        "squares",
+        ((2,) * 4,),
+        dtype=int,
+        meta=np.empty((0,), int),
+    )
+    total = squares + 1
+    part = cull(total.dask, [(total.name, 2)])
+    assert set(part.layers) == {total.name, "squares"}
+    assert part.dependencies[total.name] == {"squares"}
+    assert dict(part.layers["squares"]).keys() == {("squares", 2)}
+    assert len(layer) == 4 and list(layer)[1] == ("squares", 1)
+    with pytest.raises(KeyError):
+        layer[("squares", 4)]
+    np.testing.assert_array_equal(
+        total.compute(),
+        np.square(list(itertools.chain.from_iterable((i, i + 1) for i in range(4))))
+        + 1,
+    )
