@@ -26,18 +26,18 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from ._engine import BlockLayer, checkpoint_of
 from ._lock import check_guard
 
-__all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "checkpointed", "save_block"]
+__all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "checkpointed"]
 
 CHECKPOINT_FOLDER = ".dask_localstats"
 
 
-def save_block(block, place, key, guard=None):
-    """Store one coarse block in the output, whole."""
+def _saved(block, place, key, guard=None):
+    """`block`, once stored whole in the output at `key`."""
     check_guard(guard)
     data = io.BytesIO()
     np.save(data, block, allow_pickle=False)
     place.write(key, data.getvalue())
-    return np.ones(1, dtype=bool)
+    return block
 
 
 def _load_block(place, key):
@@ -56,6 +56,8 @@ class Checkpoint:
         The output.
     folder : str
         Its blocks' folder in the output.
+    guard : Guard or None
+        The writer's lock, checked before each block is stored.
     stored : set of str
         The keys of the blocks stored, updated as batches store more.
     """
@@ -63,6 +65,7 @@ class Checkpoint:
     coarse: da.Array
     place: object
     folder: str
+    guard: object = None
     stored: set = field(default_factory=set)
 
     def key(self, index):
@@ -74,39 +77,49 @@ class Checkpoint:
         """How many blocks are not stored."""
         return self.coarse.npartitions - len(self.stored)
 
-    def load(self, key, index):
-        """The task reading block `index` if it is stored, else None."""
+    def substitute(self, node, index):
+        """The task of block `index`: read if stored, else `node` storing its result.
+
+        The block is stored by the task that computes it (the block is
+        passed on), so the stores run as the blocks do, not as a stage of
+        their own that dask's ordering might run ahead of the output.
+        """
         file = self.key(index)
-        return Task(key, _load_block, self.place, file) if file in self.stored else None
+        if file in self.stored:
+            return Task(node.key, _load_block, self.place, file)
+        if not isinstance(node, Task):  # not a computation: nothing to store
+            return node
+        inner = Task(None, node.func, *node.args, **node.kwargs)
+        return Task(node.key, _saved, inner, self.place, file, self.guard)
 
     def owns(self, file):
         """Whether `file` is one of this grid's blocks."""
         return file.startswith(self.folder + "/") and file.endswith(".npy")
 
     def unsaved(self, graph):
-        """``{file: key}`` of the blocks that `graph` computes and are not stored."""
-        found = {}
+        """The files of the blocks that `graph` computes (and stores)."""
+        found = []
         for layer in graph.layers.values():
             for key in layer:
                 if isinstance(key, tuple) and key[0] == self.coarse.name:
                     file = self.key(key[1:])
                     if file not in self.stored:
-                        found[file] = key
+                        found.append(file)
         return found
 
 
 def _substituted(layer, checkpoint):
-    """`layer` (the grid's) with stored blocks read, not computed."""
+    """`layer` (the grid's) with blocks read if stored, else stored when computed."""
     if isinstance(layer, BlockLayer):
-        return layer.substituted(checkpoint.load)
+        return layer.substituted(checkpoint.substitute)
     mapping = dict(layer)
-    for key in mapping:
+    for key, node in mapping.items():
         if isinstance(key, tuple) and key[0] == checkpoint.coarse.name:
-            mapping[key] = checkpoint.load(key, key[1:]) or mapping[key]
+            mapping[key] = checkpoint.substitute(node, key[1:])
     return MaterializedLayer(mapping)
 
 
-def checkpointed(array, place):
+def checkpointed(array, place, guard=None):
     """`array` reading its coarse blocks stored in `place`, and their checkpoints.
 
     Every coarse grid that `array` resamples (see
@@ -114,8 +127,8 @@ def checkpointed(array, place):
     ``.dask_localstats/`` of the output's `place`, named from its dask name
     (its computation), with one ``.npy`` file a block. Blocks stored there
     when the returned array's tasks are made are read instead of computed;
-    :meth:`Checkpoint.unsaved` finds the others in a graph, to store them
-    with :func:`save_block`.
+    the others are stored by the tasks that compute them
+    (:meth:`Checkpoint.unsaved` lists them in a graph).
 
     Returns
     -------
@@ -131,7 +144,7 @@ def checkpointed(array, place):
         digest = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
         folder = f"{CHECKPOINT_FOLDER}/coarse-{digest}"
         listing = place.files()[0] if listing is None else listing
-        checkpoint = Checkpoint(coarse, place, folder)
+        checkpoint = Checkpoint(coarse, place, folder, guard)
         checkpoint.stored = {k for k in listing if checkpoint.owns(k)}
         layers[coarse.name] = _substituted(layers[coarse.name], checkpoint)
         checkpoints.append(checkpoint)

@@ -226,7 +226,7 @@ def _pieces(bounds, lo, hi):
     ]
 
 
-def _region_task(array, region, cache=None):
+def region_task(array, region, cache=None):
     """A task (inline, without key) producing ``array[region]``.
 
     `region` is a (lo, hi) pair per axis. `array` is either a dask array,
@@ -387,11 +387,11 @@ def coarse_stage(
         stop = tuple(b[i + 1] for b, i in zip(bounds, index, strict=False))
         region = [grid.region(d, start[d], stop[d]) for d in range(grid.ndim)]
         origin = tuple(lo for lo, _ in region)
-        mask_task = None if mask is None else _region_task(mask_ref, region, mask_cache)
+        mask_task = None if mask is None else region_task(mask_ref, region, mask_cache)
         return Task(
             key,
             _coarse_block,
-            _region_task(src_ref, region, src_cache),
+            region_task(src_ref, region, src_cache),
             origin,
             grid,
             start,
@@ -524,7 +524,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
         return Task(
             key,
             _resample,
-            _region_task(coefficients, region),
+            region_task(coefficients, region),
             offset,
             grid,
             order,

@@ -87,11 +87,10 @@ class BlockLayer(Layer):
         return set(self)
 
     def substituted(self, substitute):
-        """A copy whose task for a block is ``substitute(key, index)`` unless None."""
+        """A copy whose task for a block is ``substitute(task, index)``."""
 
         def make(key, index):
-            node = substitute(key, index)
-            return self.make(key, index) if node is None else node
+            return substitute(self.make(key, index), index)
 
         return BlockLayer(self.name, self.numblocks, make, self.shared)
 

@@ -64,11 +64,12 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
-from dask._task_spec import Task, TaskRef
+from dask._task_spec import Task
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+from dask.highlevelgraph import HighLevelGraph
 
-from ._checkpoint import checkpointed, coarse_voxels, save_block
+from ._checkpoint import checkpointed, coarse_voxels
+from ._engine import region_task
 from ._graph import cull
 from ._layout import layout_of
 from ._lock import LOCK, check_guard, holder, locked
@@ -344,16 +345,22 @@ def _write_chunk(target, block, region, guard=None):
     return np.ones(1, dtype=bool)
 
 
-def _units(array, done=frozenset()):
-    """``(index, region)`` of the chunks of `array` not in `done`, in C order."""
-    return ((i, r) for i, r in _regions(array) if i not in done)
+def _units(shape, unit, done=frozenset()):
+    """``(index, region)`` of the write units not in `done`, in C order."""
+    return ((i, r) for i, r in _regions(shape, unit) if i not in done)
 
 
-def _regions(array):
-    bounds = [np.cumsum((0, *c)) for c in array.chunks]
-    for index in itertools.product(*(range(len(c)) for c in array.chunks)):
+def _counts(shape, unit):
+    """Blocks of shape `unit` along each axis of `shape`."""
+    return [-(-n // u) for n, u in zip(shape, unit, strict=True)]
+
+
+def _regions(shape, unit):
+    """``(index, region)`` of the regular grid of `unit` blocks over `shape`."""
+    for index in itertools.product(*map(range, _counts(shape, unit))):
         region = tuple(
-            slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, index, strict=True)
+            slice(i * u, min((i + 1) * u, n))
+            for i, u, n in zip(index, unit, shape, strict=True)
         )
         yield index, region
 
@@ -386,10 +393,12 @@ def _written(target, place, indices, check=not ATOMIC_CHUNKS):
 
 
 def _write_graph(array, target, todo, guard=None):
-    """A dask array whose computation writes the chunks `todo` of `array`.
+    """A dask array whose computation writes the units `todo` of `array`.
 
-    `todo` lists ``(index, region)`` of the chunks; the graph is culled to
-    what they need.
+    `todo` lists ``(index, region)`` of the units (whole chunks or shards of
+    `target`); each unit's task assembles its region from the chunks of
+    `array` (no rechunking layer over the whole array), and the graph is
+    culled to what the units need.
     """
     indices = [index for index, _ in todo]
     name = "localstats-write-" + tokenize(array.name, str(locate(target)), indices)
@@ -398,36 +407,16 @@ def _write_graph(array, target, todo, guard=None):
             (name, i),
             _write_chunk,
             target,
-            TaskRef((array.name, *index)),
+            region_task(array, [(r.start, r.stop) for r in region]),
             region,
             guard,
         )
-        for i, (index, region) in enumerate(todo)
+        for i, (_, region) in enumerate(todo)
     }
     graph = HighLevelGraph.from_collections(name, layer, dependencies=[array])
     graph = cull(graph, layer)
     chunks = ((1,) * len(todo),)
     return da.Array(graph, name, chunks, dtype=bool, meta=np.empty((0,), bool))
-
-
-def _saves(writes, checkpoints, place, guard=None):
-    """A dask array storing the coarse blocks that `writes` computes, and their files."""
-    found = {}
-    for checkpoint in checkpoints:
-        found.update(checkpoint.unsaved(writes.dask))
-    if not found:
-        return None, []
-    name = "localstats-checkpoint-" + tokenize(writes.name, sorted(found))
-    layer = {
-        (name, i): Task((name, i), save_block, TaskRef(key), place, file, guard)
-        for i, (file, key) in enumerate(found.items())
-    }
-    layers = {**writes.dask.layers, name: MaterializedLayer(layer)}
-    dependencies = {**writes.dask.dependencies, name: set(writes.dask.layers)}
-    graph = HighLevelGraph(layers, dependencies)
-    chunks = ((1,) * len(layer),)
-    saves = da.Array(graph, name, chunks, dtype=bool, meta=np.empty((0,), bool))
-    return saves, list(found)
 
 
 def _client():
@@ -477,13 +466,6 @@ def _compute(collections, progress=None, tasks=None):
 def _stream(progress):
     """Where to show progress: stderr for True, else the file given."""
     return sys.stderr if progress is True else progress
-
-
-def _regular(array, unit):
-    """`array` rechunked, if needed, to regular blocks of the write unit."""
-    if array.chunks != da.core.normalize_chunks(unit, array.shape):
-        array = array.rechunk(unit)
-    return array
 
 
 def _as_dask(array):
@@ -605,7 +587,6 @@ def to_zarr(
     _check_options(overwrite, resume, pyramid, ome, batch_size)
     array = _as_dask(array)
     layout = layout_of(array, chunks, shards, compressors)
-    array = _regular(array, layout.unit)
     path = place_of(store, storage_options)
     inputs = inputs if inputs is not None else {"an input": array}
     _check_not_input(path.location(), inputs)
@@ -704,15 +685,17 @@ def _write_levels(group, image, count, progress, guard=None):
             above,
             chunks=[2 * c if d in axes else c for d, c in enumerate(first.chunks)],
         )
-        level = _regular(downsample(source, axes), first.chunks)
+        level = downsample(source, axes)
         target = group.require_array(
             str(k), shape=level.shape, chunks=first.chunks, dtype=level.dtype,
             compressors=first.compressors, fill_value=0,
             dimension_names=image.dimension_names,
         ).with_config({"write_empty_chunks": True})  # fmt: skip
-        stage = Stage(f"level {k}", WRITE, math.prod(first.chunks), level.npartitions)
+        count = math.prod(_counts(level.shape, first.chunks))
+        stage = Stage(f"level {k}", WRITE, math.prod(first.chunks), count)
         shown = None if not progress else Progress([stage], _stream(progress))
-        _compute([_write_graph(level, target, list(_regions(level)), guard)], shown)
+        units = list(_regions(level.shape, first.chunks))
+        _compute([_write_graph(level, target, units, guard)], shown)
         factors = [f * 2 if d in axes else f for d, f in enumerate(factors)]
         levels.append((str(k), *level_image(image, factors)))
     group.attrs["ome"] = image.attributes(levels)
@@ -726,13 +709,14 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
     any failure the error says that the output is left incomplete, to be
     resumed.
     """
+    unit = target.shards or target.chunks
     done = set()
     if resume:
-        done = _written(target, path, (index for index, _ in _regions(array)))
-    count = array.npartitions - len(done)
+        done = _written(target, path, (i for i, _ in _regions(target.shape, unit)))
+    count = math.prod(_counts(target.shape, unit)) - len(done)
     try:
         if count:
-            array, checkpoints = checkpointed(array, path)
+            array, checkpoints = checkpointed(array, path, guard)
             stages = [
                 Stage("background", COARSE, coarse_voxels(array, c), c.missing)
                 for c in checkpoints
@@ -740,13 +724,10 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
             voxels = math.prod(target.shards or target.chunks)
             stages.append(Stage("write", WRITE, voxels, count))
             shown = None if not progress else Progress(stages, _stream(progress))
-            batches = _batches(
-                array, target, done, checkpoints, path, guard, batch_size
-            )
+            batches = _batches(array, target, done, checkpoints, guard, batch_size)
             for batch in batches:
                 tasks = {WRITE: batch.writes.npartitions, COARSE: len(batch.files)}
-                saves = [batch.saves] if batch.files else []
-                _compute([batch.writes, *saves], shown, tasks)
+                _compute([batch.writes], shown, tasks)
                 for checkpoint in checkpoints:
                     checkpoint.stored.update(filter(checkpoint.owns, batch.files))
     except Exception as error:
@@ -758,22 +739,21 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
 
 
 class _Batch(NamedTuple):
-    """The graphs of one batch: its writes, the saves of its coarse blocks."""
+    """The graph of one batch, and the coarse blocks it computes (and stores)."""
 
     writes: da.Array
-    saves: da.Array | None
     files: list
 
     def __len__(self):
-        return len(self.writes.dask) + len(self.files)
+        return len(self.writes.dask)
 
 
-def _batch(array, target, units, checkpoints, place, guard):
+def _batch(array, target, units, checkpoints, guard):
     writes = _write_graph(array, target, units, guard)
-    return _Batch(writes, *_saves(writes, checkpoints, place, guard))
+    return _Batch(writes, [f for c in checkpoints for f in c.unsaved(writes.dask)])
 
 
-def _batches(array, target, done, checkpoints, place, guard, batch_size):
+def _batches(array, target, done, checkpoints, guard, batch_size):
     """The graphs of the chunks not `done`, batch by batch.
 
     A batch is a run of consecutive chunks in C order (whole slabs along
@@ -783,19 +763,20 @@ def _batches(array, target, done, checkpoints, place, guard, batch_size):
     larger is halved. Each graph is made only when the one before is
     computed, so coarse blocks stored by a batch are read by the next.
     """
-    units = _units(array, done)
+    unit = target.shards or target.chunks
+    units = _units(target.shape, unit, done)
     probe = list(itertools.islice(units, _PROBE))
     if not probe:
         return
-    per_unit = len(_batch(array, target, probe, checkpoints, place, guard)) / len(probe)
+    per_unit = len(_batch(array, target, probe, checkpoints, guard)) / len(probe)
     size = max(1, int(batch_size / max(per_unit, 1.0)))
-    slab = math.prod(len(c) for c in array.chunks[1:])
+    slab = math.prod(_counts(target.shape[1:], unit[1:]))
     size = size // slab * slab if size >= slab else size
     units = itertools.chain(probe, units)
     while batch := list(itertools.islice(units, size)):
-        graphs = _batch(array, target, batch, checkpoints, place, guard)
+        graphs = _batch(array, target, batch, checkpoints, guard)
         while len(graphs) > batch_size and len(batch) > 1:
             units = itertools.chain(batch[len(batch) // 2 :], units)
             batch = batch[: len(batch) // 2]
-            graphs = _batch(array, target, batch, checkpoints, place, guard)
+            graphs = _batch(array, target, batch, checkpoints, guard)
         yield graphs
