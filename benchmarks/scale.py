@@ -1,0 +1,254 @@
+"""Scaling benchmarks S1, S2 and W12 of docs/benchmarks.md.
+
+Run ``python benchmarks/scale.py`` (``--repeat 3``, ``--only S1,S2,W12``,
+``--workdir DIR`` where the empty stores go). Every volume here is a zarr
+array that is created but never written: every chunk is absent and reads
+as the fill value, on purpose, for what is measured is what the library
+does before and around the computation, at sizes no disk here holds. Each
+run is a fresh process; its wall time and peak RSS are its own.
+
+- S1: building the lazy pipelines over 8 TiB: W7's
+  (``v - minimum(v, local_percentile(v, 0.1, selem=(64,)*3,
+  spacing=(32,)*3))``, chunks 256^3) and ClearMap's light-sheet correction
+  (``subtract_background(v, local_percentile(v, 0.25, selem=(1, 200, 200),
+  spacing=(1, 25, 25), step=(1, 2, 2), dtype=float32))``, z y x, chunks
+  16 x 1024 x 1024): time and memory.
+- S2: locality. One 16 x 1024 x 1024 output block of the light-sheet job
+  over 1 TiB (512 x 32768 x 32768): time, peak RSS, and the storage chunks
+  it asked the store for (a zarr ``LoggingStore``), against the chunks
+  within a window of the block.
+- W12: the light-sheet job over 100 TiB (3200 x 131072 x 131072), written
+  with ``dls.to_zarr`` and the default batch size: the time until its first
+  batch starts computing, the client's peak RSS by then, and the tasks of
+  that batch; the run is stopped there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+from dask.callbacks import Callback
+from run import environment, peak_rss_mib
+from zarr.codecs import ZstdCodec
+
+import dask_localstats as dls
+
+LIGHTSHEET = dict(
+    selem=(1, 200, 200), spacing=(1, 25, 25), step=(1, 2, 2), dtype=np.float32
+)
+LIGHTSHEET_CHUNKS = (16, 1024, 1024)
+W7 = dict(selem=(64,) * 3, spacing=(32,) * 3)
+SHAPES = {  # uint16
+    "8 TiB cube": ((16384, 16384, 16384), (256, 256, 256)),
+    "8 TiB light-sheet": ((4096, 32768, 32768), LIGHTSHEET_CHUNKS),
+    "1 TiB light-sheet": ((512, 32768, 32768), LIGHTSHEET_CHUNKS),
+    "100 TiB light-sheet": ((3200, 131072, 131072), LIGHTSHEET_CHUNKS),
+}
+
+
+def empty(workdir, name):
+    """The never-written zarr array of SHAPES[name], made once."""
+    shape, chunks = SHAPES[name]
+    path = Path(workdir) / (name.replace(" ", "-") + ".zarr")
+    if not path.exists():
+        zarr.create_array(
+            path, shape=shape, chunks=chunks, dtype="uint16", compressors=ZstdCodec()
+        )
+    return path
+
+
+def lightsheet(source):
+    background = dls.local_percentile(source, 0.25, missing_chunks="fill", **LIGHTSHEET)
+    return dls.subtract_background(source, background)
+
+
+def cube(source):
+    z = zarr.open_array(source, mode="r")
+    background = dls.local_percentile(z, 0.1, missing_chunks="fill", **W7)
+    return da.from_zarr(z) - da.minimum(da.from_zarr(z), background)
+
+
+def s1(workdir, pipeline):
+    name, build = {
+        "W7": ("8 TiB cube", cube),
+        "light-sheet": ("8 TiB light-sheet", lightsheet),
+    }[pipeline]
+    source = empty(workdir, name)
+    start = time.perf_counter()
+    result = build(source)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rss": peak_rss_mib(), "chunks": result.npartitions}
+
+
+class _ChunkCounter(logging.Handler):
+    """Collects the chunk keys a LoggingStore is asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys = set()
+
+    def emit(self, record):
+        match = re.search(r"Calling \w+\.get\((c/[^)]*)\)", record.getMessage())
+        if match:
+            self.keys.add(match.group(1))
+
+
+def s2(workdir):
+    path = empty(workdir, "1 TiB light-sheet")
+    counter = _ChunkCounter()
+    store = zarr.storage.LoggingStore(
+        zarr.storage.LocalStore(path, read_only=True),
+        log_level="DEBUG",
+        log_handler=counter,
+    )
+    source = zarr.open_array(store, mode="r")
+    start = time.perf_counter()
+    block = lightsheet(source).blocks[3, 5, 7].compute()
+    seconds = time.perf_counter() - start
+    chunks = source.chunks
+    # the chunks within a window (200 voxels) of the block, along y and x
+    near = [
+        1,
+        len(
+            range((5 * 1024 - 200) // chunks[1], (6 * 1024 + 200 - 1) // chunks[1] + 1)
+        ),
+        len(
+            range((7 * 1024 - 200) // chunks[2], (8 * 1024 + 200 - 1) // chunks[2] + 1)
+        ),
+    ]
+    return {
+        "seconds": seconds,
+        "rss": peak_rss_mib(),
+        "shape": list(block.shape),
+        "chunks_read": len(counter.keys),
+        "chunks_near": math.prod(near),
+        "chunks_in_array": math.prod(
+            math.ceil(s / c) for s, c in zip(source.shape, chunks, strict=True)
+        ),
+    }
+
+
+class _FirstBatch(Callback):
+    """Stops the run when its first batch starts computing."""
+
+    class Started(Exception):
+        pass
+
+    def __init__(self, started):
+        super().__init__()
+        self.started = started
+
+    def _start(self, dsk):
+        self.tasks = len(dsk)
+        self.seconds = time.perf_counter() - self.started
+        self.rss = peak_rss_mib()
+        raise self.Started
+
+
+def w12(workdir):
+    started = time.perf_counter()
+    source = empty(workdir, "100 TiB light-sheet")
+    out = Path(workdir) / "w12-out.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    watch = _FirstBatch(started)
+    try:
+        with watch:
+            dls.to_zarr(lightsheet(source), out)
+    except _FirstBatch.Started:
+        pass
+    target = zarr.open_array(out, mode="r")
+    units = math.prod(
+        math.ceil(s / c)
+        for s, c in zip(target.shape, target.shards or target.chunks, strict=True)
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "seconds": watch.seconds,
+        "rss": watch.rss,
+        "tasks": watch.tasks,
+        "units": units,
+        "unit": list(target.shards or target.chunks),
+    }
+
+
+def child(workload, workdir, extra):
+    if workload == "S1":
+        return s1(workdir, extra)
+    if workload == "S2":
+        return s2(workdir)
+    return w12(workdir)
+
+
+def run_child(*args):
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *map(str, args)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="S1,S2,W12")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/dls-scale"))
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    only = args.only.split(",")
+    print(environment())
+    print("| workload | wall (median) | peak RSS MiB (max) | details |")
+    print("|---|---|---|---|")
+    if "S1" in only:
+        for pipeline in ("W7", "light-sheet"):
+            runs = [run_child("S1", args.workdir, pipeline) for _ in range(args.repeat)]
+            print(
+                f"| S1 build the {pipeline} pipeline over 8 TiB | "
+                f"{median(runs, 'seconds'):.2f} s | {max(r['rss'] for r in runs):.0f} | "
+                f"{runs[0]['chunks']} output chunks |"
+            )
+    if "S2" in only:
+        runs = [run_child("S2", args.workdir, "-") for _ in range(args.repeat)]
+        r = runs[0]
+        print(
+            f"| S2 one {'x'.join(map(str, r['shape']))} block of the 1 TiB "
+            f"light-sheet job | {median(runs, 'seconds'):.2f} s | "
+            f"{max(x['rss'] for x in runs):.0f} | asked for {r['chunks_read']} "
+            f"chunks ({r['chunks_near']} within a window of it) of "
+            f"{r['chunks_in_array']} |"
+        )
+    if "W12" in only:
+        runs = [run_child("W12", args.workdir, "-") for _ in range(args.repeat)]
+        r = runs[0]
+        print(
+            f"| W12 the light-sheet job over 100 TiB: first batch starts | "
+            f"{median(runs, 'seconds'):.1f} s | {max(x['rss'] for x in runs):.0f} | "
+            f"{r['tasks']} tasks in the first batch; {r['units']} write units "
+            f"of {'x'.join(map(str, r['unit']))} in all |"
+        )
+
+
+if __name__ == "__main__":
+    main()
