@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import dask.array as da
 import numpy as np
@@ -77,6 +78,31 @@ def test_result_survives_the_loss_of_a_worker(client, stored):
         image, np.mean, interpolate=None, dtype=np.float64, **KWARGS
     )
     np.testing.assert_array_equal(computed, expected)
+
+
+def test_a_batched_write_survives_the_loss_of_a_worker(client, stored, tmp_path):
+    image, path = stored
+
+    def slow(block):
+        time.sleep(0.05)
+        return block
+
+    options = dict(chunks=(8, 16, 16), **KWARGS)
+    background = dls.local_percentile(path, 0.5, block_bytes=2**15, **options)
+    out = tmp_path / "out.zarr"
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(dls.to_zarr, background.map_blocks(slow), out, batch_size=60)
+        deadline = time.monotonic() + 60
+        while not list((out / "c").rglob("*")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # a batch or more written: kill a worker mid-run
+        assert not job.done()  # the kill lands mid-run
+        busy = [w for w, tasks in client.processing().items() if tasks]
+        victim = busy[0] if busy else next(iter(client.scheduler_info()["workers"]))
+        os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+        written = job.result(timeout=180)
+    assert not job.running() and written.attrs["dask_localstats"]["complete"]
+    expected = dls.local_percentile(image, 0.5, **options)
+    np.testing.assert_array_equal(written[:], expected, strict=True)
 
 
 def _cli(*args):
