@@ -20,7 +20,10 @@ B-spline (:mod:`dask_localstats._interpolate`) from the few coarse
 coefficients under it. For orders 0 and 1 the coefficients are the coarse
 samples themselves, so an output chunk depends only on the coarse blocks
 near it and, through them, on the source region near it. Higher orders
-prefilter the (small) coarse grid once, in one task.
+prefilter the coarse grid chunk by chunk, each chunk with a halo beyond
+which the prefilter's weights are below float64 rounding
+(:func:`~dask_localstats._interpolate.prefilter_halo`), so the grid is never
+held whole.
 
 The coarse grid a resampling layer reads is remembered (:data:`CHECKPOINTS`),
 so that a writer can store it once and build the full resolution from the
@@ -45,7 +48,13 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._graph import BlockLayer
-from ._interpolate import coordinates, prefilter, resample_block, taps_range
+from ._interpolate import (
+    coordinates,
+    prefilter,
+    prefilter_halo,
+    resample_block,
+    taps_range,
+)
 from ._io import ChunkCache, read_region
 from ._kernels import KEEP_ALL, fill_nearest, flagged_dtype, reduce_block
 from .errors import MemoryBudgetError
@@ -459,6 +468,32 @@ def component_chunks(fshape, spatial, dtype, nbytes):
     return (_split(fshape[0], size), *((f,) for f in fshape[1:]))
 
 
+def _coefficients(coarse, order, ndim):
+    """The spline coefficients of the coarse grid, chunk by chunk.
+
+    Each chunk is prefiltered with a halo of :func:`prefilter_halo`
+    samples along the spatial axes (the whole axis where it is shorter), so
+    no task holds the whole grid and the coefficients are those of the
+    whole grid.
+    """
+    halo = prefilter_halo(order)
+    depth = {d: 0 for d in range(coarse.ndim)}
+    chunks = list(coarse.chunks)
+    for d in range(ndim):
+        if coarse.shape[d] <= 2 * halo:
+            chunks[d] = (coarse.shape[d],)
+        else:
+            depth[d] = halo
+    return da.map_overlap(
+        functools.partial(prefilter, order=order, ndim=ndim),
+        coarse.rechunk(tuple(chunks)),
+        depth=depth,
+        boundary="none",
+        dtype=np.float64,
+        meta=np.empty((0,) * coarse.ndim, np.float64),
+    )
+
+
 def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=None):
     """Lazy full-resolution B-spline resampling of the coarse grid.
 
@@ -484,12 +519,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
     dask array of shape ``grid.shape + fshape`` and the dtype of `coarse`
     """
     ndim, fshape = grid.ndim, coarse.shape[grid.ndim :]
-    if order > 1:
-        coefficients = coarse.rechunk(-1).map_blocks(
-            prefilter, order, ndim, dtype=np.float64
-        )
-    else:
-        coefficients = coarse
+    coefficients = _coefficients(coarse, order, ndim) if order > 1 else coarse
     dependencies, limits = [coefficients], None
     if clip and order > 1:
         axes = tuple(range(ndim))

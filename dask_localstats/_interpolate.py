@@ -57,6 +57,28 @@ def prefilter(coarse, order, ndim):
     return coefficients
 
 
+# The B-spline prefilter's pole of largest magnitude, per order: a sample's
+# weight in the coefficient k samples away falls off as abs(pole) ** k.
+_POLES = {2: 0.17157287525381, 3: 0.26794919243112, 4: 0.36134122590022,
+          5: 0.43057534709997}  # fmt: skip
+
+
+def prefilter_halo(order):
+    """Samples a chunk needs on each side to prefilter exactly (orders 2 to 5).
+
+    Beyond them a sample's weight in the chunk's coefficients is below
+    2**-60, far under float64 rounding, so prefiltering a chunk with this
+    halo (scipy's mirror boundary at the halo's ends, the true one at the
+    grid's edges) gives the coefficients of the whole grid.
+
+    Examples
+    --------
+    >>> [prefilter_halo(order) for order in (2, 3, 4, 5)]
+    [24, 32, 41, 50]
+    """
+    return math.ceil(60 * math.log(2) / -math.log(_POLES[order]))
+
+
 def _bspline(t, order):
     """The centered B-spline of `order` at `t` (any shape)."""
     if order == 0:

@@ -32,6 +32,7 @@ from dask_localstats._engine import (
     plan_blocks,
 )
 from dask_localstats._grid import make_grid
+from dask_localstats._interpolate import prefilter, prefilter_halo
 from dask_localstats._kernels import Percentile
 from dask_localstats.errors import MemoryBudgetError
 
@@ -196,3 +197,22 @@ def test_overlapping_blocks_decode_each_storage_chunk_once(tmp_path):
         atol=0,
     )
     assert len(z.chunks_read) == len(set(z.chunks_read)) == 4 * 5 * 3
+
+
+@given(
+    shape=st.tuples(st.integers(1, 250), st.integers(1, 60)),
+    chunks=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    order=st.integers(2, 5),
+    components=st.sampled_from([(), (2,)]),
+)
+def test_coefficients_chunk_by_chunk_are_those_of_the_whole_grid(
+    shape, chunks, order, components
+):
+    grid = np.random.default_rng(4).normal(size=shape + components) * 1000
+    coarse = da.from_array(grid, chunks=chunks + components)
+    coefficients = _engine._coefficients(coarse, order, 2)
+    whole = prefilter(grid, order, 2)
+    np.testing.assert_allclose(coefficients.compute(), whole, rtol=0, atol=1e-9)
+    long = [d for d in range(2) if shape[d] > 4 * prefilter_halo(order)]
+    for d in long:  # no task holds the whole of a long axis
+        assert coefficients.numblocks[d] > 1
