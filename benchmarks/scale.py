@@ -202,8 +202,33 @@ def run_child(*args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def median(runs, key):
-    return statistics.median(r[key] for r in runs)
+def row(label, runs, details):
+    """A table row: median wall time, worst peak RSS, details of the first run."""
+    seconds = statistics.median(r["seconds"] for r in runs)
+    rss = max(r["rss"] for r in runs)
+    return f"| {label} | {seconds:.2f} s | {rss:.0f} | {details(runs[0])} |"
+
+
+def _shape(sizes):
+    return "x".join(map(str, sizes))
+
+
+ROWS = {
+    "S2": (
+        "S2 one 16x1024x1024 block of the 1 TiB light-sheet job",
+        lambda r: (
+            f"asked for {r['chunks_read']} chunks ({r['chunks_near']} "
+            f"within a window of it) of {r['chunks_in_array']}"
+        ),
+    ),
+    "W12": (
+        "W12 the light-sheet job over 100 TiB: first batch starts",
+        lambda r: (
+            f"{r['tasks']} tasks in the first batch; {r['units']} write "
+            f"units of {_shape(r['unit'])} in all"
+        ),
+    ),
+}
 
 
 def main(argv=None):
@@ -224,30 +249,13 @@ def main(argv=None):
     if "S1" in only:
         for pipeline in ("W7", "light-sheet"):
             runs = [run_child("S1", args.workdir, pipeline) for _ in range(args.repeat)]
-            print(
-                f"| S1 build the {pipeline} pipeline over 8 TiB | "
-                f"{median(runs, 'seconds'):.2f} s | {max(r['rss'] for r in runs):.0f} | "
-                f"{runs[0]['chunks']} output chunks |"
-            )
-    if "S2" in only:
-        runs = [run_child("S2", args.workdir, "-") for _ in range(args.repeat)]
-        r = runs[0]
-        print(
-            f"| S2 one {'x'.join(map(str, r['shape']))} block of the 1 TiB "
-            f"light-sheet job | {median(runs, 'seconds'):.2f} s | "
-            f"{max(x['rss'] for x in runs):.0f} | asked for {r['chunks_read']} "
-            f"chunks ({r['chunks_near']} within a window of it) of "
-            f"{r['chunks_in_array']} |"
-        )
-    if "W12" in only:
-        runs = [run_child("W12", args.workdir, "-") for _ in range(args.repeat)]
-        r = runs[0]
-        print(
-            f"| W12 the light-sheet job over 100 TiB: first batch starts | "
-            f"{median(runs, 'seconds'):.1f} s | {max(x['rss'] for x in runs):.0f} | "
-            f"{r['tasks']} tasks in the first batch; {r['units']} write units "
-            f"of {'x'.join(map(str, r['unit']))} in all |"
-        )
+            label = f"S1 build the {pipeline} pipeline over 8 TiB"
+            print(row(label, runs, lambda r: f"{r['chunks']} output chunks"))
+    for workload in ("S2", "W12"):
+        if workload in only:
+            label, details = ROWS[workload]
+            runs = [run_child(workload, args.workdir, "-") for _ in range(args.repeat)]
+            print(row(label, runs, details))
 
 
 if __name__ == "__main__":

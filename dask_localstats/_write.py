@@ -12,6 +12,11 @@ continued and nothing that is not the writer's own is ever touched:
   killed with SIGKILL leaves whole chunks (and locally stray ``*.partial``
   files), never a torn chunk. Empty chunks are written too, so "the chunk
   exists" means "the chunk is done".
+- **Batches.** The units (chunks or shards) are computed in batches of
+  consecutive units whose graphs hold at most ``batch_size`` tasks, each
+  graph made (from the lazy layers of :mod:`dask_localstats._graph`) and
+  submitted when the one before is done: a job of any size keeps the
+  scheduler's graph and the client's memory bounded.
 - **A record.** The array's attributes hold a ``dask_localstats`` record: the
   package version, a fingerprint of the computation (the dask graph's name,
   shape, dtype, chunks and the caller's ``provenance``), an inventory of each
@@ -22,10 +27,10 @@ continued and nothing that is not the writer's own is ever touched:
   inventory changed, removes stray temporary files and computes only the
   chunks that are missing.
 - **Checkpoints.** The coarse grid of every resampling in the result (see
-  :func:`dask_localstats._engine.checkpoint_of`) is computed first and stored
-  inside the output (``.dask_localstats/coarse-*``), and the full resolution
-  is built from the stored grid; resuming reads it instead of computing the
-  coarse stage again.
+  :func:`dask_localstats._engine.checkpoint_of`) is stored inside the output
+  (``.dask_localstats/coarse-*``) block by block, by the tasks that compute
+  the blocks; later batches and resumed runs read the stored blocks instead
+  of computing them again.
 - **One writer.** A lock created atomically in the output
   (``.dask_localstats.lock``, holding the pid, the host and the start time)
   is held for the whole run: flocked in a local folder, a lease refreshed
@@ -721,8 +726,7 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
                 Stage("background", COARSE, coarse_voxels(array, c), c.missing)
                 for c in checkpoints
             ]
-            voxels = math.prod(target.shards or target.chunks)
-            stages.append(Stage("write", WRITE, voxels, count))
+            stages.append(Stage("write", WRITE, math.prod(unit), count))
             shown = None if not progress else Progress(stages, _stream(progress))
             batches = _batches(array, target, done, checkpoints, guard, batch_size)
             for batch in batches:
