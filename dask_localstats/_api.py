@@ -8,8 +8,10 @@ go beyond ClearMap are keyword-only.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from dataclasses import dataclass
 
 import dask.array as da
 import dask.threaded
@@ -20,6 +22,7 @@ from ._engine import (
     OUTPUT_CHUNK_BYTES,
     auto_chunks,
     coarse_stage,
+    fused,
     identity,
     resample_stage,
 )
@@ -729,14 +732,29 @@ def subtract_background(source, background, *, dtype=None, storage_options=None)
         name = "localstats-source-" + tokenize(identity(source))
         image = da.from_array(source, chunks=background.chunks, name=name, asarray=True)
     token = tokenize(image.name, background.name, dtype)
+    name = f"localstats-subtract-{token}"
+    subtraction = functools.partial(_Subtraction, dtype=dtype)
+    in_one_pass = fused(background, name, subtraction, [image], dtype)
+    if in_one_pass is not None:  # a resampled background: subtracted plane by plane
+        return in_one_pass
     return da.map_blocks(
-        _subtract_block,
-        image,
-        background,
-        dtype,
-        dtype=dtype,
-        name=f"localstats-subtract-{token}",
+        _subtract_block, image, background, dtype, dtype=dtype, name=name
     )
+
+
+@dataclass(frozen=True)
+class _Subtraction:
+    """``image - background`` plane by plane (:func:`_subtract_plane`).
+
+    The step :func:`~dask_localstats._engine.fused` passes each resampled
+    background plane `i` to, for one image block.
+    """
+
+    image: np.ndarray
+    dtype: np.dtype
+
+    def __call__(self, i, background):
+        return _subtract_plane(self.image[i], background, self.dtype)
 
 
 def _subtract_block(image, background, dtype):
@@ -755,7 +773,8 @@ def _subtract_block(image, background, dtype):
 
 
 def _subtract_plane(image, background, dtype):
-    difference = np.subtract(image, background, dtype=np.float64)
+    # an array even for the scalar planes of 1-D images, for the in-place steps
+    difference = np.asarray(np.subtract(image, background, dtype=np.float64))
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         np.rint(difference, out=difference)

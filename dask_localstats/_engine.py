@@ -442,16 +442,60 @@ def _block_coordinates(grid, align, start, stop):
 
 
 def _resample(
-    coefficients, offset, grid, order, align, start, stop, dtype, bounds, part
-):
-    """One output chunk: components `part` (a slice of the first trailing axis)."""
+    coefficients, offset, grid, order, align, start, stop, dtype, bounds, part,
+    then=None,
+):  # fmt: skip
+    """One output chunk: components `part` (a slice of the first trailing axis).
+
+    `then` is a step fused into the same pass, plane by plane (see
+    :func:`~dask_localstats._interpolate.resample_block`).
+    """
     coords = _block_coordinates(grid, align, start, stop)
     if part is not None:
         coefficients = coefficients[(slice(None),) * grid.ndim + (part,)]
         bounds = None if bounds is None else bounds[:, part]
     return resample_block(
-        coefficients, offset, coords, grid.counts, order, dtype, bounds
+        coefficients, offset, coords, grid.counts, order, dtype, bounds, then
     )
+
+
+def fused(resampled, name, then, operands, dtype):
+    """`resampled` (from :func:`resample_stage`) and a step, in one task a chunk.
+
+    Each chunk's task resamples its planes and passes each, while it is in
+    cache, to ``then(*blocks)`` (``blocks``: that chunk of each of the dask
+    arrays `operands`, chunked like `resampled`): a callable
+    ``(i, plane) -> plane`` whose ``dtype`` is `dtype` (see
+    :func:`~dask_localstats._interpolate.resample_block`). Returns None
+    when `resampled` is not a resampling stage.
+    """
+    layer = resampled.dask.layers.get(resampled.name)
+    if not isinstance(layer, BlockLayer) or checkpoint_of(layer) is None:
+        return None
+    if any(a.chunks != resampled.chunks for a in operands):
+        return None
+
+    def block(key, index):
+        inner = layer.make((resampled.name, *index), index)
+        blocks = [TaskRef((a.name, *index)) for a in operands]
+        return Task(key, _resample, *inner.args, then=Task(None, then, *blocks))
+
+    out = BlockLayer(name, layer.numblocks, block)
+    out.coarse = layer.coarse  # see checkpoint_of
+    layers = {k: v for k, v in resampled.dask.layers.items() if k != resampled.name}
+    dependencies = {
+        k: v for k, v in resampled.dask.dependencies.items() if k != resampled.name
+    }
+    for a in operands:
+        layers.update(a.dask.layers)
+        dependencies.update(a.dask.dependencies)
+    layers[name] = out
+    dependencies[name] = {a.name for a in operands} | resampled.dask.dependencies[
+        resampled.name
+    ]
+    meta = np.empty((0,) * resampled.ndim, dtype)
+    graph = HighLevelGraph(layers, dependencies)
+    return da.Array(graph, name, resampled.chunks, dtype=dtype, meta=meta)
 
 
 def component_chunks(fshape, spatial, dtype, nbytes):

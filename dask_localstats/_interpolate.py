@@ -128,7 +128,9 @@ def taps_range(x, count, order):
     return int(used.min()), int(used.max()) + 1
 
 
-def resample_block(coefficients, offset, coords, counts, order, dtype, bounds=None):
+def resample_block(
+    coefficients, offset, coords, counts, order, dtype, bounds=None, then=None
+):
     """Evaluate the spline on the tensor grid of `coords`.
 
     Parameters
@@ -149,6 +151,11 @@ def resample_block(coefficients, offset, coords, counts, order, dtype, bounds=No
         Output dtype.
     bounds : (2, ...) array or None
         Minimum and maximum (per trailing component) to clip values to.
+    then : callable or None
+        A step fused into the same pass: ``then(i, plane)`` maps output
+        plane `i` (first axis), in `dtype`, to the plane returned, of dtype
+        ``then.dtype`` (a subtraction from the image, say), while the plane
+        is in cache.
 
     Returns
     -------
@@ -160,7 +167,13 @@ def resample_block(coefficients, offset, coords, counts, order, dtype, bounds=No
     if math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :]) < _SLAB:
         for axis in reversed(range(len(coords))):
             values = _contract(values, axis, *taps[axis])
-        return cast(_clip(values, bounds), dtype)
+        values = cast(_clip(values, bounds), dtype)
+        if then is None:
+            return values
+        out = np.empty(values.shape, then.dtype)
+        for i, plane in enumerate(values):
+            out[i] = then(i, plane)
+        return out
     # The output is made one plane (first axis) at a time, so that the
     # float64 temporaries stay in cache and only the result is written.
     # When the first axis expands (more output planes than twice the coarse
@@ -173,12 +186,13 @@ def resample_block(coefficients, offset, coords, counts, order, dtype, bounds=No
         for axis in reversed(range(1, len(coords))):
             values = _contract(values, axis, *taps[axis])
     shape = (*map(len, coords), *values.shape[len(coords) :])
-    out = np.empty(shape, dtype=dtype)
+    out = np.empty(shape, dtype=dtype if then is None else then.dtype)
     for i, (index, weights) in enumerate(zip(*taps[0], strict=True)):
         plane = _combine(values, index, weights)
         for axis in () if ahead else reversed(range(1, len(coords))):
             plane = _contract(plane, axis - 1, *taps[axis])
-        out[i] = cast(_clip(plane, bounds), dtype)
+        plane = cast(_clip(plane, bounds), dtype)
+        out[i] = plane if then is None else then(i, plane)
     return out
 
 

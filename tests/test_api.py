@@ -499,3 +499,25 @@ def test_subtracting_an_unknown_background():
     )
     as_float = dls.subtract_background(image, background, dtype=np.float32).compute()
     assert np.isnan(as_float[0, 0]) and as_float[0, 1] == 40
+
+
+@given(
+    geometry=geometries(max_ndim=3, footprints=False),
+    order=st.integers(0, 3),
+    dtype=st.sampled_from([None, np.int16, np.float32]),
+    data=st.data(),
+)
+def test_a_resampled_background_is_subtracted_in_the_same_pass(
+    geometry, order, dtype, data
+):
+    shape, selem, spacing, step = geometry
+    image = data.draw(images(shape, dtypes=[np.uint16, np.uint8]))
+    chunks = tuple(data.draw(st.integers(1, s)) for s in shape)
+    background = dls.local_percentile(
+        da.from_array(image, chunks=chunks), 0.3, selem=selem, spacing=spacing,
+        step=step, interpolate=order, dtype=np.float32,
+    )  # fmt: skip
+    got = dls.subtract_background(image, background, dtype=dtype)
+    assert not any(name.startswith("localstats-resample") for name in got.dask.layers)
+    separate = dls.subtract_background(image, background.compute(), dtype=dtype)
+    np.testing.assert_array_equal(got.compute(), separate.compute(), strict=True)
