@@ -66,7 +66,7 @@ import dask.array as da
 import numpy as np
 import zarr
 from data import lightsheet
-from run import environment, peak_rss_mib
+from run import child_json, environment, peak_rss_mib
 from zarr.codecs import ZstdCodec
 
 import dask_localstats as dls
@@ -223,14 +223,7 @@ ENV = dict(os.environ)
 
 
 def run_child(*args):
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", *map(str, args)],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json(__file__, *args, env=ENV)
 
 
 def chunk_files(store):
@@ -282,7 +275,7 @@ def r1(src, repeat, workdir):
     )
 
 
-class _ChunkCounter(logging.Handler):
+class ChunkCounter(logging.Handler):
     """Collects the chunk keys a LoggingStore is asked for."""
 
     def __init__(self):
@@ -319,7 +312,7 @@ def w9(path):
     block = result.blocks[10, 11, 12].compute()
     seconds = time.perf_counter() - start
     # the same block again, through a store that logs which chunks it is asked for
-    counter = _ChunkCounter()
+    counter = ChunkCounter()
     store = zarr.storage.LoggingStore(
         zarr.storage.LocalStore(path, read_only=True),
         log_level="DEBUG",

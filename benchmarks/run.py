@@ -324,6 +324,18 @@ def output_path(case, side, quick):
     return CACHE / f"out-{case.key}-{side}{'-quick' if quick else ''}.npy"
 
 
+def child_json(script, *args, env=None):
+    """Run `script` ``--child ARGS`` in a fresh process; its last line, as JSON."""
+    out = subprocess.run(
+        [sys.executable, str(script), "--child", *map(str, args)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def peak_rss_mib():
     """This process's peak RSS in MiB.
 

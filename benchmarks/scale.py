@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import re
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -41,7 +37,8 @@ import dask.array as da
 import numpy as np
 import zarr
 from dask.callbacks import Callback
-from run import environment, peak_rss_mib
+from outofcore import ChunkCounter
+from run import child_json, environment, peak_rss_mib
 from zarr.codecs import ZstdCodec
 
 import dask_localstats as dls
@@ -93,22 +90,9 @@ def s1(workdir, pipeline):
     return {"seconds": seconds, "rss": peak_rss_mib(), "chunks": result.npartitions}
 
 
-class _ChunkCounter(logging.Handler):
-    """Collects the chunk keys a LoggingStore is asked for."""
-
-    def __init__(self):
-        super().__init__()
-        self.keys = set()
-
-    def emit(self, record):
-        match = re.search(r"Calling \w+\.get\((c/[^)]*)\)", record.getMessage())
-        if match:
-            self.keys.add(match.group(1))
-
-
 def s2(workdir):
     path = empty(workdir, "1 TiB light-sheet")
-    counter = _ChunkCounter()
+    counter = ChunkCounter()
     store = zarr.storage.LoggingStore(
         zarr.storage.LocalStore(path, read_only=True),
         log_level="DEBUG",
@@ -193,13 +177,7 @@ def child(workload, workdir, extra):
 
 
 def run_child(*args):
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", *map(str, args)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json(__file__, *args)
 
 
 def row(label, runs, details):
