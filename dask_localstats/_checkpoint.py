@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import dask.array as da
 import numpy as np
-from dask._task_spec import Task
+from dask._task_spec import Alias, Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from ._engine import BlockLayer, checkpoint_of
@@ -87,9 +87,12 @@ class Checkpoint:
         file = self.key(index)
         if file in self.stored:
             return Task(node.key, _load_block, self.place, file)
-        if not isinstance(node, Task):  # not a computation: nothing to store
+        if isinstance(node, Alias):  # a block of another layer's (a rechunk's)
+            inner = TaskRef(node.target)
+        elif isinstance(node, Task):
+            inner = Task(None, node.func, *node.args, **node.kwargs)
+        else:  # data, or an old-style task: kept as it is, not stored
             return node
-        inner = Task(None, node.func, *node.args, **node.kwargs)
         return Task(node.key, _saved, inner, self.place, file, self.guard)
 
     def owns(self, file):
@@ -108,15 +111,30 @@ class Checkpoint:
         return found
 
 
+class _Substituting(MaterializedLayer):
+    """A materialized layer of the grid whose blocks are substituted when read.
+
+    The substitution is made each time a block's task is asked for (each
+    batch culls the graph anew), so a block stored by one batch is read by
+    the next.
+    """
+
+    def __init__(self, mapping, checkpoint):
+        super().__init__(mapping)
+        self.checkpoint = checkpoint
+
+    def __getitem__(self, key):
+        node = self.mapping[key]
+        if isinstance(key, tuple) and key[0] == self.checkpoint.coarse.name:
+            return self.checkpoint.substitute(node, key[1:])
+        return node
+
+
 def _substituted(layer, checkpoint):
     """`layer` (the grid's) with blocks read if stored, else stored when computed."""
     if isinstance(layer, BlockLayer):
         return layer.substituted(checkpoint.substitute)
-    mapping = dict(layer)
-    for key, node in mapping.items():
-        if isinstance(key, tuple) and key[0] == checkpoint.coarse.name:
-            mapping[key] = checkpoint.substitute(node, key[1:])
-    return MaterializedLayer(mapping)
+    return _Substituting(dict(layer), checkpoint)
 
 
 def checkpointed(array, place, guard=None):

@@ -421,6 +421,9 @@ def coarse_stage(
     flagged = flagged_dtype(dtype)
     meta = np.empty((0,) * len(chunks), flagged)
     coarse = da.Array(graph, name, chunks, dtype=flagged, meta=meta)
+    # the fill reads the whole grid: writers store its blocks too (see
+    # checkpoint_of), so that later batches read them instead of computing
+    layer.coarse = coarse
     filled = coarse.rechunk(-1).map_blocks(fill_nearest, grid.ndim, dtype=dtype)
     return filled.rechunk(chunks)
 

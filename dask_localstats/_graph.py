@@ -128,6 +128,10 @@ class _Keys:
         return any(key in layer for layer in self.materialized)
 
 
+def _listed(layer):
+    return isinstance(layer, MaterializedLayer) and isinstance(layer.mapping, dict)
+
+
 def cull(graph, keys):
     """The part of `graph` (a HighLevelGraph) that computes `keys`.
 
@@ -139,7 +143,10 @@ def cull(graph, keys):
     order = graphlib.TopologicalSorter(graph.dependencies).static_order()
     layers = {}
     for name in reversed(list(order)):
-        culled, deps = graph.layers[name].cull(keys, known)
+        layer = graph.layers[name]
+        # a materialized layer given as many keys as it holds keeps them all
+        wanted = {k for k in keys if k in layer.mapping} if _listed(layer) else keys
+        culled, deps = layer.cull(wanted, known)
         if not deps:
             continue
         layers[name] = culled

@@ -105,3 +105,12 @@ def test_cull_keeps_layer_names_and_dependencies():
         np.square(list(itertools.chain.from_iterable((i, i + 1) for i in range(4))))
         + 1,
     )
+
+
+def test_cull_takes_only_the_chunks_wanted_of_materialized_layers():
+    x = da.from_array(np.arange(8), chunks=4)  # materialized layers of 2 chunks
+    y = da.from_array(np.arange(8, 16), chunks=4)
+    total = x + y
+    part = cull(total.dask, [(total.name, 0)])
+    for name in (x.name, y.name):
+        assert list(part.layers[name]) == [(name, 0)]

@@ -649,3 +649,21 @@ def test_batch_size_is_checked(tmp_path, image):
     with pytest.raises(TypeError, match=r"`batch_size` must be an int.* got 2\.5"):
         dls.to_zarr(image, tmp_path / "out.zarr", batch_size=2.5)
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize(("fill", "dtype"), [("nearest", None), ("zero", np.uint8)])
+def test_batches_compute_each_coarse_block_once(tmp_path, fill, dtype):
+    """Also when the grid is filled whole, or narrowed after the kernel."""
+    image = np.random.default_rng(5).integers(0, 250, (64, 64)).astype(np.uint16)
+    options = dict(selem=(8, 8), fill=fill, dtype=dtype, chunks=(8, 8))
+    result = dls.local_percentile(
+        da.from_array(image, chunks=16), 0.5, block_bytes=2048, **options
+    )
+    graphs = _Graphs()
+    with graphs:
+        out = dls.to_zarr(result, tmp_path / "out.zarr", batch_size=40)
+    assert len(graphs.sizes) > 2
+    coarse = next(v for v in result.dask.layers if v.startswith("localstats-coarse"))
+    assert len(graphs.coarse) == math.prod(result.dask.layers[coarse].numblocks)
+    expected = dls.local_percentile(image, 0.5, **options)
+    np.testing.assert_array_equal(out[:], expected, strict=True)
