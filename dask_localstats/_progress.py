@@ -157,6 +157,11 @@ class Progress:
             poller.join()
 
     def _poll(self, client, stop):
+        """Count the tasks finished since the start, polling the scheduler.
+
+        The scheduler's counts per prefix can fall when it forgets the task
+        group of an earlier computation, so a stage never counts backwards.
+        """
         prefixes = [s.prefix for s in self.stages]
         start, base = None, {s.prefix: s.done for s in self.stages}
         while not stop.wait(1.0):
@@ -167,7 +172,7 @@ class Progress:
             start = counts if start is None else start
             for stage in self.stages:
                 ran = counts.get(stage.prefix, 0) - start.get(stage.prefix, 0)
-                stage.done = base[stage.prefix] + ran
+                stage.done = max(stage.done, base[stage.prefix] + ran)
             self.show()
 
 
