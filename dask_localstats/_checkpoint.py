@@ -159,6 +159,8 @@ def checkpointed(array, place, guard=None):
         coarse = checkpoint_of(layer)
         if coarse is None or coarse.name not in layers:
             continue
+        if any(c.coarse.name == coarse.name for c in checkpoints):
+            continue  # a grid that two resamplings read: substituted once
         digest = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
         folder = f"{CHECKPOINT_FOLDER}/coarse-{digest}"
         listing = place.files()[0] if listing is None else listing

@@ -473,10 +473,13 @@ def fused(resampled, name, then, operands, dtype):
     when `resampled` is not a resampling stage.
     """
     layer = resampled.dask.layers.get(resampled.name)
-    if not isinstance(layer, BlockLayer) or checkpoint_of(layer) is None:
+    if not isinstance(layer, BlockLayer) or any(
+        a.chunks != resampled.chunks for a in operands
+    ):
         return None
-    if any(a.chunks != resampled.chunks for a in operands):
-        return None
+    first = (0,) * len(layer.numblocks)
+    if layer.make((resampled.name, *first), first).func is not _resample:
+        return None  # another stage of ours, such as the coarse grid itself
 
     def block(key, index):
         inner = layer.make((resampled.name, *index), index)

@@ -123,9 +123,8 @@ def taps_range(x, count, order):
     that fall on coarse samples) are not needed, as :func:`resample_block`
     skips them.
     """
-    index, weights = _taps(np.asarray(x, dtype=np.float64), count, order)
-    used = index[:, (weights != 0).any(axis=0)]
-    return int(used.min()), int(used.max()) + 1
+    index, _ = _needed_taps(np.asarray(x, dtype=np.float64), count, order)
+    return int(index.min()), int(index.max()) + 1
 
 
 def resample_block(
@@ -215,15 +214,21 @@ def _clip(values, bounds):
 _SLAB = 4096
 
 
-def _local_taps(coords, counts, offset, order, axis):
-    """Taps of one axis, relative to `offset`, without taps of weight 0 only.
+def _needed_taps(x, count, order):
+    """:func:`_taps` without the taps of weight 0 for every coordinate.
 
     (Order 1 on coordinates that fall on coarse samples, as on an axis of
     spacing 1, keeps a single tap of weight 1.)
     """
-    index, weights = _taps(coords[axis], counts[axis], order)
+    index, weights = _taps(x, count, order)
     used = (weights != 0).any(axis=0)
-    return index[:, used] - offset[axis], weights[:, used]
+    return index[:, used], weights[:, used]
+
+
+def _local_taps(coords, counts, offset, order, axis):
+    """The needed taps of one axis, relative to `offset`."""
+    index, weights = _needed_taps(coords[axis], counts[axis], order)
+    return index - offset[axis], weights
 
 
 def _contract(values, axis, index, weights):

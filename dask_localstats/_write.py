@@ -748,7 +748,9 @@ class _Batch(NamedTuple):
     writes: da.Array
     files: list
 
-    def __len__(self):
+    @property
+    def tasks(self):
+        """Tasks in the batch's graph."""
         return len(self.writes.dask)
 
 
@@ -772,14 +774,14 @@ def _batches(array, target, done, checkpoints, guard, batch_size):
     probe = list(itertools.islice(units, _PROBE))
     if not probe:
         return
-    per_unit = len(_batch(array, target, probe, checkpoints, guard)) / len(probe)
+    per_unit = _batch(array, target, probe, checkpoints, guard).tasks / len(probe)
     size = max(1, int(batch_size / max(per_unit, 1.0)))
     slab = math.prod(_counts(target.shape[1:], unit[1:]))
     size = size // slab * slab if size >= slab else size
     units = itertools.chain(probe, units)
     while batch := list(itertools.islice(units, size)):
         graphs = _batch(array, target, batch, checkpoints, guard)
-        while len(graphs) > batch_size and len(batch) > 1:
+        while graphs.tasks > batch_size and len(batch) > 1:
             units = itertools.chain(batch[len(batch) // 2 :], units)
             batch = batch[: len(batch) // 2]
             graphs = _batch(array, target, batch, checkpoints, guard)
