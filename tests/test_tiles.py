@@ -99,6 +99,39 @@ def test_histogram_columns_are_exact_within_any_budget(
     np.testing.assert_array_equal(result, expected, strict=True)
 
 
+@given(data=st.data(), geometry=geometries(footprints=False), percentile=percentiles)
+def test_counts_in_the_narrowest_dtype_wrap_exactly(data, geometry, percentile):
+    # uint8 counts wherever windows hold at most 255 samples: running sums
+    # over the tiles wrap around on most images, their differences must not
+    source = data.draw(arrays(np.uint16, geometry[0], st.integers(0, 3)))
+    mask = data.draw(masks(geometry[0]))
+    narrowest = _tiles._count_dtype
+
+    def narrower(most):
+        return np.dtype(np.uint8) if most <= 255 else narrowest(most)
+
+    with mock.patch.object(_tiles, "_count_dtype", narrower):
+        result, expected = coarse(source, percentile, geometry, mask)
+    np.testing.assert_array_equal(result, expected, strict=True)
+
+
+def test_light_sheet_windows_count_in_uint16_and_sum_past_it():
+    assert _tiles._count_dtype(100 * 100) == np.uint16
+    assert _tiles._count_dtype(2**16) == np.uint32
+    assert _tiles._count_dtype(2**32) == np.uint64
+    # 200 rows of tiles of 20 x 40 samples, all in one column: running sums
+    # along axis 0 reach 160000 in uint16 counts
+    source = np.full((4000, 40), 7, np.uint16)
+    source[::3] = 9
+    grid = make_grid(source.shape, (40, 40), (20, 40))
+    args = (source, (0, 0), grid, (0, 0), grid.counts, Percentile(0.7))
+    values, counts = _tiles.tile_reduce(*args, np.float64, None, histogram=False)
+    windows = np.lib.stride_tricks.sliding_window_view(source, (40, 40))[::20]
+    expected = np.percentile(windows.reshape(len(windows), -1), 70, axis=1)
+    np.testing.assert_array_equal(values[1:-1, 0], expected[: grid.counts[0] - 2])
+    assert counts[1:-1].tolist() == [[1600]] * (grid.counts[0] - 2)
+
+
 def test_columns_split_the_runs_holding_ranks():
     columns = _tiles._Columns(100, budget=30)
     np.testing.assert_array_equal(columns.edges, np.arange(0, 100, 16))
