@@ -186,8 +186,14 @@ def resample_block(
             values = _contract(values, axis, *taps[axis])
     shape = (*map(len, coords), *values.shape[len(coords) :])
     out = np.empty(shape, dtype=dtype if then is None else then.dtype)
+    # float64 planes that need no more steps are summed in place in `out`
+    direct = ahead and then is None and bounds is None and out.dtype == values.dtype
+    scratch = np.empty(values.shape[1:], values.dtype)
     for i, (index, weights) in enumerate(zip(*taps[0], strict=True)):
-        plane = _combine(values, index, weights)
+        if direct:
+            _combine(values, index, weights, out[i], scratch)
+            continue
+        plane = _combine(values, index, weights, None, scratch)
         for axis in () if ahead else reversed(range(1, len(coords))):
             plane = _contract(plane, axis - 1, *taps[axis])
         plane = cast(_clip(plane, bounds), dtype)
@@ -195,13 +201,19 @@ def resample_block(
     return out
 
 
-def _combine(values, index, weights):
-    """``sum_j weights[j] * values[index[j]]``, a new array."""
+def _combine(values, index, weights, out, scratch):
+    """``sum_j weights[j] * values[index[j]]``, into `out` (None: a new array).
+
+    `scratch`, of the shape of a term, holds each term after the first.
+    """
     if len(index) == 1 and weights[0] == 1:
-        return values[index[0]].copy()
-    total = values[index[0]] * weights[0]
+        if out is None:
+            return values[index[0]].copy()
+        out[...] = values[index[0]]
+        return out
+    total = np.multiply(values[index[0]], weights[0], out=out)
     for tap, weight in zip(index[1:], weights[1:], strict=True):
-        total += weight * values[tap]
+        total += np.multiply(weight, values[tap], out=scratch)
     return total
 
 
