@@ -383,8 +383,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     cluster = dict(scheduler=args.scheduler, workers=args.workers,
-                   memory_limit=args.memory_limit, jobqueue=args.jobqueue,
-                   jobs=args.jobs, job_options=dict(args.job_option or ()))  # fmt: skip
+                   memory_limit=args.memory_limit, threads=args.threads,
+                   jobqueue=args.jobqueue, jobs=args.jobs,
+                   job_options=dict(args.job_option or ()))  # fmt: skip
     try:
         if args.print_job_script:
             print(job_script(args.jobqueue, cluster["job_options"]))

@@ -6,6 +6,12 @@ address, starts a local cluster of worker processes (with the
 ``distributed`` extra), or submits worker jobs to a batch system (SLURM,
 PBS, SGE, LSF... with the ``jobqueue`` extra, dask-jobqueue), for as long
 as a ``with`` block lasts.
+
+Each worker decodes and encodes zarr chunks in as many threads as it runs
+tasks (:func:`codec_threads`): zarr's own pool would otherwise take every
+core of the machine in every worker, so that a worker of one thread already
+kept two cores busy and eight workers of a node ran dozens of codec threads
+against each other.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ JOBQUEUES = {
 @contextlib.contextmanager
 def connect(
     scheduler=None, workers=None, memory_limit=None, jobqueue=None, jobs=1,
-    job_options=None,
+    job_options=None, threads=None,
 ):  # fmt: skip
     """A dask.distributed client for the duration of a ``with`` block.
 
@@ -53,6 +59,9 @@ def connect(
         Number of jobs.
     job_options : dict or None
         Keyword arguments of the dask-jobqueue cluster class.
+    threads : int or None
+        Threads of each local worker (default: the cores shared among the
+        `workers`).
 
     Yields
     ------
@@ -72,12 +81,14 @@ def connect(
             from distributed import Client
 
             with Client(cluster) as client:
-                yield client
+                yield codec_threads(client)
         return
     if scheduler is None and workers is None:
-        if memory_limit is not None:
-            msg = "`memory_limit` (--memory-limit) applies to `workers` (--workers)"
-            raise ValueError(msg)
+        for name, value in (("memory_limit", memory_limit), ("threads", threads)):
+            if value is not None:
+                flag = name.replace("_", "-")
+                msg = f"`{name}` (--{flag}) applies to `workers` (--workers)"
+                raise ValueError(msg)
         yield None
         return
     try:
@@ -92,19 +103,43 @@ def connect(
             msg = f"`scheduler`: cannot connect to {scheduler!r}: {error}"
             raise ValueError(msg) from None
         with client:
-            yield client
+            yield codec_threads(client)
         return
     if workers < 1:
         msg = f"`workers` (--workers) must be a positive number of processes, got {workers}"
         raise ValueError(msg)
     cluster = LocalCluster(
         n_workers=workers,
+        threads_per_worker=None if threads is None else _positive("threads", threads),
         processes=True,
         dashboard_address=":0",
         memory_limit=_memory_limit(memory_limit),
     )
     with cluster, Client(cluster) as client:
-        yield client
+        yield codec_threads(client)
+
+
+def codec_threads(client):
+    """Make the workers of `client` run zarr's codecs in their task threads' number.
+
+    Registers a worker plugin (on the workers there are and those to come)
+    that sets zarr's ``threading.max_workers`` to the worker's number of
+    threads before zarr makes its pool, at a worker's first read or write.
+    Returns `client`.
+    """
+    from distributed import WorkerPlugin
+
+    class CodecThreads(WorkerPlugin):
+        name = "dask-localstats-codec-threads"
+        idempotent = True
+
+        def setup(self, worker):
+            import zarr
+
+            zarr.config.set({"threading.max_workers": worker.state.nthreads})
+
+    client.register_plugin(CodecThreads())
+    return client
 
 
 def _memory_limit(text):

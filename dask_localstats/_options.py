@@ -173,6 +173,9 @@ def _add_computing(parser):
                        "'local' runs them as local processes)")  # fmt: skip
     run.add_argument("--memory-limit", metavar="BYTES", help="memory limit per "
                      "worker with --workers, e.g. 4GB (default: auto)")  # fmt: skip
+    run.add_argument("--threads", type=int, metavar="N", help="threads of each "
+                     "worker with --workers (default: the cores shared among "
+                     "them)")  # fmt: skip
     run.add_argument("--jobs", type=int, default=1, metavar="N", help="number "
                      "of worker jobs with --jobqueue (default 1)")  # fmt: skip
     run.add_argument("--job-option", action="append", type=_key_value,

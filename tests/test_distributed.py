@@ -126,6 +126,36 @@ def test_a_batch_system_job_script_from_the_command_line():
     assert bad.returncode == 2 and "--job-option" in bad.stderr
 
 
+def _codec_pool(folder):
+    """zarr's codec setting and the codec threads of this process, after a read.
+
+    zarr runs codecs in its own pool if told its size, else in the event
+    loop's default one (named ``asyncio_N``, as many threads as cores + 4).
+    """
+    import os
+    import threading
+
+    path = f"{folder}/{os.getpid()}.zarr"
+    array = zarr.create_array(path, shape=(64, 64), chunks=(8, 8), dtype="u2")
+    array[:] = 1
+    assert array[:].sum() == 64 * 64
+    names = ("zarr_pool", "asyncio_")
+    pool = [t for t in threading.enumerate() if t.name.startswith(names)]
+    return zarr.config.get("threading.max_workers"), len(pool)
+
+
+def test_workers_run_codecs_in_as_many_threads_as_tasks(stored, tmp_path):
+    # else zarr's pool takes every core in every worker: a one-thread worker
+    # kept two cores busy, and W8 (1 worker against 2) could not scale
+    from dask_localstats._cluster import connect
+
+    with connect(workers=2, threads=1) as client:
+        assert set(client.run(_codec_pool, tmp_path).values()) == {(1, 1)}
+        image, path = stored
+        done = dls.local_percentile(path, 0.5, **KWARGS).compute()
+        np.testing.assert_array_equal(done, dls.local_percentile(image, 0.5, **KWARGS))
+
+
 def test_a_job_on_batch_system_workers(stored, tmp_path):
     # dask-jobqueue's local runner: the same job scripts, run as processes here
     pytest.importorskip("dask_jobqueue")
