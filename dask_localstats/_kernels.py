@@ -5,9 +5,11 @@ rectangular set of centers. Because windows are separable (see
 :mod:`dask_localstats._grid`), the centers of one axis fall into a few runs
 whose windows have the same length (all interior windows, and each distinct
 clipping at the borders). For every combination of per-axis runs, all those
-windows are gathered at once with one broadcast fancy index into a
-``(windows, voxels)`` array, in the C order of each window; the footprint and
-the mask are gathered the same way into a validity array. A statistic then
+windows are gathered at once into a ``(windows, voxels)`` array, in the C
+order of each window: by one copy of a strided view of the block where the
+windows of every axis are evenly spaced (:func:`_gather`), else by one
+broadcast fancy index; the footprint and the mask are gathered the same way
+into a validity array. A statistic then
 reduces the rows of that array with vectorized NumPy, so there is no Python
 loop over windows, and the work is proportional to the voxels the windows
 hold. Batches are capped at about :data:`_BATCH` elements to bound memory.
@@ -20,7 +22,11 @@ whole block (``block_reduce``, the tile paths), which the engine tries first:
 - :class:`Percentile`: exact order statistics (``np.partition`` when every
   window is complete, a sort with sentinels otherwise), combined with the very
   arithmetic of ``numpy.percentile``'s linear method, so results are
-  bit-identical to calling ``numpy.percentile`` on each window.
+  bit-identical to calling ``numpy.percentile`` on each window. Windows
+  that do not overlap (ClearMap's default spacing, the window's extent) are
+  partitioned this way even for integers: each voxel is read once either
+  way, and one ``np.partition`` (linear time, GIL released) beats counting
+  histograms of the tiles, which here are the windows themselves.
 - :class:`Histogram`: one ``np.bincount`` per batch on ``row * max_bin +
   value``.
 - :class:`Function`: calls a user function once per window on the kept voxels
@@ -76,7 +82,8 @@ class Statistic:
         """Samples of the rows of `values` (``valid``: kept voxels, or None).
 
         Returns ``(samples, counts)``: an array of shape
-        ``(rows,) + fshape`` and the kept count of each row.
+        ``(rows,) + fshape`` and the kept count of each row. `values`, a
+        gathered copy, may be reordered within its rows.
         """
         raise NotImplementedError
 
@@ -128,8 +135,12 @@ class Percentile(Statistic):
             raise TypeError(msg)
 
     def block_reduce(self, block, origin, grid, start, stop, dtype, mask):
-        """Order statistics from sorted tiles or tile histograms (integers)."""
-        if block.dtype.kind not in "biu":
+        """Order statistics from sorted tiles or tile histograms (integers).
+
+        Declines (None: windows are gathered and partitioned) for floats, and
+        for unmasked windows that do not overlap.
+        """
+        if block.dtype.kind not in "biu" or (mask is None and _disjoint(grid)):
             return None
         return tile_reduce(block, origin, grid, start, stop, self, dtype, mask, False)
 
@@ -140,7 +151,8 @@ class Percentile(Statistic):
             for q in self.quantiles():
                 previous = math.floor((values.shape[1] - 1) * q)
                 kth.update({previous, min(previous + 1, values.shape[1] - 1)})
-            ordered = np.partition(values, sorted(kth), axis=1)
+            values.partition(sorted(kth), axis=1)  # the caller's gathered copy
+            ordered = values
             has_nan = np.isnan(ordered[:, -1]) if values.dtype.kind == "f" else None
         else:
             n = valid.sum(axis=1)
@@ -201,6 +213,11 @@ class Percentile(Statistic):
             result[has_nan] = np.nan
         result[n == 0] = 0
         return result
+
+
+def _disjoint(grid):
+    """Whether no two windows of `grid` share a voxel."""
+    return all(h >= e for h, e in zip(grid.spacing, grid.extent, strict=True))
 
 
 def _positions(n, q):
@@ -529,15 +546,13 @@ def reduce_block(
     for combo in itertools.product(*axes):
         for part in _batches(combo, math.prod(p.shape[1] for _, p, _ in combo)):
             rows = [r for r, _, _ in part]
-            index = _broadcast(
-                [p - o for (_, p, _), o in zip(part, origin, strict=True)]
-            )
-            values = block[index]
+            positions = [p - o for (_, p, _), o in zip(part, origin, strict=True)]
+            values = _gather(block, positions)
             valid = None
             if grid.footprint is not None:
                 valid = grid.footprint[_broadcast([f for _, _, f in part])]
             if mask is not None:
-                kept = mask[index].astype(bool, copy=False)
+                kept = _gather(mask, positions).astype(bool, copy=False)
                 valid = kept if valid is None else valid & kept
             if omit_nan:
                 kept = ~np.isnan(values)
@@ -550,6 +565,37 @@ def reduce_block(
             out[np.ix_(*rows)] = result.reshape(sizes + statistic.fshape)
             counts[np.ix_(*rows)] = n.reshape(sizes)
     return missing.apply(out, counts)
+
+
+def _gather(array, positions):
+    """``array`` at the windows of `positions`, shape ``(g0, ..., L0, ...)``.
+
+    `positions` holds, per axis, the indices ``(g, L)`` of `g` windows of `L`
+    voxels each. Where every axis's windows are evenly spaced, with evenly
+    spaced voxels, this is one copy of a strided view of `array` (a sliding
+    window view, sliced); else one broadcast fancy index. Both give the
+    same array.
+    """
+    windows, picks = [], []
+    for p in positions:
+        g, length = p.shape
+        step = int(p[0, 1] - p[0, 0]) if length > 1 else 1
+        stride = int(p[1, 0] - p[0, 0]) if g > 1 else 1
+        expected = p[0, 0] + stride * np.arange(g)[:, None] + step * np.arange(length)
+        if stride < 1 or step < 1 or not np.array_equal(p, expected):
+            return array[_broadcast(positions)]
+        width = (length - 1) * step + 1
+        start = int(p[0, 0])
+        windows.append(width)
+        picks.append(
+            (
+                slice(start, start + stride * (g - 1) + 1, stride),
+                slice(None, None, step),
+            )
+        )
+    view = np.lib.stride_tricks.sliding_window_view(array, windows)
+    index = tuple(a for a, _ in picks) + tuple(b for _, b in picks)
+    return view[index].copy()
 
 
 def _broadcast(per_axis):

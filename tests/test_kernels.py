@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import arrays, booleans
+from strategies import arrays, booleans, geometries
 
+from dask_localstats import _kernels
 from dask_localstats._grid import make_grid
 from dask_localstats._kernels import Function, Histogram, Percentile, reduce_block
 
@@ -112,3 +113,35 @@ def test_tile_path_matches_gather_path_on_wide_value_ranges(high):
     tiled = reduce_block(image, *args, mask=mask)
     gathered = reduce_block(image.astype(np.float64), *args, mask=mask)
     np.testing.assert_array_equal(tiled, gathered)
+
+
+@given(geometries(footprints=False), st.data())
+def test_strided_gathers_are_the_fancy_index(geometry, data):
+    shape, selem, spacing, step = geometry
+    grid = make_grid(shape, selem, spacing, step)
+    image = np.arange(np.prod(shape)).reshape(shape)
+    groups = [
+        list(grid.windows(d, 0, grid.counts[d]).groups()) for d in range(len(shape))
+    ]
+    positions = [data.draw(st.sampled_from(g))[1] for g in groups]
+    if data.draw(st.booleans()):  # windows out of order: the fancy index
+        positions[0] = positions[0][::-1]
+    expected = image[_kernels._broadcast(positions)]
+    np.testing.assert_array_equal(_kernels._gather(image, positions), expected)
+
+
+def test_windows_that_do_not_overlap_are_partitioned():
+    image = np.random.default_rng(3).integers(0, 5000, (20, 30)).astype(np.uint16)
+    args = ((0, 0), make_grid(image.shape, (10, 10)), (0, 0), (2, 3))
+    percentile = Percentile(0.5)
+    assert percentile.block_reduce(image, *args, np.float64, None) is None
+    overlapping = make_grid(image.shape, (10, 10), (5, 5))
+    assert (
+        percentile.block_reduce(
+            image, (0, 0), overlapping, (0, 0), (4, 6), np.float64, None
+        )
+        is not None
+    )
+    result = reduce_block(image, *args, percentile, np.float64)
+    tiles = image.reshape(2, 10, 3, 10).transpose(0, 2, 1, 3).reshape(2, 3, 100)
+    np.testing.assert_array_equal(result, np.percentile(tiles, 50, axis=-1))
