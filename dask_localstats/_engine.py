@@ -70,6 +70,11 @@ def checkpoint_of(layer):
     return getattr(layer, "coarse", None)
 
 
+# Blocks a grid is cut into at least, while each still reads a 64th of the
+# budget: a small grid then keeps several threads busy. A constant, not the
+# number of cores, so that the coarse grid's dask name, under which a writer
+# checkpoints it, is the same on every machine.
+MIN_BLOCKS = 4
 # Decoded storage chunks kept for the neighbouring blocks, per block budget.
 CACHE_BLOCKS = 2
 # Output chunks when the source imposes none: small enough for the allocator
@@ -109,6 +114,9 @@ def plan_blocks(
     axes whose windows are short go first), keeping each block's region at
     least one `storage` chunk long on every axis while another axis can
     be halved (a chunk a region cuts is decoded whole, for each region).
+    Then, for parallelism, halving goes on while there are fewer than
+    :data:`MIN_BLOCKS` blocks and a block reads more than a 64th of the
+    budget.
 
     Raises
     ------
@@ -135,11 +143,10 @@ def plan_blocks(
         blocks = [-(-m // k) for m, k in zip(grid.counts, counts, strict=True)]
         return math.prod(b * e for b, e in zip(blocks, sizes, strict=True))
 
-    counts = list(grid.counts)
-    while cost(counts) > block_bytes:
+    def split(counts):  # halve the best axis, or None if no axis can be
         axes = [d for d in range(grid.ndim) if counts[d] > 1]
         if not axes:
-            break
+            return None
         whole = [
             d
             for d in axes
@@ -147,7 +154,18 @@ def plan_blocks(
         ]
         sizes = extent(counts)
         d = min(whole or axes, key=lambda d: (read(halved(counts, d)), -sizes[d]))
-        counts = halved(counts, d)
+        return halved(counts, d)
+
+    def blocks(counts):
+        return math.prod(-(-m // k) for m, k in zip(grid.counts, counts, strict=True))
+
+    counts = list(grid.counts)
+    while cost(counts) > block_bytes and (smaller := split(counts)):
+        counts = smaller
+    while blocks(counts) < MIN_BLOCKS and cost(counts) > block_bytes // 64:
+        if not (smaller := split(counts)):
+            break
+        counts = smaller
     if cost(counts) > block_bytes:
         msg = (
             f"one window (extent {grid.extent}, {math.prod(grid.extent) * itemsize} "

@@ -26,6 +26,7 @@ import dask_localstats as dls
 from dask_localstats import _engine
 from dask_localstats._engine import (
     DEFAULT_BLOCK_BYTES,
+    MIN_BLOCKS,
     align_blocks,
     auto_chunks,
     coarse_stage,
@@ -128,6 +129,15 @@ def test_plan_blocks_fits_the_budget():
     extent = [(k - 1) * 32 + 64 for k in per_block]
     assert np.prod(extent) * 2 <= 64 * 2**20
     assert np.prod(extent) * 2 > 64 * 2**20 / 8
+
+
+def test_plan_blocks_cuts_a_grid_for_threads_unless_tiny():
+    grid = make_grid((128, 512, 512), (50, 50, 50))  # 64 MiB: one block fits
+    per_block = plan_blocks(grid, 2, 64 * 2**20)
+    blocks = [-(-m // k) for m, k in zip(grid.counts, per_block, strict=True)]
+    assert math.prod(blocks) >= MIN_BLOCKS
+    tiny = make_grid((16, 64, 64), (8, 8, 8))  # 128 KiB: one block
+    assert plan_blocks(tiny, 2, 64 * 2**20) == tiny.counts
 
 
 def test_histogram_blocks_and_chunks_fit_the_budget(tmp_path):
