@@ -196,8 +196,10 @@ def resample_block(
         plane = _combine(values, index, weights, None, scratch)
         for axis in () if ahead else reversed(range(1, len(coords))):
             plane = _contract(plane, axis - 1, *taps[axis])
-        plane = cast(_clip(plane, bounds), dtype)
-        out[i] = plane if then is None else then(i, plane)
+        if then is None:
+            cast(_clip(plane, bounds), dtype, out[i])
+        else:
+            out[i] = then(i, cast(_clip(plane, bounds), dtype))
     return out
 
 
@@ -257,11 +259,12 @@ def _contract(values, axis, index, weights):
     return result
 
 
-def cast(values, dtype):
+def cast(values, dtype, out=None):
     """Cast float values to `dtype`, rounding and clipping integers like scipy.
 
     Integers are rounded half away from zero and clipped to the dtype's
-    range. `values` may be overwritten.
+    range. `values` may be overwritten; the result goes to `out` if given
+    (an array of `dtype`, saving a copy).
     """
     dtype = np.dtype(dtype)
     if dtype.kind in "iu":
@@ -274,4 +277,7 @@ def cast(values, dtype):
         values = np.clip(values, info.min, info.max, out=values)
     elif dtype.kind == "b":
         values = values != 0
+    if out is not None:
+        np.copyto(out, values, casting="unsafe")
+        return out
     return values.astype(dtype, copy=False)
