@@ -127,6 +127,24 @@ class _Keys:
             return bool(key) and key[0] in self.names
         return any(key in layer for layer in self.materialized)
 
+    def within(self, layer):
+        """These keys and those `layer` holds under other names, for culling it.
+
+        (dask's overlap layer holds the slices of its neighbours' blocks,
+        ``getitem-...`` keys, beside its own ``overlap-...`` ones.)
+        """
+        if isinstance(layer, BlockLayer):
+            return self
+        return _Within(self, layer)
+
+
+class _Within:
+    def __init__(self, keys, layer):
+        self.keys, self.layer = keys, layer
+
+    def __contains__(self, key):
+        return key in self.keys or key in self.layer
+
 
 def _listed(layer):
     return isinstance(layer, MaterializedLayer) and isinstance(layer.mapping, dict)
@@ -146,7 +164,7 @@ def cull(graph, keys):
         layer = graph.layers[name]
         # a materialized layer given as many keys as it holds keeps them all
         wanted = {k for k in keys if k in layer.mapping} if _listed(layer) else keys
-        culled, deps = layer.cull(wanted, known)
+        culled, deps = layer.cull(wanted, known.within(layer))
         if not deps:
             continue
         layers[name] = culled
