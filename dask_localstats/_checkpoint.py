@@ -9,24 +9,33 @@ found stored are read instead of computed: by a later batch of the same run
 (the blocks that neighbouring batches share are computed once) and by a
 later run of the same computation (resuming), so finishing the last chunks
 of an interrupted job costs only their resampling.
+
+A step that reads a whole grid (the extremes a clip keeps values within, a
+fill of missing samples) would make every batch read every block. Such
+grids are settled first (:func:`settle`): their blocks computed and stored
+in batches of their own, the extremes gathered on the way and put in the
+graph as a value.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import math
 from dataclasses import dataclass, field
 
 import dask.array as da
 import numpy as np
-from dask._task_spec import Alias, Task, TaskRef
+from dask._task_spec import Alias, DataNode, Task, TaskRef
+from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from ._engine import BlockLayer, checkpoint_of
+from ._engine import BlockLayer, checkpoint_of, filled_whole, upfront_of
+from ._graph import cull
 from ._lock import check_guard
 
-__all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "checkpointed"]
+__all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "checkpointed", "settle"]
 
 CHECKPOINT_FOLDER = ".dask_localstats"
 
@@ -94,6 +103,12 @@ class Checkpoint:
         else:  # data, or an old-style task: kept as it is, not stored
             return node
         return Task(node.key, _saved, inner, self.place, file, self.guard)
+
+    def indices(self, missing=True):
+        """The indices of the grid's blocks (only those not stored: `missing`)."""
+        ranges = map(range, self.coarse.numblocks)
+        every = itertools.product(*ranges)
+        return [i for i in every if not (missing and self.key(i) in self.stored)]
 
     def owns(self, file):
         """Whether `file` is one of this grid's blocks."""
@@ -178,3 +193,98 @@ def coarse_voxels(array, checkpoint):
     return math.prod(array.shape[: checkpoint.coarse.ndim]) / max(
         checkpoint.coarse.npartitions, 1
     )
+
+
+def settle(array, checkpoints, batch_size, compute):
+    """`array` with its steps that read whole grids done first, once.
+
+    For the :class:`~dask_localstats._engine.Upfront` step of each
+    resampling of `array`: the blocks of the checkpointed grids its grid
+    reads are computed (and stored) first, in batches of at most
+    `batch_size` tasks as far as one block allows; then those of its grid,
+    in one batch when they come from a fill (which reads every block), or
+    all of them in batches, stored ones read, when its extremes are wanted:
+    gathered block by block, their value replaces the task that every
+    output block reads. Later batches then read stored blocks only.
+
+    `compute(collection, files)` computes one batch, which stores the
+    blocks `files`, and returns its value.
+    """
+    layers, dependencies = dict(array.dask.layers), dict(array.dask.dependencies)
+    for layer in array.dask.layers.values():
+        upfront = upfront_of(layer)
+        if upfront is None:
+            continue
+        graph = HighLevelGraph(layers, dependencies)
+        grid = upfront.grid
+        for checkpoint in checkpoints:
+            name = checkpoint.coarse.name
+            if name != grid.name and name in grid.dask.layers:
+                _batched(graph, checkpoint, _done, batch_size, compute)
+        mine = next(c for c in checkpoints if c.coarse.name == grid.name)
+        if filled_whole(grid):  # in one batch: its blocks share the fill
+            _batched(graph, mine, _done, None, compute)
+        if upfront.extremes is None:
+            continue
+        parts = _batched(graph, mine, _extremes, batch_size, compute, False)
+        parts = np.concatenate(parts).reshape(-1, *upfront.extremes.shape)
+        value = np.stack([parts[:, 0].min(axis=0), parts[:, 1].max(axis=0)])
+        key = (upfront.extremes.name, *(0,) * upfront.extremes.ndim)
+        layers[key[0]] = MaterializedLayer({key: DataNode(key, value)})
+        dependencies[key[0]] = set()
+    graph = HighLevelGraph(layers, dependencies)
+    return da.Array(graph, array.name, array.chunks, meta=array._meta)
+
+
+def _done(block):
+    return np.ones(1, bool)
+
+
+def _extremes(block, ndim):
+    """A block's least and greatest value per component, ``(2, *fshape)``."""
+    axes = tuple(range(ndim))
+    return np.stack([block.min(axis=axes), block.max(axis=axes)]).astype(np.float64)
+
+
+def _batched(graph, checkpoint, sink, batch_size, compute, missing=True):
+    """Compute blocks of a checkpoint's grid in batches; their sinks' values.
+
+    The blocks not stored (all, unless `missing`), as many a batch as fit
+    `batch_size` tasks (all in one if None), each passed to `sink` (a
+    block's extremes, or a flag that it is done).
+    """
+    indices = checkpoint.indices(missing)
+    if not indices:
+        return []
+    name, ndim = checkpoint.coarse.name, len(checkpoint.coarse.numblocks)
+    shape = (2, *checkpoint.coarse.shape[ndim:]) if sink is _extremes else (1,)
+    args = (ndim,) if sink is _extremes else ()
+
+    def batch(part):
+        sinks = "localstats-settle-" + tokenize(name, part, sink.__name__)
+        tasks = {}
+        for k, index in enumerate(part):
+            key = (sinks, k, *(0,) * (len(shape) - 1))
+            tasks[key] = Task(key, sink, TaskRef((name, *index)), *args)
+        with_sinks = HighLevelGraph(
+            {**graph.layers, sinks: MaterializedLayer(tasks)},
+            {**graph.dependencies, sinks: {name}},
+        )
+        chunks = ((shape[0],) * len(part), *((n,) for n in shape[1:]))
+        dtype = np.float64 if sink is _extremes else bool
+        culled = cull(with_sinks, list(tasks))
+        return da.Array(
+            culled, sinks, chunks, dtype=dtype, meta=np.empty((0,) * len(shape), dtype)
+        )
+
+    size = len(indices)
+    if batch_size is not None:
+        per_block = len(batch(indices[:1]).dask)
+        size = max(1, batch_size // per_block)
+    values = []
+    for start in range(0, len(indices), size):
+        collection = batch(indices[start : start + size])
+        files = checkpoint.unsaved(collection.dask)
+        values.append(compute(collection, files))
+        checkpoint.stored.update(files)
+    return values

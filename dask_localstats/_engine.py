@@ -40,6 +40,7 @@ import itertools
 import math
 import os
 import uuid
+from typing import NamedTuple
 
 import dask.array as da
 import numpy as np
@@ -68,6 +69,37 @@ def checkpoint_of(layer):
     Writers store it once and resume from it (:mod:`dask_localstats._write`).
     """
     return getattr(layer, "coarse", None)
+
+
+class Upfront(NamedTuple):
+    """A step of a resampling that reads a whole coarse grid.
+
+    A writer computes `grid` whole before any output block (in batches, see
+    :func:`dask_localstats._checkpoint.settle`), instead of once a batch.
+
+    Attributes
+    ----------
+    grid : dask array
+        The grid read whole: the coarse grid whose extremes clip the
+        resampling, or a grid filled by :func:`fill_nearest`.
+    extremes : dask array or None
+        Its minimum and maximum per component, ``(2, *fshape)`` in float64,
+        which every output block reads; a writer gathers them from the
+        grid's blocks and puts the value in their place.
+    """
+
+    grid: da.Array
+    extremes: da.Array | None = None
+
+
+def upfront_of(layer):
+    """The :class:`Upfront` step of a resampling layer, or None."""
+    return getattr(layer, "upfront", None)
+
+
+def filled_whole(grid):
+    """Whether the blocks of `grid` come from one fill of a whole grid."""
+    return any(getattr(layer, "whole", False) for layer in grid.dask.layers.values())
 
 
 # Blocks a grid is cut into at least, while each still reads a 64th of the
@@ -443,7 +475,9 @@ def coarse_stage(
     # checkpoint_of), so that later batches read them instead of computing
     layer.coarse = coarse
     filled = coarse.rechunk(-1).map_blocks(fill_nearest, grid.ndim, dtype=dtype)
-    return filled.rechunk(chunks)
+    filled = filled.rechunk(chunks)
+    filled.dask.layers[filled.name].whole = True  # see Upfront
+    return filled
 
 
 def _block_coordinates(grid, align, start, stop):
@@ -505,7 +539,7 @@ def fused(resampled, name, then, operands, dtype):
         return Task(key, _resample, *inner.args, then=Task(None, then, *blocks))
 
     out = BlockLayer(name, layer.numblocks, block)
-    out.coarse = layer.coarse  # see checkpoint_of
+    out.coarse, out.upfront = layer.coarse, upfront_of(layer)
     layers = {k: v for k, v in resampled.dask.layers.items() if k != resampled.name}
     dependencies = {
         k: v for k, v in resampled.dask.dependencies.items() if k != resampled.name
@@ -637,6 +671,10 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
     out_chunks = tuple(chunks) + tuple(fchunks)
     layer = BlockLayer(name, [len(c) for c in out_chunks], block)
     layer.coarse = coarse  # see checkpoint_of
+    if limits:
+        layer.upfront = Upfront(coarse, extremes)
+    elif filled_whole(coarse):
+        layer.upfront = Upfront(coarse)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)
     meta = np.empty((0,) * len(out_chunks), coarse.dtype)
     return da.Array(graph, name, out_chunks, dtype=coarse.dtype, meta=meta)

@@ -73,7 +73,7 @@ from dask._task_spec import Task
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from ._checkpoint import checkpointed, coarse_voxels
+from ._checkpoint import checkpointed, coarse_voxels, settle
 from ._engine import region_task
 from ._graph import cull
 from ._layout import layout_of
@@ -437,7 +437,7 @@ def _client():
 
 
 def _compute(collections, progress=None, tasks=None):
-    """Compute dask collections together (shared tasks once), for their effects.
+    """Compute dask collections together (shared tasks once); their values.
 
     `progress`, a :class:`~dask_localstats._progress.Progress`, follows it
     (`tasks`: how many tasks of each stage's prefix it runs).
@@ -456,13 +456,12 @@ def _compute(collections, progress=None, tasks=None):
             workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
             pool = ThreadPoolExecutor(workers)
             try:
-                dask.compute(*collections, scheduler="threads", pool=pool)
+                return dask.compute(*collections, scheduler="threads", pool=pool)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
-            return
         futures = client.compute(collections)
         try:
-            client.gather(futures)
+            return client.gather(futures)
         except BaseException:
             client.cancel(futures)
             raise
@@ -710,9 +709,10 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
     """Compute and write the chunks of `target` not written yet; how many.
 
     The chunks are written in batches (see :func:`_batches`); the coarse
-    blocks each batch computes are stored with it (or found stored); on
-    any failure the error says that the output is left incomplete, to be
-    resumed.
+    blocks each batch computes are stored with it (or found stored), and
+    grids that a step reads whole are settled before the first batch
+    (:func:`~dask_localstats._checkpoint.settle`); on any failure the error
+    says that the output is left incomplete, to be resumed.
     """
     unit = target.shards or target.chunks
     done = set()
@@ -728,6 +728,11 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
             ]
             stages.append(Stage("write", WRITE, math.prod(unit), count))
             shown = None if not progress else Progress(stages, _stream(progress))
+
+            def coarse(collection, files):
+                return _compute([collection], shown, {COARSE: len(files)})[0]
+
+            array = settle(array, checkpoints, batch_size, coarse)
             batches = _batches(array, target, done, checkpoints, guard, batch_size)
             for batch in batches:
                 tasks = {WRITE: batch.writes.npartitions, COARSE: len(batch.files)}

@@ -22,8 +22,10 @@ from slowly import kill_when
 from strategies import write_zarr
 
 import dask_localstats as dls
+from dask_localstats._checkpoint import _load_block
 from dask_localstats._engine import _coarse_block
 from dask_localstats._graph import cull
+from dask_localstats._kernels import fill_nearest
 from dask_localstats._lock import LOCK
 from dask_localstats._place import Folder
 from dask_localstats._write import _written
@@ -546,26 +548,30 @@ def test_output_urls_and_dot_dot_go_where_the_system_would_write(tmp_path):
 
 
 class _Graphs(Callback):
-    """dask's local callbacks: the size of each graph run, the coarse blocks made."""
+    """dask's local callbacks: the size of each graph run, the coarse blocks
+    made, the stored blocks read and the grids filled."""
 
     def __init__(self):
         super().__init__()
-        self.sizes, self.coarse = [], []
+        self.sizes, self.coarse, self.loads, self.fills = [], [], [], []
 
     def _start(self, dsk):
         self.sizes.append(len(dsk))
 
     def _pretask(self, key, dsk, state):
-        self.coarse += [key] * _blocks_in(dsk[key])
+        self.coarse += [key] * _calls(dsk[key], _coarse_block)
+        self.loads += [key] * _calls(dsk[key], _load_block)
+        self.fills += [key] * _calls(dsk[key], fill_nearest)
 
 
-def _blocks_in(node):
-    """How many coarse blocks a task computes (fused tasks hold several)."""
+def _calls(node, func):
+    """How many calls of `func` a task makes (fused tasks hold several)."""
     if isinstance(node, dict):  # the graph of fused tasks
-        return sum(map(_blocks_in, node.values()))
+        return sum(_calls(n, func) for n in node.values())
     if not isinstance(node, Task):
         return 0
-    return (node.func is _coarse_block) + sum(map(_blocks_in, node.args))
+    inner = node.args + tuple(node.kwargs.values())
+    return (node.func is func) + sum(_calls(n, func) for n in inner)
 
 
 @settings(max_examples=min(settings.default.max_examples // 2, 40))
@@ -667,3 +673,39 @@ def test_batches_compute_each_coarse_block_once(tmp_path, fill, dtype):
     assert len(graphs.coarse) == math.prod(result.dask.layers[coarse].numblocks)
     expected = dls.local_percentile(image, 0.5, **options)
     np.testing.assert_array_equal(out[:], expected, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("clip", "fill"), [(True, "zero"), (False, "nearest"), (True, "nearest")]
+)
+def test_grids_read_whole_are_settled_once_before_the_batches(tmp_path, clip, fill):
+    # the extremes a clip keeps to, and a fill, read every coarse block: done
+    # once, before the batches, instead of in each batch. 1-D, so that the
+    # prefilter's halo (32 samples) spans a few of the 16 coarse blocks only
+    image = np.random.default_rng(8).integers(0, 250, 4096).astype(np.uint16)
+    mask = np.ones(image.shape, bool)
+    mask[1000:1400] = False  # samples to fill
+    options = dict(selem=8, interpolate=3, clip=clip, fill=fill, mask=mask)
+    lazy = da.from_array(image, chunks=512)
+    result = dls.local_percentile(lazy, 0.5, block_bytes=2048, chunks=64, **options)
+    graphs = _Graphs()
+    with graphs:
+        out = dls.to_zarr(result, tmp_path / "out.zarr", batch_size=40)
+    expected = dls.local_percentile(image, 0.5, **options)
+    np.testing.assert_array_equal(out[:], expected, strict=True)
+    coarse = next(v for v in result.dask.layers if v.startswith("localstats-coarse"))
+    blocks = math.prod(result.dask.layers[coarse].numblocks)
+    print(
+        blocks,
+        len(graphs.sizes),
+        len(graphs.loads),
+        len(graphs.fills),
+        max(graphs.sizes),
+    )
+    assert len(graphs.sizes) > 3
+    assert len(graphs.coarse) == blocks  # each once
+    assert len(graphs.fills) == (fill == "nearest")  # once, or never
+    # a stored block is read by the batches whose prefilter's halo reaches
+    # it (and by the pass gathering the extremes), not by every batch (16
+    # blocks: 1008 reads over 64 batches when each batch read them all)
+    assert len(graphs.loads) <= 6 * blocks
