@@ -139,9 +139,11 @@ class ChunkCache:
                     self._pending.pop(index).set_exception(error)
             raise
         step = array.chunks[-1]
-        chunks = {  # copies: a view would keep the whole run alive
-            index: data[..., k * step : (k + 1) * step].copy() if len(run) > 1 else data
-            for k, index in enumerate(run)
+        # views of the run: its memory goes when the last of them is evicted
+        # (they were decoded together and are held together); copying them
+        # out cost a pass, and twice the run's memory while it lasted
+        chunks = {
+            index: data[..., k * step : (k + 1) * step] for k, index in enumerate(run)
         }
         with self._lock:
             for index, chunk in chunks.items():
