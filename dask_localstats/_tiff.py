@@ -15,6 +15,13 @@ names. The plane number is the one number that varies from file to file
 within a series; names that differ in any other number belong to other
 series (:func:`series_of`). A stack is made of one series, in the order of
 its plane numbers; several are refused, naming them and how to pick one.
+
+A read takes the cheapest of three ways (:func:`_read_tiff`): data stored
+uncompressed in one piece is mapped and only the region copied; a region
+of half the image or more is decoded whole; a smaller one goes through
+tifffile's zarr interface, which decodes only the strips or tiles under it
+(for huge planes). Opening that interface costs ten times reading a
+megapixel slice, which light-sheet jobs read whole.
 Patterns are globs, but a path whose brackets are literal (LaVision's
 ``[00 x 00]``) is taken as written when it matches files that way.
 """
@@ -84,25 +91,38 @@ class TiffSource:
 
 
 def _read_tiff(path, selection, level=0, expect=None):
-    """``selection`` of the first series of the TIFF at `path`, via zarr.
+    """``selection`` of the first series of the TIFF at `path`.
 
-    Only the pages, strips or tiles under `selection` are read. `expect`, a
-    ``(shape, dtype)`` pair, is checked against the file's header first.
+    Uncompressed data in one piece is mapped (only the region is read); a
+    region of at least half the image is decoded whole; a smaller one
+    through tifffile's zarr interface, which reads only the pages, strips
+    or tiles under it. `expect`, a ``(shape, dtype)`` pair, is checked
+    against the file's header first.
     """
     tifffile = _tifffile()
-    with (
-        _reading(f"TIFF file {path!r}"),
-        tifffile.TiffFile(path) as tif,
-        tif.aszarr(series=0, level=level) as store,
-    ):
-        array = zarr.open_array(store, mode="r")
-        if expect is not None and (tuple(array.shape), array.dtype) != expect:
+    with _reading(f"TIFF file {path!r}"), tifffile.TiffFile(path) as tif:
+        series = tif.series[0].levels[level]
+        shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+        if expect is not None and (shape, dtype) != expect:
             msg = (
-                f"TIFF slice {path!r} has shape {array.shape} and dtype "
-                f"{array.dtype}; the stack's slices have {expect[0]} and {expect[1]}"
+                f"TIFF slice {path!r} has shape {shape} and dtype {dtype}; "
+                f"the stack's slices have {expect[0]} and {expect[1]}"
             )
             raise CorruptChunkError(msg)
-        return np.asarray(array[selection])
+        if series.dataoffset is not None:  # uncompressed, in one piece
+            stored = dtype.newbyteorder(tif.byteorder)
+            mapped = np.memmap(path, stored, "r", series.dataoffset, shape)
+            return np.array(mapped[selection], dtype=dtype)
+        if _share(selection, shape) >= 0.5:
+            return series.asarray()[selection]
+        with tif.aszarr(series=0, level=level) as store:
+            return np.asarray(zarr.open_array(store, mode="r")[selection])
+
+
+def _share(selection, shape):
+    """The share of an array of `shape` that `selection` takes (on a view)."""
+    size = np.broadcast_to(np.int8(0), shape)[selection].size
+    return size / max(np.prod(shape), 1)
 
 
 def _tiff_layout(path, name, level=0):

@@ -9,7 +9,7 @@ import tifffile
 import zarr
 
 import dask_localstats as dls
-from dask_localstats._tiff import series_of
+from dask_localstats._tiff import _read_tiff, series_of
 
 LAVISION = "13-45-12_UltraII[00 x 00]_C{c:02d}_xyz-Table Z{z:04d}.ome.tif"
 
@@ -98,3 +98,28 @@ def test_copies_of_a_plane_are_refused_and_hidden_files_left_out(tmp_path):
         ValueError, match=r"several files of plane 1 .*remove the copies"
     ):
         dls.open_source(folder)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {},  # uncompressed in one piece: mapped
+        {"byteorder": ">"},
+        {"compression": "zlib", "rowsperstrip": 3},  # strips: decoded
+        {"compression": "zlib", "tile": (16, 16)},
+    ],
+)
+def test_every_way_of_reading_a_tiff_gives_the_region(tmp_path, layout):
+    plane = np.random.default_rng(2).integers(0, 60000, (40, 48)).astype(np.uint16)
+    path = tmp_path / "plane.tif"
+    tifffile.imwrite(path, plane, **layout)
+    selections = [
+        (),  # whole: mapped, or decoded whole
+        (slice(2, 37), slice(None)),  # most of it
+        (slice(3, 9), slice(5, 20)),  # a small region: through zarr
+        (7, slice(1, 40, 3)),
+        (Ellipsis, 2),
+    ]
+    for selection in selections:
+        region = _read_tiff(str(path), selection, expect=(plane.shape, plane.dtype))
+        np.testing.assert_array_equal(region, plane[selection], strict=True)
