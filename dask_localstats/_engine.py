@@ -112,6 +112,7 @@ CACHE_BLOCKS = 2
 # Output chunks when the source imposes none: small enough for the allocator
 # to recycle their float64 temporaries instead of faulting in fresh pages.
 OUTPUT_CHUNK_BYTES = 16 * 2**20
+PLANE_BYTES = 2**19  # a plane of an output chunk, see auto_chunks
 
 
 def _halve_to_fit(counts, extent, nbytes, cost=None):
@@ -210,8 +211,19 @@ def plan_blocks(
 
 
 def auto_chunks(shape, itemsize, nbytes=OUTPUT_CHUNK_BYTES):
-    """Regular chunks of at most `nbytes`, cutting the longest axes first."""
-    sizes = _halve_to_fit(shape, list, max(nbytes // itemsize, 1))
+    """Regular chunks of at most `nbytes`, of planes that fit in cache.
+
+    A resampling makes its chunk a plane (first axis) at a time: the plane,
+    cut on its longest axes, holds at most :data:`PLANE_BYTES` (its float64
+    temporaries stay in cache, and each holds enough values that the calls
+    cost little); then the first axis is cut, then the others again.
+    """
+    sizes = shape
+    if len(shape) > 1:
+        plane = _halve_to_fit(shape[1:], list, max(PLANE_BYTES // itemsize, 1))
+        depth = max(nbytes // (itemsize * math.prod(plane)), 1)
+        sizes = (min(shape[0], depth), *plane)
+    sizes = _halve_to_fit(sizes, list, max(nbytes // itemsize, 1))
     return tuple(_split(s, c) for s, c in zip(shape, sizes, strict=True))
 
 

@@ -27,6 +27,8 @@ from dask_localstats import _engine
 from dask_localstats._engine import (
     DEFAULT_BLOCK_BYTES,
     MIN_BLOCKS,
+    OUTPUT_CHUNK_BYTES,
+    PLANE_BYTES,
     align_blocks,
     auto_chunks,
     coarse_stage,
@@ -171,8 +173,14 @@ def _fail(block):
 
 
 def test_auto_chunks():
-    assert auto_chunks((100, 10), 8, 800) == ((7,) * 14 + (2,), (10,))
+    assert auto_chunks((100, 10), 8, 800) == ((10,) * 10, (10,))
     assert auto_chunks((3,), 8, 1) == ((1, 1, 1),)
+    # planes (the first axis's) of at most PLANE_BYTES, then the first axis cut
+    chunks = auto_chunks((1024, 1024, 40), 8)
+    assert [max(c) for c in chunks] == [51, 1024, 40]
+    chunks = auto_chunks((128, 512, 512), 8)
+    assert [max(c) for c in chunks] == [32, 256, 256]
+    assert PLANE_BYTES == 256 * 256 * 8 and 32 * PLANE_BYTES <= OUTPUT_CHUNK_BYTES
 
 
 def test_blocks_are_shifted_to_touch_fewer_storage_chunks():
