@@ -667,17 +667,17 @@ def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histog
     """
     tilings = _block_phases(origin, grid, start, stop)
     budget = max(block.size, _MAX_ENTRIES)
-    most = min(grid.full_count, block.size)
+    most = min(grid.full_count, block.size)  # samples a window holds, at most
     low, high = (0, statistic.max_bin - 1) if histogram else _kept_range(block, mask)
     nbins = high - low + 1
     columns = None  # sorted tiles
     if histogram or nbins <= _MAX_TABLE:
-        most = max(math.prod(axis.ntiles for axis in tiling) for tiling in tilings)
+        tiles = max(math.prod(axis.ntiles for axis in tiling) for tiling in tilings)
         first = nbins if histogram else ((nbins - 1) >> _fine_shift(nbins)) + 1
-        if most * first > budget:
+        if tiles * first > budget:
             return None
         if not histogram:
-            columns = _Columns(nbins, budget // most)
+            columns = _Columns(nbins, budget // tiles)
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     out = np.zeros(shape + statistic.fshape, dtype=dtype)
     counts = np.zeros(shape, dtype=np.int64)

@@ -132,6 +132,20 @@ def test_light_sheet_windows_count_in_uint16_and_sum_past_it():
     assert counts[1:-1].tolist() == [[1600]] * (grid.counts[0] - 2)
 
 
+@pytest.mark.parametrize("percentile", [0.29, 0.31])
+def test_windows_of_more_samples_than_uint16_counts(percentile):
+    # 100000 samples a window, 70000 of them in one column: uint32 counts
+    source = np.where(np.arange(200000) % 10 < 3, 5, 9).astype(np.uint16)
+    grid = make_grid(source.shape, (100000,), (20000,))
+    args = (source, (0,), grid, (0,), grid.counts, Percentile(percentile))
+    values, counts = _tiles.tile_reduce(*args, np.float64, None, histogram=False)
+    tiling = _tiles._block_phases((0,), grid, (0,), grid.counts)[0]
+    assert _tiles._PhaseTiles(source, None, tiling, (1,), 5, 100000).count == np.uint32
+    expected = 5 if percentile < 0.3 else 9
+    assert values.tolist() == [expected] * grid.counts[0]
+    assert counts.tolist() == [60000, 80000, *[100000] * 6, 80000, 60000]
+
+
 def test_columns_split_the_runs_holding_ranks():
     columns = _tiles._Columns(100, budget=30)
     np.testing.assert_array_equal(columns.edges, np.arange(0, 100, 16))
