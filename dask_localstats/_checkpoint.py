@@ -202,10 +202,11 @@ def settle(array, checkpoints, batch_size, compute):
     resampling of `array`: the blocks of the checkpointed grids its grid
     reads are computed (and stored) first, in batches of at most
     `batch_size` tasks as far as one block allows; then those of its grid,
-    in one batch when they come from a fill (which reads every block), or
-    all of them in batches, stored ones read, when its extremes are wanted:
-    gathered block by block, their value replaces the task that every
-    output block reads. Later batches then read stored blocks only.
+    in one batch when they come from a fill (which reads every block); and
+    when its extremes are wanted, they are gathered from all its blocks
+    (computed, or read where stored), batch by batch, and their value
+    replaces the task that every output block reads. Later batches then
+    read stored blocks only.
 
     `compute(collection, files)` computes one batch, which stores the
     blocks `files`, and returns its value.
@@ -217,19 +218,23 @@ def settle(array, checkpoints, batch_size, compute):
             continue
         graph = HighLevelGraph(layers, dependencies)
         grid = upfront.grid
+        mine = next((c for c in checkpoints if c.coarse.name == grid.name), None)
+        if mine is None:
+            continue  # not a grid of this result's
         for checkpoint in checkpoints:
             name = checkpoint.coarse.name
             if name != grid.name and name in grid.dask.layers:
-                _batched(graph, checkpoint, _done, batch_size, compute)
-        mine = next(c for c in checkpoints if c.coarse.name == grid.name)
+                _batched(graph, checkpoint, batch_size, compute)
         if filled_whole(grid):  # in one batch: its blocks share the fill
-            _batched(graph, mine, _done, None, compute)
+            _batched(graph, mine, None, compute)
         if upfront.extremes is None:
             continue
-        parts = _batched(graph, mine, _extremes, batch_size, compute, False)
-        parts = np.concatenate(parts).reshape(-1, *upfront.extremes.shape)
+        extremes = upfront.extremes
+        spatial = grid.ndim - (extremes.ndim - 1)
+        parts = _batched(graph, mine, batch_size, compute, spatial)
+        parts = np.concatenate(parts).reshape(-1, *extremes.shape)
         value = np.stack([parts[:, 0].min(axis=0), parts[:, 1].max(axis=0)])
-        key = (upfront.extremes.name, *(0,) * upfront.extremes.ndim)
+        key = (extremes.name, *(0,) * extremes.ndim)
         layers[key[0]] = MaterializedLayer({key: DataNode(key, value)})
         dependencies[key[0]] = set()
     graph = HighLevelGraph(layers, dependencies)
@@ -240,47 +245,47 @@ def _done(block):
     return np.ones(1, bool)
 
 
-def _extremes(block, ndim):
+def _extremes(block, spatial):
     """A block's least and greatest value per component, ``(2, *fshape)``."""
-    axes = tuple(range(ndim))
+    axes = tuple(range(spatial))
     return np.stack([block.min(axis=axes), block.max(axis=axes)]).astype(np.float64)
 
 
-def _batched(graph, checkpoint, sink, batch_size, compute, missing=True):
-    """Compute blocks of a checkpoint's grid in batches; their sinks' values.
+def _batched(graph, checkpoint, batch_size, compute, spatial=None):
+    """Compute blocks of a checkpoint's grid in batches; what each batch gives.
 
-    The blocks not stored (all, unless `missing`), as many a batch as fit
-    `batch_size` tasks (all in one if None), each passed to `sink` (a
-    block's extremes, or a flag that it is done).
+    Without `spatial`: the blocks not stored, each batch giving flags. With
+    it (the grid's spatial axes): all blocks, stored ones read, each
+    batch giving the blocks' extremes (:func:`_extremes`), ``(2 * blocks,
+    *fshape)``. As many blocks a batch as fit `batch_size` tasks (all in
+    one if None).
     """
-    indices = checkpoint.indices(missing)
+    indices = checkpoint.indices(missing=spatial is None)
     if not indices:
         return []
-    name, ndim = checkpoint.coarse.name, len(checkpoint.coarse.numblocks)
-    shape = (2, *checkpoint.coarse.shape[ndim:]) if sink is _extremes else (1,)
-    args = (ndim,) if sink is _extremes else ()
+    name, coarse = checkpoint.coarse.name, checkpoint.coarse
+    fshape = () if spatial is None else coarse.shape[spatial:]
+    sink, args = (_done, ()) if spatial is None else (_extremes, (spatial,))
+    dtype = bool if spatial is None else np.float64
+    rows = 1 if spatial is None else 2
 
     def batch(part):
         sinks = "localstats-settle-" + tokenize(name, part, sink.__name__)
         tasks = {}
         for k, index in enumerate(part):
-            key = (sinks, k, *(0,) * (len(shape) - 1))
+            key = (sinks, k, *(0,) * len(fshape))
             tasks[key] = Task(key, sink, TaskRef((name, *index)), *args)
         with_sinks = HighLevelGraph(
             {**graph.layers, sinks: MaterializedLayer(tasks)},
             {**graph.dependencies, sinks: {name}},
         )
-        chunks = ((shape[0],) * len(part), *((n,) for n in shape[1:]))
-        dtype = np.float64 if sink is _extremes else bool
-        culled = cull(with_sinks, list(tasks))
-        return da.Array(
-            culled, sinks, chunks, dtype=dtype, meta=np.empty((0,) * len(shape), dtype)
-        )
+        chunks = ((rows,) * len(part), *((n,) for n in fshape))
+        meta = np.empty((0,) * len(chunks), dtype)
+        return da.Array(cull(with_sinks, list(tasks)), sinks, chunks, meta=meta)
 
     size = len(indices)
     if batch_size is not None:
-        per_block = len(batch(indices[:1]).dask)
-        size = max(1, batch_size // per_block)
+        size = max(1, batch_size // len(batch(indices[:1]).dask))
     values = []
     for start in range(0, len(indices), size):
         collection = batch(indices[start : start + size])

@@ -676,9 +676,17 @@ def test_batches_compute_each_coarse_block_once(tmp_path, fill, dtype):
 
 
 @pytest.mark.parametrize(
-    ("clip", "fill"), [(True, "zero"), (False, "nearest"), (True, "nearest")]
+    ("clip", "fill", "percentile"),
+    [
+        (True, "zero", 0.5),
+        (False, "nearest", 0.5),
+        (True, "nearest", 0.5),
+        (True, "zero", [0.1, 0.9]),  # extremes per component
+    ],
 )
-def test_grids_read_whole_are_settled_once_before_the_batches(tmp_path, clip, fill):
+def test_grids_read_whole_are_settled_once_before_the_batches(
+    tmp_path, clip, fill, percentile
+):
     # the extremes a clip keeps to, and a fill, read every coarse block: done
     # once, before the batches, instead of in each batch. 1-D, so that the
     # prefilter's halo (32 samples) spans a few of the 16 coarse blocks only
@@ -687,11 +695,13 @@ def test_grids_read_whole_are_settled_once_before_the_batches(tmp_path, clip, fi
     mask[1000:1400] = False  # samples to fill
     options = dict(selem=8, interpolate=3, clip=clip, fill=fill, mask=mask)
     lazy = da.from_array(image, chunks=512)
-    result = dls.local_percentile(lazy, 0.5, block_bytes=2048, chunks=64, **options)
+    result = dls.local_percentile(
+        lazy, percentile, block_bytes=2048, chunks=64, **options
+    )
     graphs = _Graphs()
     with graphs:
         out = dls.to_zarr(result, tmp_path / "out.zarr", batch_size=40)
-    expected = dls.local_percentile(image, 0.5, **options)
+    expected = dls.local_percentile(image, percentile, **options)
     np.testing.assert_array_equal(out[:], expected, strict=True)
     coarse = next(v for v in result.dask.layers if v.startswith("localstats-coarse"))
     blocks = math.prod(result.dask.layers[coarse].numblocks)
