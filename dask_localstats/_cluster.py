@@ -75,6 +75,12 @@ def connect(
     ...     print(client)
     None
     """
+    if workers is None:
+        for name, value in (("memory_limit", memory_limit), ("threads", threads)):
+            if value is not None:
+                flag = name.replace("_", "-")
+                msg = f"`{name}` (--{flag}) applies to `workers` (--workers)"
+                raise ValueError(msg)
     if jobqueue is not None:
         with _jobqueue_cluster(jobqueue, job_options) as cluster:
             cluster.scale(jobs=_positive("jobs", jobs))
@@ -84,11 +90,6 @@ def connect(
                 yield codec_threads(client)
         return
     if scheduler is None and workers is None:
-        for name, value in (("memory_limit", memory_limit), ("threads", threads)):
-            if value is not None:
-                flag = name.replace("_", "-")
-                msg = f"`{name}` (--{flag}) applies to `workers` (--workers)"
-                raise ValueError(msg)
         yield None
         return
     try:

@@ -16,6 +16,7 @@ import graphlib
 import itertools
 import math
 
+from dask.blockwise import Blockwise
 from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
 
 __all__ = ["BlockLayer", "cull"]
@@ -133,7 +134,7 @@ class _Keys:
         (dask's overlap layer holds the slices of its neighbours' blocks,
         ``getitem-...`` keys, beside its own ``overlap-...`` ones.)
         """
-        if isinstance(layer, BlockLayer):
+        if isinstance(layer, BlockLayer | Blockwise):  # asking would build them
             return self
         return _Within(self, layer)
 

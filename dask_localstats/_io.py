@@ -46,7 +46,8 @@ class ChunkCache:
     ----------
     nbytes : int
         Most bytes of decoded chunks to hold; the least recently used go
-        first.
+        first. Chunks decoded together (a run along the last axis) share
+        their memory, which counts until the last of them goes.
 
     Notes
     -----
@@ -108,7 +109,7 @@ class ChunkCache:
             for index in itertools.product(*ranges):
                 if index in self._chunks:
                     self._chunks.move_to_end(index)
-                    held.append((index, self._chunks[index]))
+                    held.append((index, self._chunks[index][0]))
                 elif index in self._pending:
                     waiting.append((index, self._pending[index]))
                 else:
@@ -139,19 +140,23 @@ class ChunkCache:
                     self._pending.pop(index).set_exception(error)
             raise
         step = array.chunks[-1]
-        # views of the run: its memory goes when the last of them is evicted
-        # (they were decoded together and are held together); copying them
-        # out cost a pass, and twice the run's memory while it lasted
+        # views of the run (copying them out cost a pass, and twice the
+        # run's memory meanwhile): the run's memory is counted until the
+        # last of them is evicted
         chunks = {
             index: data[..., k * step : (k + 1) * step] for k, index in enumerate(run)
         }
+        memory = [data.nbytes, len(chunks)]  # bytes, views held
         with self._lock:
             for index, chunk in chunks.items():
-                self._chunks[index] = chunk
-                self._held += chunk.nbytes
+                self._chunks[index] = (chunk, memory)
                 self._pending.pop(index).set_result(chunk)
+            self._held += data.nbytes
             while self._held > self.nbytes and len(self._chunks) > 1:
-                self._held -= self._chunks.popitem(last=False)[1].nbytes
+                _, (_, evicted) = self._chunks.popitem(last=False)
+                evicted[1] -= 1
+                if not evicted[1]:
+                    self._held -= evicted[0]
         return chunks
 
 

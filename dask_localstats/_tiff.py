@@ -114,7 +114,9 @@ def _read_tiff(path, selection, level=0, expect=None):
             mapped = np.memmap(path, stored, "r", series.dataoffset, shape)
             return np.array(mapped[selection], dtype=dtype)
         if _share(selection, shape) >= 0.5:
-            return series.asarray()[selection]
+            whole = series.asarray()
+            region = whole[selection]
+            return region if region.size == whole.size else region.copy()
         with tif.aszarr(series=0, level=level) as store:
             return np.asarray(zarr.open_array(store, mode="r")[selection])
 

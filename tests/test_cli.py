@@ -418,6 +418,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, image, capsys):
           "lots"], "(--memory-limit) must be a size"),
         ([source, out, *p, "--selem", "4", "--threads", "2"],
          "`threads` (--threads) applies to `workers` (--workers)"),
+        ([source, out, *p, "--selem", "4", "--scheduler", "tcp://127.0.0.1:9",
+          "--threads", "2"], "`threads` (--threads) applies to `workers`"),
         ([source, out, *p, "--selem", "4", "--workers", "1", "--threads", "0"],
          "`threads` (--threads) must be a positive number, got 0"),
         ([source, out, "--percentile", "0.1", "0.2", "--subtract", "--selem", "4"],
