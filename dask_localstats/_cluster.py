@@ -7,8 +7,8 @@ address, starts a local cluster of worker processes (with the
 PBS, SGE, LSF... with the ``jobqueue`` extra, dask-jobqueue), for as long
 as a ``with`` block lasts.
 
-Each worker decodes and encodes zarr chunks in as many threads as it runs
-tasks (:func:`codec_threads`): zarr's own pool would otherwise take every
+Each worker of a cluster started here decodes and encodes zarr chunks in
+as many threads as it runs tasks (:func:`codec_threads`): zarr's own pool would otherwise take every
 core of the machine in every worker, so that a worker of one thread already
 kept two cores busy and eight workers of a node ran dozens of codec threads
 against each other.
@@ -103,8 +103,8 @@ def connect(
         except OSError as error:
             msg = f"`scheduler`: cannot connect to {scheduler!r}: {error}"
             raise ValueError(msg) from None
-        with client:
-            yield codec_threads(client)
+        with client:  # a cluster of someone's: its workers are left as they are
+            yield client
         return
     if workers < 1:
         msg = f"`workers` (--workers) must be a positive number of processes, got {workers}"
