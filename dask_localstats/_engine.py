@@ -57,7 +57,7 @@ from ._interpolate import (
     taps_range,
 )
 from ._io import ChunkCache, read_region
-from ._kernels import KEEP_ALL, fill_nearest, flagged_dtype, reduce_block
+from ._kernels import KEEP_ALL, disjoint, fill_nearest, flagged_dtype, reduce_block
 from .errors import MemoryBudgetError
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
@@ -102,10 +102,10 @@ def filled_whole(grid):
     return any(getattr(layer, "whole", False) for layer in grid.dask.layers.values())
 
 
-# Blocks a grid is cut into at least, while each still reads a 64th of the
-# budget: a small grid then keeps several threads busy. A constant, not the
-# number of cores, so that the coarse grid's dask name, under which a writer
-# checkpoints it, is the same on every machine.
+# Blocks a grid of windows that do not overlap is cut into at least (see
+# plan_blocks). A constant, not the number of cores, so that the coarse
+# grid's dask name, under which a writer checkpoints it, is the same on
+# every machine.
 MIN_BLOCKS = 4
 # Decoded storage chunks kept for the neighbouring blocks, per block budget.
 CACHE_BLOCKS = 2
@@ -147,9 +147,11 @@ def plan_blocks(
     axes whose windows are short go first), keeping each block's region at
     least one `storage` chunk long on every axis while another axis can
     be halved (a chunk a region cuts is decoded whole, for each region).
-    Then, for parallelism, halving goes on while there are fewer than
-    :data:`MIN_BLOCKS` blocks and a block reads more than a 64th of the
-    budget.
+    Then, where windows do not overlap (blocks share no voxel, and their
+    windows are gathered and partitioned, which releases the GIL), halving
+    goes on while there are fewer than :data:`MIN_BLOCKS` blocks and a
+    block reads more than a quarter of the budget, to keep the threads
+    busy.
 
     Raises
     ------
@@ -195,7 +197,11 @@ def plan_blocks(
     counts = list(grid.counts)
     while cost(counts) > block_bytes and (smaller := split(counts)):
         counts = smaller
-    while blocks(counts) < MIN_BLOCKS and cost(counts) > block_bytes // 64:
+    while (
+        disjoint(grid)
+        and blocks(counts) < MIN_BLOCKS
+        and cost(counts) > block_bytes // 4
+    ):
         if not (smaller := split(counts)):
             break
         counts = smaller

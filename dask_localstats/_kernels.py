@@ -140,7 +140,7 @@ class Percentile(Statistic):
         Declines (None: windows are gathered and partitioned) for floats, and
         for unmasked windows that do not overlap.
         """
-        if block.dtype.kind not in "biu" or (mask is None and _disjoint(grid)):
+        if block.dtype.kind not in "biu" or (mask is None and disjoint(grid)):
             return None
         return tile_reduce(block, origin, grid, start, stop, self, dtype, mask, False)
 
@@ -215,7 +215,7 @@ class Percentile(Statistic):
         return result
 
 
-def _disjoint(grid):
+def disjoint(grid):
     """Whether no two windows of `grid` share a voxel."""
     return all(h >= e for h, e in zip(grid.spacing, grid.extent, strict=True))
 

@@ -133,13 +133,17 @@ def test_plan_blocks_fits_the_budget():
     assert np.prod(extent) * 2 > 64 * 2**20 / 8
 
 
-def test_plan_blocks_cuts_a_grid_for_threads_unless_tiny():
+def test_plan_blocks_cuts_disjoint_windows_for_threads_unless_tiny():
     grid = make_grid((128, 512, 512), (50, 50, 50))  # 64 MiB: one block fits
     per_block = plan_blocks(grid, 2, 64 * 2**20)
     blocks = [-(-m // k) for m, k in zip(grid.counts, per_block, strict=True)]
     assert math.prod(blocks) >= MIN_BLOCKS
     tiny = make_grid((16, 64, 64), (8, 8, 8))  # 128 KiB: one block
     assert plan_blocks(tiny, 2, 64 * 2**20) == tiny.counts
+    # overlapping windows: cutting would read voxels twice, and their tile
+    # paths hold the GIL; one block
+    overlapping = make_grid((128, 512, 512), (50, 50, 50), (25, 25, 25))
+    assert plan_blocks(overlapping, 2, 64 * 2**20) == overlapping.counts
 
 
 def test_histogram_blocks_and_chunks_fit_the_budget(tmp_path):
