@@ -51,6 +51,7 @@ from dask.highlevelgraph import HighLevelGraph
 from ._graph import BlockLayer
 from ._interpolate import (
     coordinates,
+    expands,
     prefilter,
     prefilter_halo,
     resample_block,
@@ -527,8 +528,9 @@ def _resample(
     if part is not None:
         coefficients = coefficients[(slice(None),) * grid.ndim + (part,)]
         bounds = None if bounds is None else bounds[:, part]
+    ahead = expands(grid.shape[0], grid.counts[0])  # the same for every chunk
     return resample_block(
-        coefficients, offset, coords, grid.counts, order, dtype, bounds, then
+        coefficients, offset, coords, grid.counts, order, dtype, bounds, then, ahead
     )
 
 

@@ -128,8 +128,9 @@ def taps_range(x, count, order):
 
 
 def resample_block(
-    coefficients, offset, coords, counts, order, dtype, bounds=None, then=None
-):
+    coefficients, offset, coords, counts, order, dtype, bounds=None, then=None,
+    ahead=None,
+):  # fmt: skip
     """Evaluate the spline on the tensor grid of `coords`.
 
     Parameters
@@ -155,6 +156,11 @@ def resample_block(
         plane `i` (first axis), in `dtype`, to the plane returned, of dtype
         ``then.dtype`` (a subtraction from the image, say), while the plane
         is in cache.
+    ahead : bool or None
+        Whether the axes after the first are contracted before the first
+        (else after it). It sets the order of the float sums, so a chunked
+        result gives it the same for all its chunks (:func:`expands`); None
+        takes the faster for this block.
 
     Returns
     -------
@@ -163,8 +169,11 @@ def resample_block(
     """
     values = np.asarray(coefficients, dtype=np.float64)
     taps = [_local_taps(coords, counts, offset, order, d) for d in range(len(coords))]
+    if ahead is None:
+        ahead = expands(len(coords[0]), values.shape[0])
     if math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :]) < _SLAB:
-        for axis in reversed(range(len(coords))):
+        axes = list(reversed(range(len(coords))))  # the others, then the first
+        for axis in axes if ahead else axes[-1:] + axes[:-1]:
             values = _contract(values, axis, *taps[axis])
         values = cast(_clip(values, bounds), dtype)
         if then is None:
@@ -180,7 +189,6 @@ def resample_block(
     # planes, and each output plane is a sum of a few of those; else (an
     # axis of spacing about 1) each output plane is made from the coarse
     # planes it needs.
-    ahead = len(coords[0]) > 2 * values.shape[0]
     if ahead:
         for axis in reversed(range(1, len(coords))):
             values = _contract(values, axis, *taps[axis])
@@ -201,6 +209,15 @@ def resample_block(
         else:
             out[i] = then(i, cast(_clip(plane, bounds), dtype))
     return out
+
+
+def expands(size, count):
+    """Whether `count` coarse samples resampled to `size` voxels more than double.
+
+    The first axis of :func:`resample_block` is then contracted last
+    (``ahead``): the others are contracted once for its few coarse planes.
+    """
+    return size > 2 * count
 
 
 def _combine(values, index, weights, out, scratch):

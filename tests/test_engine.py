@@ -238,3 +238,16 @@ def test_coefficients_chunk_by_chunk_are_those_of_the_whole_grid(
     long = [d for d in range(2) if shape[d] > 4 * prefilter_halo(order)]
     for d in long:  # no task holds the whole of a long axis
         assert coefficients.numblocks[d] > 1
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_large_chunks_resample_to_the_same_bits_however_cut(order):
+    # planes of 7200 voxels take the plane-by-plane path, whose order of
+    # float sums the engine fixes for all chunks (it followed each chunk's
+    # shape: one plane a chunk summed otherwise than twelve)
+    source = np.random.default_rng(4).normal(size=(12, 80, 90))
+    options = dict(selem=(4, 8, 8), interpolate=order)
+    whole = dls.local_percentile(source, 0.5, chunks=(12, 80, 90), **options)
+    for chunks in [(1, 80, 90), (5, 80, 90), (12, 40, 90)]:
+        cut = dls.local_percentile(source, 0.5, chunks=chunks, **options)
+        np.testing.assert_array_equal(cut, whole, strict=True)
