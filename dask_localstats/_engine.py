@@ -596,24 +596,42 @@ def _coefficients(coarse, order, ndim):
     Each chunk is prefiltered with a halo of :func:`prefilter_halo`
     samples along the spatial axes (the whole axis where it is shorter), so
     no task holds the whole grid and the coefficients are those of the
-    whole grid.
+    whole grid, within float rounding. The chunks depend on the grid's
+    shape alone (:func:`_prefilter_chunks`), not on the coarse blocks, so
+    a result's coefficients are the same bits whatever `block_bytes`.
     """
     halo = prefilter_halo(order)
-    depth = {d: 0 for d in range(coarse.ndim)}
-    chunks = list(coarse.chunks)
-    for d in range(ndim):
-        if coarse.shape[d] <= 2 * halo:
-            chunks[d] = (coarse.shape[d],)
-        else:
-            depth[d] = halo
+    chunks = _prefilter_chunks(coarse.shape, ndim, halo)
+    depth = {d: 0 if len(c) == 1 else halo for d, c in enumerate(chunks)}
     return da.map_overlap(
         functools.partial(prefilter, order=order, ndim=ndim),
-        coarse.rechunk(tuple(chunks)),
+        coarse.rechunk(chunks),
         depth=depth,
         boundary="none",
         dtype=np.float64,
         meta=np.empty((0,) * coarse.ndim, np.float64),
     )
+
+
+def _prefilter_chunks(shape, ndim, halo):
+    """Chunks of a coarse grid for its prefilter, from its shape alone.
+
+    Spatial axes of at most ``4 * halo`` samples are whole; the others are
+    cut in chunks of ``2 * halo`` samples (a last one shorter than the halo
+    joins the one before it): small, so that a batch of the output
+    prefilters only the coarse samples near it, with their halo.
+    """
+    side = 2 * halo
+    chunks = []
+    for d, n in enumerate(shape):
+        if d >= ndim or n <= 4 * halo:
+            chunks.append((n,))
+            continue
+        sizes = list(_split(n, side))
+        if len(sizes) > 1 and sizes[-1] < halo:
+            sizes[-2:] = [sizes[-2] + sizes[-1]]
+        chunks.append(tuple(sizes))
+    return tuple(chunks)
 
 
 def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=None):

@@ -251,3 +251,18 @@ def test_large_chunks_resample_to_the_same_bits_however_cut(order):
     for chunks in [(1, 80, 90), (5, 80, 90), (12, 40, 90)]:
         cut = dls.local_percentile(source, 0.5, chunks=chunks, **options)
         np.testing.assert_array_equal(cut, whole, strict=True)
+
+
+def test_prefilter_chunks_follow_the_grid_not_the_blocks():
+    # coarse blocks of any size, one prefilter: the same coefficients, bit
+    # for bit (with the coarse blocks' chunks, the halo's rounding differed)
+    source = np.random.default_rng(3).normal(size=4000) * 1000  # 1000 samples
+    lazy = da.from_array(source, chunks=500)
+    results = [
+        dls.local_percentile(lazy, 0.5, selem=4, interpolate=3, block_bytes=b)
+        for b in (200, 2000, 2**20)
+    ]
+    assert _engine._prefilter_chunks((1000,), 1, 32)[0] == (64,) * 15 + (40,)
+    computed = [r.compute() for r in results]
+    for other in computed[1:]:
+        np.testing.assert_array_equal(other, computed[0], strict=True)
