@@ -31,7 +31,7 @@ from dask._task_spec import Alias, DataNode, Task, TaskRef
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from ._engine import BlockLayer, checkpoint_of, filled_whole, upfront_of
+from ._engine import BlockLayer, checkpoint_of, extremes_of, filled_whole, upfront_of
 from ._graph import cull
 from ._lock import check_guard
 
@@ -225,13 +225,13 @@ def settle(array, checkpoints, batch_size, compute):
             name = checkpoint.coarse.name
             if name != grid.name and name in grid.dask.layers:
                 _batched(graph, checkpoint, batch_size, compute)
-        if filled_whole(grid):  # in one batch: its blocks share the fill
-            _batched(graph, mine, None, compute)
+        whole = filled_whole(grid)  # then in one batch: its blocks share the fill
         if upfront.extremes is None:
+            _batched(graph, mine, None if whole else batch_size, compute)
             continue
         extremes = upfront.extremes
         spatial = grid.ndim - (extremes.ndim - 1)
-        parts = _batched(graph, mine, batch_size, compute, spatial)
+        parts = _batched(graph, mine, None if whole else batch_size, compute, spatial)
         parts = np.concatenate(parts).reshape(-1, *extremes.shape)
         value = np.stack([parts[:, 0].min(axis=0), parts[:, 1].max(axis=0)])
         key = (extremes.name, *(0,) * extremes.ndim)
@@ -245,27 +245,21 @@ def _done(block):
     return np.ones(1, bool)
 
 
-def _extremes(block, spatial):
-    """A block's least and greatest value per component, ``(2, *fshape)``."""
-    axes = tuple(range(spatial))
-    return np.stack([block.min(axis=axes), block.max(axis=axes)]).astype(np.float64)
-
-
 def _batched(graph, checkpoint, batch_size, compute, spatial=None):
     """Compute blocks of a checkpoint's grid in batches; what each batch gives.
 
     Without `spatial`: the blocks not stored, each batch giving flags. With
-    it (the grid's spatial axes): all blocks, stored ones read, each
-    batch giving the blocks' extremes (:func:`_extremes`), ``(2 * blocks,
-    *fshape)``. As many blocks a batch as fit `batch_size` tasks (all in
-    one if None).
+    it (the grid's spatial axes): all blocks, stored ones read, each batch
+    giving the blocks' extremes (:func:`~dask_localstats._engine.extremes_of`),
+    ``(2 * blocks, *fshape)``. As many blocks a batch as fit `batch_size`
+    tasks (all in one if None).
     """
     indices = checkpoint.indices(missing=spatial is None)
     if not indices:
         return []
     name, coarse = checkpoint.coarse.name, checkpoint.coarse
     fshape = () if spatial is None else coarse.shape[spatial:]
-    sink, args = (_done, ()) if spatial is None else (_extremes, (spatial,))
+    sink, args = (_done, ()) if spatial is None else (extremes_of, (spatial,))
     dtype = bool if spatial is None else np.float64
     rows = 1 if spatial is None else 2
 

@@ -93,6 +93,14 @@ class Upfront(NamedTuple):
     extremes: da.Array | None = None
 
 
+def extremes_of(grid, ndim):
+    """Minimum and maximum of `grid` (NumPy or dask) over its `ndim` spatial
+    axes, per component: ``(2, *fshape)`` float64."""
+    axes = tuple(range(ndim))
+    stack = da.stack if isinstance(grid, da.Array) else np.stack
+    return stack([grid.min(axis=axes), grid.max(axis=axes)]).astype(np.float64)
+
+
 def upfront_of(layer):
     """The :class:`Upfront` step of a resampling layer, or None."""
     return getattr(layer, "upfront", None)
@@ -662,9 +670,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
     coefficients = _coefficients(coarse, order, ndim) if order > 1 else coarse
     dependencies, limits = [coefficients], None
     if clip and order > 1:
-        axes = tuple(range(ndim))
-        extremes = da.stack([coarse.min(axis=axes), coarse.max(axis=axes)])
-        extremes = extremes.astype(np.float64).rechunk(-1)
+        extremes = extremes_of(coarse, ndim).rechunk(-1)
         dependencies.append(extremes)
         limits = (extremes.name, *(0,) * extremes.ndim)
     token = tokenize(

@@ -705,13 +705,6 @@ def test_grids_read_whole_are_settled_once_before_the_batches(
     np.testing.assert_array_equal(out[:], expected, strict=True)
     coarse = next(v for v in result.dask.layers if v.startswith("localstats-coarse"))
     blocks = math.prod(result.dask.layers[coarse].numblocks)
-    print(
-        blocks,
-        len(graphs.sizes),
-        len(graphs.loads),
-        len(graphs.fills),
-        max(graphs.sizes),
-    )
     assert len(graphs.sizes) > 3
     assert len(graphs.coarse) == blocks  # each once
     assert len(graphs.fills) == (fill == "nearest")  # once, or never
