@@ -18,7 +18,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from outofcore import (
     LIGHTSHEET_SECTION,
     make_volume,
 )
-from run import environment, peak_rss_mib
+from run import child_json, environment, peak_rss_mib
 
 import dask_localstats as dls
 
@@ -90,13 +89,7 @@ def job(src, dst, label):
 
 
 def child(src, dst, label):
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", str(src), str(dst), label],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json(__file__, src, dst, label)
 
 
 def main(argv=None):

@@ -34,20 +34,16 @@ import time
 from pathlib import Path
 
 import dask.array as da
-import numpy as np
 import zarr
 from dask.callbacks import Callback
-from outofcore import ChunkCounter
+from outofcore import KWARGS as W7
+from outofcore import LIGHTSHEET, ChunkCounter
 from run import child_json, environment, peak_rss_mib
 from zarr.codecs import ZstdCodec
 
 import dask_localstats as dls
 
-LIGHTSHEET = dict(
-    selem=(1, 200, 200), spacing=(1, 25, 25), step=(1, 2, 2), dtype=np.float32
-)
 LIGHTSHEET_CHUNKS = (16, 1024, 1024)
-W7 = dict(selem=(64,) * 3, spacing=(32,) * 3)
 SHAPES = {  # uint16
     "8 TiB cube": ((16384, 16384, 16384), (256, 256, 256)),
     "8 TiB light-sheet": ((4096, 32768, 32768), LIGHTSHEET_CHUNKS),

@@ -182,10 +182,12 @@ def plan_blocks(
     def halved(counts, d):
         return [-(-k // 2) if i == d else k for i, k in enumerate(counts)]
 
-    def read(counts):  # voxels read by all blocks, and the longest region first
-        sizes = extent(counts)
-        blocks = [-(-m // k) for m, k in zip(grid.counts, counts, strict=True)]
-        return math.prod(b * e for b, e in zip(blocks, sizes, strict=True))
+    def per_axis(counts):  # blocks along each axis
+        return [-(-m // k) for m, k in zip(grid.counts, counts, strict=True)]
+
+    def read(counts):  # voxels read by all blocks
+        pairs = zip(per_axis(counts), extent(counts), strict=True)
+        return math.prod(b * e for b, e in pairs)
 
     def split(counts):  # halve the best axis, or None if no axis can be
         axes = [d for d in range(grid.ndim) if counts[d] > 1]
@@ -200,19 +202,14 @@ def plan_blocks(
         d = min(whole or axes, key=lambda d: (read(halved(counts, d)), -sizes[d]))
         return halved(counts, d)
 
-    def blocks(counts):
-        return math.prod(-(-m // k) for m, k in zip(grid.counts, counts, strict=True))
+    def threads_idle(counts):  # disjoint windows: cut more for the threads
+        return math.prod(per_axis(counts)) < MIN_BLOCKS and cost(counts) > floor
 
     counts = list(grid.counts)
     while cost(counts) > block_bytes and (smaller := split(counts)):
         counts = smaller
-    while (
-        disjoint(grid)
-        and blocks(counts) < MIN_BLOCKS
-        and cost(counts) > block_bytes // 4
-    ):
-        if not (smaller := split(counts)):
-            break
+    floor = block_bytes // 4 if disjoint(grid) else math.inf
+    while threads_idle(counts) and (smaller := split(counts)):
         counts = smaller
     if cost(counts) > block_bytes:
         msg = (
