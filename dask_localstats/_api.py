@@ -24,6 +24,7 @@ from ._engine import (
     coarse_stage,
     fused,
     identity,
+    read_through,
     resample_stage,
 )
 from ._grid import make_grid
@@ -728,7 +729,9 @@ def subtract_background(source, background, *, dtype=None, storage_options=None)
         raise ValueError(msg)
     if isinstance(source, da.Array):
         image = source.rechunk(background.chunks)
-    else:
+    else:  # its chunks decoded once, if the background's stage reads it too
+        image = read_through(background.dask, source, background.chunks)
+    if image is None:
         name = "localstats-source-" + tokenize(identity(source))
         image = da.from_array(source, chunks=background.chunks, name=name, asarray=True)
     token = tokenize(image.name, background.name, dtype)

@@ -25,6 +25,13 @@ which the prefilter's weights are below float64 rounding
 (:func:`~dask_localstats._interpolate.prefilter_halo`), so the grid is never
 held whole.
 
+A step that needs the image beside its resampled background (a
+subtraction) reads it through the coarse stage's chunk cache
+(:func:`read_through`): the chunks the coarse blocks decoded around an
+output chunk are still held when its turn comes, so each stored chunk is
+decoded about once for both stages. The cache holds :data:`CACHE_BLOCKS`
+block budgets, about a band of blocks and the output chunks under it.
+
 The coarse grid a resampling layer reads is remembered (:data:`CHECKPOINTS`),
 so that a writer can store it once and build the full resolution from the
 stored grid, which makes resuming an interrupted write nearly instant.
@@ -116,8 +123,9 @@ def filled_whole(grid):
 # grid's dask name, under which a writer checkpoints it, is the same on
 # every machine.
 MIN_BLOCKS = 4
-# Decoded storage chunks kept for the neighbouring blocks, per block budget.
-CACHE_BLOCKS = 2
+# Decoded storage chunks kept for the neighbouring blocks and the output
+# chunks a subtraction reads through them, in block budgets (see read_through).
+CACHE_BLOCKS = 6
 # Output chunks when the source imposes none: small enough for the allocator
 # to recycle their float64 temporaries instead of faulting in fresh pages.
 OUTPUT_CHUNK_BYTES = 16 * 2**20
@@ -393,6 +401,15 @@ def identity(array):
     return uuid.uuid4().hex if isinstance(array, np.ndarray) else array
 
 
+class Reader(NamedTuple):
+    """How a coarse stage reads a stored source: the keys of its graph."""
+
+    source: object  # the array itself
+    key: str  # the task holding it
+    cache: str  # the task holding its ChunkCache
+    layer: str  # the coarse stage's layer, which holds both tasks
+
+
 def _source_layer(source, name, cache_bytes):
     """Graph pieces to read `source`.
 
@@ -408,6 +425,34 @@ def _source_layer(source, name, cache_bytes):
         cache = f"cache-{name}"
         shared[cache] = Task(cache, ChunkCache, cache_bytes)
     return key, cache, shared, []
+
+
+def read_through(graph, source, chunks):
+    """`source` in `chunks`, read through the chunk cache of a coarse stage.
+
+    Where a coarse stage of `graph` (a HighLevelGraph) reads `source`
+    itself (the same array object) through a chunk cache, the chunks of
+    the result are read through that cache too: a step that needs the
+    image beside its background (a subtraction) then finds most chunks
+    decoded already. Returns None when no coarse stage reads `source` so.
+    """
+    readers = (getattr(layer, "reader", None) for layer in graph.layers.values())
+    reader = next((r for r in readers if r and r.source is source), None)
+    if reader is None:
+        return None
+    name = "localstats-read-" + tokenize(reader.key, chunks)
+    edges = [list(itertools.accumulate(c, initial=0)) for c in chunks]
+
+    def block(key, index):
+        slices = tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, index, strict=True))
+        return Task(key, _read, TaskRef(reader.key), slices, TaskRef(reader.cache))
+
+    layer = BlockLayer(name, [len(c) for c in chunks], block)
+    layers = dict(graph.layers) | {name: layer}
+    dependencies = dict(graph.dependencies) | {name: {reader.layer}}
+    meta = np.empty((0,) * len(chunks), source.dtype)
+    graph = HighLevelGraph(layers, dependencies)
+    return da.Array(graph, name, chunks, dtype=source.dtype, meta=meta)
 
 
 def coarse_stage(
@@ -487,6 +532,8 @@ def coarse_stage(
 
     numblocks = [len(c) for c in chunks] + [1] * len(statistic.fshape)
     layer = BlockLayer(name, numblocks, block, shared)
+    if src_cache:
+        layer.reader = Reader(source, src_ref, src_cache, name)
     chunks += tuple((f,) for f in statistic.fshape)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
     if missing.fill != "nearest":

@@ -101,6 +101,8 @@ class BlockLayer(Layer):
             index = self._index(key)
             if index is not None:
                 tasks[key] = self.make(key, index)
+            elif key in self.shared:  # read by another layer too
+                tasks[key] = self.shared[key]
         for node in list(tasks.values()):
             for dep in node.dependencies:
                 if dep in self.shared:

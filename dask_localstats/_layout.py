@@ -110,14 +110,18 @@ def auto_shards(shape, chunks, itemsize, nbytes=SHARD_BYTES):
     """Shards of whole chunks of about `nbytes`, or None for smaller arrays.
 
     The shard grows from one chunk by doubling its shortest side that is
-    still shorter than the array, until it holds `nbytes`; an array of
-    less than two such shards is not sharded. A terabyte of 64 MiB shards
-    is 16384 files (of 64 x 256 x 256 chunks, 131072).
+    still shorter than the array, the first axis last: it deepens only
+    once it holds whole planes, so that the output is written in slabs
+    one chunk deep, the order in which batches go and the source's chunks
+    are decoded (see :func:`~dask_localstats._engine.read_through`). It grows until
+    it holds `nbytes`; an array of less than two such shards is not
+    sharded. A terabyte of 64 MiB shards is 16384 files (of 64 x 256 x 256
+    chunks, 131072).
 
     Examples
     --------
     >>> auto_shards((1024, 2048, 2048), (64, 256, 256), 2)
-    (256, 256, 512)
+    (64, 512, 1024)
     >>> auto_shards((64, 256, 256), (64, 64, 64), 2) is None
     True
     """
@@ -128,6 +132,7 @@ def auto_shards(shape, chunks, itemsize, nbytes=SHARD_BYTES):
         growing = [d for d, n in enumerate(shape) if shards[d] < n]
         if not growing:
             break
+        growing = [d for d in growing if d] or growing  # the planes first
         d = min(growing, key=lambda d: (shards[d], -d))
         shards[d] *= 2
     shards = [

@@ -1,16 +1,28 @@
 """The public functions against the brute-force reference of docs/semantics.md."""
 
+from unittest import mock
+
 import dask
 import dask.array as da
 import numpy as np
 import pytest
 import reference
 import scipy.ndimage as ndi
+import zarr
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import geometries, images, masks, orders, percentiles
+from strategies import (
+    geometries,
+    images,
+    masks,
+    orders,
+    percentiles,
+    write_zarr,
+)
+from zarr.storage import LocalStore, LoggingStore
 
 import dask_localstats as dls
+from dask_localstats import _engine
 
 
 def _fail(block):
@@ -488,6 +500,31 @@ def test_subtractions_of_different_sources_are_different_computations():
     assert (x == 80).all() and (y == 180).all()
     lazy = dls.subtract_background(da.from_array(b, chunks=(1, 4)), background)
     assert (lazy.compute() == 180).all()
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_stored_source_is_decoded_once_for_background_and_subtraction(
+    tmp_path, write
+):
+    image = np.random.default_rng(5).integers(0, 900, (6, 40, 36), np.uint16)
+    path = write_zarr(tmp_path / "a.zarr", image, (3, 10, 9))
+    store = LoggingStore(LocalStore(path, read_only=True), log_level="DEBUG")
+    z = zarr.open_array(store, mode="r")
+    kwargs = dict(selem=(1, 12, 10), spacing=(1, 4, 4), dtype=np.float32)
+    with mock.patch.object(_engine, "CACHE_BLOCKS", 100):  # holds every chunk
+        background = dls.local_percentile(z, 0.25, block_bytes=3000, **kwargs)
+    got = dls.subtract_background(z, background)
+    store.counter.clear()
+    if write:
+        dls.to_zarr(got, tmp_path / "out.zarr")
+        got = zarr.open_array(tmp_path / "out.zarr")
+    else:
+        got = got.compute()
+    assert store.counter["get"] == 2 * 4 * 4  # each chunk once
+    expected = dls.subtract_background(
+        image, dls.local_percentile(image, 0.25, **kwargs)
+    )
+    np.testing.assert_array_equal(got[...], expected.compute(), strict=True)
 
 
 def test_subtracting_an_unknown_background():

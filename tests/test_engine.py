@@ -33,6 +33,7 @@ from dask_localstats._engine import (
     auto_chunks,
     coarse_stage,
     plan_blocks,
+    read_through,
 )
 from dask_localstats._grid import make_grid
 from dask_localstats._interpolate import prefilter, prefilter_halo
@@ -219,6 +220,19 @@ def test_overlapping_blocks_decode_each_storage_chunk_once(tmp_path):
         atol=0,
     )
     assert len(z.chunks_read) == len(set(z.chunks_read)) == 4 * 5 * 3
+
+
+def test_read_through_reads_the_source_through_its_coarse_stage_cache(tmp_path):
+    image = np.random.default_rng(1).integers(0, 500, (8, 30, 25), np.uint16)
+    z = zarr.open_array(write_zarr(tmp_path / "a.zarr", image, (4, 7, 9)))
+    coarse = dls.local_percentile(z, 0.5, selem=(1, 6, 5), interpolate=None)
+    chunks = ((3, 5), (30,), (10, 15))
+    image_through = read_through(coarse.dask, z, chunks)
+    assert read_through(coarse.dask, zarr.open_array(z.store), chunks) is None
+    assert "localstats-coarse" in str(image_through.dask.dependencies)
+    # alone: its graph keeps the source and the cache, not the coarse blocks
+    np.testing.assert_array_equal(image_through.compute(), image, strict=True)
+    assert image_through.chunks == chunks
 
 
 @given(
