@@ -781,10 +781,7 @@ def _subtract_plane(image, background, dtype):
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         np.rint(difference, out=difference)
-        if info.min == 0:  # fmax takes 0 where the background is NaN (unknown)
-            np.fmax(difference, 0, out=difference)
-            np.minimum(difference, info.max, out=difference)
-        else:
-            np.clip(difference, info.min, info.max, out=difference)
+        np.clip(difference, info.min, info.max, out=difference)
+        if np.isnan(difference).any():  # where the background is unknown: 0
             np.nan_to_num(difference, copy=False, nan=0.0)
     return difference
