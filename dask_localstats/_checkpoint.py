@@ -24,6 +24,7 @@ import io
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import dask.array as da
 import numpy as np
@@ -31,7 +32,15 @@ from dask._task_spec import Alias, DataNode, Task, TaskRef
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from ._engine import BlockLayer, checkpoint_of, extremes_of, filled_whole, upfront_of
+from ._engine import (
+    BlockLayer,
+    checkpoint_of,
+    extremes_of,
+    fill_of,
+    fill_stage,
+    upfront_of,
+)
+from ._fill import boxes, reach
 from ._graph import cull
 from ._lock import check_guard
 
@@ -195,18 +204,37 @@ def coarse_voxels(array, checkpoint):
     )
 
 
+class _Sink(NamedTuple):
+    """What a batch gives of each block: ``func(block, *args)``, ``(rows, *shape)``."""
+
+    func: object
+    args: tuple
+    rows: int
+    shape: tuple
+    dtype: object
+
+
+def _done(block):
+    return np.ones(1, bool)
+
+
+_DONE = _Sink(_done, (), 1, (), bool)
+
+
 def settle(array, checkpoints, batch_size, compute):
     """`array` with its steps that read whole grids done first, once.
 
     For the :class:`~dask_localstats._engine.Upfront` step of each
     resampling of `array`: the blocks of the checkpointed grids its grid
     reads are computed (and stored) first, in batches of at most
-    `batch_size` tasks as far as one block allows; then those of its grid,
-    in one batch when they come from a fill (which reads every block); and
-    when its extremes are wanted, they are gathered from all its blocks
-    (computed, or read where stored), batch by batch, and their value
-    replaces the task that every output block reads. Later batches then
-    read stored blocks only.
+    `batch_size` tasks as far as one block allows; then those of its grid.
+    A grid filled from the nearest valid samples
+    (:func:`~dask_localstats._engine.fill_stage`) is filled block by
+    block, each from a box around it (:func:`dask_localstats._fill.boxes`)
+    sized by the reaches gathered with the blocks it fills. When its
+    extremes are wanted, they are gathered from all its blocks (computed,
+    or read where stored), and their value replaces the task that every
+    output block reads. Later batches then read stored blocks only.
 
     `compute(collection, files)` computes one batch, which stores the
     blocks `files`, and returns its value.
@@ -217,22 +245,33 @@ def settle(array, checkpoints, batch_size, compute):
         if upfront is None:
             continue
         graph = HighLevelGraph(layers, dependencies)
-        grid = upfront.grid
-        mine = next((c for c in checkpoints if c.coarse.name == grid.name), None)
+        grid, fill = upfront.grid, fill_of(upfront.grid)
+        mine = _find(checkpoints, grid)
         if mine is None:
             continue  # not a grid of this result's
+        flagged = None if fill is None else _find(checkpoints, fill.flagged)
         for checkpoint in checkpoints:
             name = checkpoint.coarse.name
-            if name != grid.name and name in grid.dask.layers:
-                _batched(graph, checkpoint, batch_size, compute)
-        whole = filled_whole(grid)  # then in one batch: its blocks share the fill
+            if checkpoint not in (mine, flagged) and name in grid.dask.layers:
+                _batched(graph, checkpoint, _DONE, batch_size, compute)
+        if flagged is not None:
+            sink = _Sink(reach, (fill.ndim,), 1, (), np.float64)
+            reaches = _batched(graph, flagged, sink, batch_size, compute, every=True)
+            shape = fill.flagged.numblocks[: fill.ndim]
+            spatial = fill.flagged.chunks[: fill.ndim]
+            around = boxes(reaches.reshape(shape), spatial)
+            filled = fill_stage(fill.flagged, fill.ndim, grid.dtype, around, grid.name)
+            layers[grid.name] = _substituted(filled.dask.layers[grid.name], mine)
+            graph = HighLevelGraph(layers, dependencies)
         if upfront.extremes is None:
-            _batched(graph, mine, None if whole else batch_size, compute)
+            _batched(graph, mine, _DONE, batch_size, compute)
             continue
         extremes = upfront.extremes
         spatial = grid.ndim - (extremes.ndim - 1)
-        parts = _batched(graph, mine, None if whole else batch_size, compute, spatial)
-        parts = np.concatenate(parts).reshape(-1, *extremes.shape)
+        fshape = tuple(extremes.shape[1:])
+        sink = _Sink(extremes_of, (spatial,), 2, fshape, np.float64)
+        parts = _batched(graph, mine, sink, batch_size, compute, every=True)
+        parts = parts.reshape(-1, *extremes.shape)
         value = np.stack([parts[:, 0].min(axis=0), parts[:, 1].max(axis=0)])
         key = (extremes.name, *(0,) * extremes.ndim)
         layers[key[0]] = MaterializedLayer({key: DataNode(key, value)})
@@ -241,49 +280,40 @@ def settle(array, checkpoints, batch_size, compute):
     return da.Array(graph, array.name, array.chunks, meta=array._meta)
 
 
-def _done(block):
-    return np.ones(1, bool)
+def _find(checkpoints, grid):
+    return next((c for c in checkpoints if c.coarse.name == grid.name), None)
 
 
-def _batched(graph, checkpoint, batch_size, compute, spatial=None):
-    """Compute blocks of a checkpoint's grid in batches; what each batch gives.
+def _batched(graph, checkpoint, sink, batch_size, compute, every=False):
+    """Compute blocks of a checkpoint's grid in batches; what `sink` gives of each.
 
-    Without `spatial`: the blocks not stored, each batch giving flags. With
-    it (the grid's spatial axes): all blocks, stored ones read, each batch
-    giving the blocks' extremes (:func:`~dask_localstats._engine.extremes_of`),
-    ``(2 * blocks, *fshape)``. As many blocks a batch as fit `batch_size`
-    tasks (all in one if None).
+    The blocks not stored (all, stored ones read, if `every`), in C order,
+    as many a batch as fit `batch_size` tasks. Returns the sinks' values
+    concatenated along their first axis (an empty array if no block is
+    computed).
     """
-    indices = checkpoint.indices(missing=spatial is None)
-    if not indices:
-        return []
-    name, coarse = checkpoint.coarse.name, checkpoint.coarse
-    fshape = () if spatial is None else coarse.shape[spatial:]
-    sink, args = (_done, ()) if spatial is None else (extremes_of, (spatial,))
-    dtype = bool if spatial is None else np.float64
-    rows = 1 if spatial is None else 2
+    indices = checkpoint.indices(missing=not every)
+    name = checkpoint.coarse.name
 
     def batch(part):
-        sinks = "localstats-settle-" + tokenize(name, part, sink.__name__)
+        sinks = "localstats-settle-" + tokenize(name, part, sink.func.__name__)
         tasks = {}
         for k, index in enumerate(part):
-            key = (sinks, k, *(0,) * len(fshape))
-            tasks[key] = Task(key, sink, TaskRef((name, *index)), *args)
+            key = (sinks, k, *(0,) * len(sink.shape))
+            tasks[key] = Task(key, sink.func, TaskRef((name, *index)), *sink.args)
         with_sinks = HighLevelGraph(
             {**graph.layers, sinks: MaterializedLayer(tasks)},
             {**graph.dependencies, sinks: {name}},
         )
-        chunks = ((rows,) * len(part), *((n,) for n in fshape))
-        meta = np.empty((0,) * len(chunks), dtype)
+        chunks = ((sink.rows,) * len(part), *((n,) for n in sink.shape))
+        meta = np.empty((0,) * len(chunks), sink.dtype)
         return da.Array(cull(with_sinks, list(tasks)), sinks, chunks, meta=meta)
 
-    size = len(indices)
-    if batch_size is not None:
-        size = max(1, batch_size // len(batch(indices[:1]).dask))
-    values = []
+    values = [np.empty((0, *sink.shape), sink.dtype)]
+    size = max(1, batch_size // len(batch(indices[:1]).dask)) if indices else 1
     for start in range(0, len(indices), size):
         collection = batch(indices[start : start + size])
         files = checkpoint.unsaved(collection.dask)
         values.append(compute(collection, files))
         checkpoint.stored.update(files)
-    return values
+    return np.concatenate(values)

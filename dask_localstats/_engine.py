@@ -45,6 +45,7 @@ import ctypes.util
 import functools
 import itertools
 import math
+import operator
 import os
 import uuid
 from typing import NamedTuple
@@ -55,6 +56,7 @@ from dask._task_spec import DataNode, Task, TaskRef, parse_input
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from ._fill import fill_block
 from ._graph import BlockLayer
 from ._interpolate import (
     coordinates,
@@ -65,7 +67,7 @@ from ._interpolate import (
     taps_range,
 )
 from ._io import ChunkCache, read_region
-from ._kernels import KEEP_ALL, disjoint, fill_nearest, flagged_dtype, reduce_block
+from ._kernels import KEEP_ALL, disjoint, flagged_dtype, reduce_block
 from .errors import MemoryBudgetError
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
@@ -89,7 +91,7 @@ class Upfront(NamedTuple):
     ----------
     grid : dask array
         The grid read whole: the coarse grid whose extremes clip the
-        resampling, or a grid filled by :func:`fill_nearest`.
+        resampling, or a grid filled by :func:`fill_stage`.
     extremes : dask array or None
         Its minimum and maximum per component, ``(2, *fshape)`` in float64,
         which every output block reads; a writer gathers them from the
@@ -113,9 +115,16 @@ def upfront_of(layer):
     return getattr(layer, "upfront", None)
 
 
-def filled_whole(grid):
-    """Whether the blocks of `grid` come from one fill of a whole grid."""
-    return any(getattr(layer, "whole", False) for layer in grid.dask.layers.values())
+class Fill(NamedTuple):
+    """What a grid filled by :func:`fill_stage` fills."""
+
+    flagged: da.Array  # the coarse grid, its samples flagged where missing
+    ndim: int  # its spatial axes
+
+
+def fill_of(grid):
+    """The :class:`Fill` that makes `grid` (a dask array), or None."""
+    return getattr(grid.dask.layers.get(grid.name), "fill", None)
 
 
 # Blocks a grid of windows that do not overlap is cut into at least (see
@@ -472,7 +481,7 @@ def coarse_stage(
         Memory budget of one block's source region.
     missing : Missing
         Handling of NaN voxels and under-covered windows; with
-        ``fill='nearest'`` the gaps are filled on the whole grid, in one task.
+        ``fill='nearest'`` the gaps are filled by :func:`fill_stage`.
 
     Returns
     -------
@@ -542,13 +551,45 @@ def coarse_stage(
     flagged = flagged_dtype(dtype)
     meta = np.empty((0,) * len(chunks), flagged)
     coarse = da.Array(graph, name, chunks, dtype=flagged, meta=meta)
-    # the fill reads the whole grid: writers store its blocks too (see
-    # checkpoint_of), so that later batches read them instead of computing
+    # the fill reads other blocks: writers store these too (see
+    # checkpoint_of), so that it reads them instead of computing
     layer.coarse = coarse
-    filled = coarse.rechunk(-1).map_blocks(fill_nearest, grid.ndim, dtype=dtype)
-    filled = filled.rechunk(chunks)
-    filled.dask.layers[filled.name].whole = True  # see Upfront
-    return filled
+    return fill_stage(coarse, grid.ndim, dtype)
+
+
+def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
+    """The grid `flagged` with its missing samples filled, a task a block.
+
+    Without `boxes` every block is cut from one fill of the whole grid,
+    in one task; with `boxes` (``{block index: ((lo, hi) per spatial
+    axis)}``, see :func:`dask_localstats._fill.boxes`) each block is
+    filled from its box alone, with the same values. `name` names the
+    result (a writer gives a grid's blocks boxes under the grid's name).
+    """
+    name = name or "localstats-filled-" + tokenize(flagged.name)
+    edges = [list(itertools.accumulate(c, initial=0)) for c in flagged.chunks]
+    whole = f"{name}-whole"
+    shared = {}
+    if boxes is None:
+        region = [(0, n) for n in flagged.shape[:ndim]]
+        shared[whole] = Task(whole, fill_block, region_task(flagged, region), ndim)
+
+    def block(key, index):
+        spatial = [(e[i], e[i + 1]) for e, i in zip(edges, index[:ndim], strict=False)]
+        if boxes is None:
+            cut = tuple(slice(a, b) for a, b in spatial)
+            return Task(key, operator.getitem, TaskRef(whole), cut)
+        box = boxes[index[:ndim]]
+        inner = tuple(
+            slice(a - lo, b - lo) for (a, b), (lo, _) in zip(spatial, box, strict=True)
+        )
+        return Task(key, fill_block, region_task(flagged, box), ndim, inner)
+
+    layer = BlockLayer(name, flagged.numblocks, block, shared)
+    layer.fill = Fill(flagged, ndim)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[flagged])
+    meta = np.empty((0,) * flagged.ndim, dtype)
+    return da.Array(graph, name, flagged.chunks, dtype=dtype, meta=meta)
 
 
 def _block_coordinates(grid, align, start, stop):
@@ -761,7 +802,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
     layer.coarse = coarse  # see checkpoint_of
     if limits:
         layer.upfront = Upfront(coarse, extremes)
-    elif filled_whole(coarse):
+    elif fill_of(coarse) is not None:
         layer.upfront = Upfront(coarse)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)
     meta = np.empty((0,) * len(out_chunks), coarse.dtype)

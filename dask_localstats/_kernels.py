@@ -47,7 +47,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from ._tiles import tile_moments, tile_reduce
 
@@ -437,7 +436,7 @@ class Missing:
         always are.
     fill : {'zero', 'nearest'}
         Missing samples become 0, or the value of the nearest valid sample
-        (see :func:`fill_nearest`; the kernel only flags them).
+        (see :mod:`dask_localstats._fill`; the kernel only flags them).
     """
 
     omit_nan: bool = False
@@ -471,34 +470,6 @@ KEEP_ALL = Missing()
 def flagged_dtype(dtype):
     """Record dtype of a sample and its missing flag."""
     return np.dtype([("value", dtype), ("missing", bool)])
-
-
-def fill_nearest(flagged, ndim):
-    """Replace missing samples by their nearest valid neighbour on the grid.
-
-    Parameters
-    ----------
-    flagged : record ndarray
-        The whole coarse grid, fields ``value`` and ``missing``.
-    ndim : int
-        Number of grid axes (trailing axes are components of one sample).
-
-    Returns
-    -------
-    ndarray
-        The values, with every missing one taken from the nearest (Euclidean,
-        on the grid) valid sample; all zero if no sample is valid.
-    """
-    values = flagged["value"].copy()
-    missing = flagged["missing"].reshape((*flagged.shape[:ndim], -1))[..., 0]
-    if missing.all():
-        values[...] = 0
-    elif missing.any():
-        index = ndimage.distance_transform_edt(
-            missing, return_distances=False, return_indices=True
-        )
-        values[missing] = values[tuple(index)][missing]
-    return values
 
 
 def reduce_block(

@@ -250,3 +250,21 @@ def apply_local_function(
         return_centers,
         align,
     )
+
+
+def fill_nearest(values, missing):
+    """Missing samples (`missing`, the spatial axes) from the nearest valid one.
+
+    For each missing sample, the squared distance to every valid sample; the
+    first valid sample in C order at the least distance gives its values
+    (docs/semantics.md, `fill`). All 0 if none is valid.
+    """
+    values = values.copy()
+    valid = np.argwhere(~missing)
+    if not len(valid):
+        values[...] = 0
+        return values
+    for point in np.argwhere(missing):
+        d2 = np.square(valid - point).sum(axis=1)
+        values[tuple(point)] = values[tuple(valid[np.argmin(d2)])]
+    return values

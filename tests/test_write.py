@@ -24,8 +24,8 @@ from strategies import write_zarr
 import dask_localstats as dls
 from dask_localstats._checkpoint import _load_block
 from dask_localstats._engine import _coarse_block
+from dask_localstats._fill import fill_block
 from dask_localstats._graph import cull
-from dask_localstats._kernels import fill_nearest
 from dask_localstats._lock import LOCK
 from dask_localstats._place import Folder
 from dask_localstats._write import _written
@@ -549,7 +549,7 @@ def test_output_urls_and_dot_dot_go_where_the_system_would_write(tmp_path):
 
 class _Graphs(Callback):
     """dask's local callbacks: the size of each graph run, the coarse blocks
-    made, the stored blocks read and the grids filled."""
+    made, the stored blocks read and the blocks filled."""
 
     def __init__(self):
         super().__init__()
@@ -561,7 +561,7 @@ class _Graphs(Callback):
     def _pretask(self, key, dsk, state):
         self.coarse += [key] * _calls(dsk[key], _coarse_block)
         self.loads += [key] * _calls(dsk[key], _load_block)
-        self.fills += [key] * _calls(dsk[key], fill_nearest)
+        self.fills += [key] * _calls(dsk[key], fill_block)
 
 
 def _calls(node, func):
@@ -707,7 +707,8 @@ def test_grids_read_whole_are_settled_once_before_the_batches(
     blocks = math.prod(result.dask.layers[coarse].numblocks)
     assert len(graphs.sizes) > 3
     assert len(graphs.coarse) == blocks  # each once
-    assert len(graphs.fills) == (fill == "nearest")  # once, or never
+    # each block filled once, from a box around it, in batches
+    assert len(graphs.fills) == len(set(graphs.fills)) == blocks * (fill == "nearest")
     # a stored block is read by the batches whose prefilter chunks (64
     # samples, 2 blocks) and their halo (32 samples a side) reach it, and by
     # the pass gathering the extremes, not by every batch (16 blocks: 1008

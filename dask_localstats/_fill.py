@@ -1,0 +1,222 @@
+"""Missing samples of a coarse grid taken from the nearest valid sample.
+
+With ``fill="nearest"`` a missing sample (a window that kept too few
+voxels) takes the values of the nearest valid sample of the coarse grid,
+by Euclidean distance in grid steps; of several equally near, the first in
+C order (the least index on the first axis, then on the next, ...).
+
+Nearest samples
+---------------
+The nearest valid sample ``q`` of a missing sample ``p`` has a missing
+neighbour on each axis along which it lies off ``p``: one step from ``q``
+toward ``p`` is nearer to ``p``, so it cannot be valid. Only the valid
+samples bordering the missing ones are candidates, then; a k-d tree of
+them (:class:`scipy.spatial.cKDTree`) gives each missing sample its
+nearest ones, with squared distances compared exactly as integers, and
+where the nearest are tied all those at that distance are taken and the
+first in C order kept (:func:`nearest`). The answer depends only on the
+samples within that distance of ``p``: it is the same in any box of the
+grid that holds them.
+
+Block by block
+--------------
+So a block of the grid can be filled from a box around it alone: the block
+grown on every side by a bound on how far any of its missing samples is
+from its nearest valid one. For a block with valid samples, the farthest
+any of its missing samples is from a valid sample of the block itself (its
+*reach*, :func:`reach`, computed with the block) bounds it; for a block
+without, the distance to the nearest block that has some, plus both
+blocks' half diagonals (:func:`boxes`). A writer computes the reaches with
+the blocks, then fills block by block; a lazy result fills the whole grid
+at once (see :func:`dask_localstats._engine.fill_stage`). Both give the
+same values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+__all__ = ["boxes", "fill_block", "nearest", "reach"]
+
+
+def _border(missing):
+    """Indices (C order) of the valid samples next to a missing one along an axis."""
+    near = np.zeros_like(missing)
+    for d in range(missing.ndim):
+        lower = (slice(None),) * d + (slice(None, -1),)
+        upper = (slice(None),) * d + (slice(1, None),)
+        near[lower] |= missing[upper]
+        near[upper] |= missing[lower]
+    return np.argwhere(near & ~missing)
+
+
+def nearest(missing, points, ties=True):
+    """The nearest valid sample of each of `points`, in a boolean grid `missing`.
+
+    Parameters
+    ----------
+    missing : bool ndarray
+        True where a sample is missing.
+    points : (k, ndim) int ndarray
+        Indices of samples (missing ones).
+    ties : bool
+        Whether, of equally near samples, to find the first in C order
+        (else any of them).
+
+    Returns
+    -------
+    (k, ndim) int ndarray, or None when no sample is valid
+
+    Examples
+    --------
+    >>> missing = np.array([[False, True, False], [True, True, True]])
+    >>> nearest(missing, np.argwhere(missing)).tolist()
+    [[0, 0], [0, 0], [0, 0], [0, 2]]
+    """
+    border = _border(missing)
+    if not len(border):
+        return None if missing.all() else points.copy()
+    tree = cKDTree(border)
+    chosen = np.empty(len(points), np.intp)
+    todo = np.arange(len(points))
+    k = min(2 if ties else 1, len(border))
+    while len(todo):
+        _, found = tree.query(points[todo], k=k)
+        found = found.reshape(len(todo), k)
+        d2 = np.square(border[found] - points[todo, None]).sum(axis=-1)
+        least = d2.min(axis=1, keepdims=True)
+        # indices of border are in C order: the least tied one is the first
+        chosen[todo] = np.where(d2 == least, found, len(border)).min(axis=1)
+        if k == len(border) or not ties:
+            break
+        todo = todo[d2[:, -1] == least[:, 0]]  # more may be tied beyond k
+        k = min(4 * k, len(border))
+    return border[chosen]
+
+
+def _missing(flagged, ndim):
+    """The missing flags of a flagged grid's samples (its spatial axes)."""
+    return flagged["missing"].reshape((*flagged.shape[:ndim], -1))[..., 0]
+
+
+def fill_block(flagged, ndim, block=None):
+    """Values of a block of `flagged`, missing ones from the nearest valid sample.
+
+    Parameters
+    ----------
+    flagged : record ndarray
+        Fields ``value`` and ``missing``, spatial axes first; a box of the
+        grid that holds, for each missing sample of `block`, the samples
+        within its distance to the nearest valid one (all the grid will do).
+    ndim : int
+        Number of spatial axes.
+    block : tuple of slice or None
+        The block of `flagged` to fill (unit steps); the whole if None.
+
+    Returns
+    -------
+    ndarray
+        The block's values; all 0 when `flagged` has no valid sample.
+
+    Examples
+    --------
+    >>> flagged = np.zeros(5, [("value", float), ("missing", bool)])
+    >>> flagged["value"] = [5, -1, 7, -1, -1]
+    >>> flagged["missing"] = [False, True, False, True, True]
+    >>> fill_block(flagged, 1)  # sample 1 is as near to 0 as to 2: 0 wins
+    array([5., 5., 7., 7., 7.])
+    """
+    block = block or (slice(None),) * ndim
+    values = flagged["value"][block].copy()
+    missing = _missing(flagged, ndim)
+    start = [s.indices(n)[0] for s, n in zip(block, missing.shape, strict=True)]
+    points = np.argwhere(missing[block]) + start
+    if not len(points):
+        return values
+    found = nearest(missing, points)
+    if found is None:
+        values[...] = 0
+    else:
+        inside = tuple((points - start).T)
+        values[inside] = flagged["value"][tuple(found.T)]
+    return values
+
+
+def reach(flagged, ndim):
+    """How far a block's missing samples are from its valid ones, squared.
+
+    The greatest squared distance from a missing sample of the block
+    `flagged` to the nearest valid sample of the block: ``[0.0]`` with none
+    missing, ``[inf]`` with none valid.
+
+    Examples
+    --------
+    >>> flagged = np.zeros((1, 4), [("value", float), ("missing", bool)])
+    >>> flagged["missing"] = [[False, True, True, True]]
+    >>> reach(flagged, 2)
+    array([9.])
+    """
+    missing = _missing(flagged, ndim)
+    points = np.argwhere(missing)
+    if not len(points):
+        return np.zeros(1)
+    found = nearest(missing, points, ties=False)
+    if found is None:
+        return np.full(1, np.inf)
+    return np.array([float(np.square(found - points).sum(axis=1).max())])
+
+
+def _ceil_sqrt(value):
+    return math.isqrt(int(value)) + (math.isqrt(int(value)) ** 2 < value)
+
+
+def boxes(reaches, chunks):
+    """The box each block of a grid is filled from.
+
+    Parameters
+    ----------
+    reaches : ndarray
+        Each block's :func:`reach`, on the grid of blocks.
+    chunks : tuple of tuple of int
+        The blocks' sizes along each spatial axis.
+
+    Returns
+    -------
+    dict
+        ``{block index: ((lo, hi) per axis)}``: the block grown on every
+        side by a bound on the distance from its missing samples to their
+        nearest valid ones, within the grid.
+
+    Examples
+    --------
+    >>> boxes(np.array([0.0, 4.0, np.inf]), ((3, 3, 3),))
+    {(0,): ((0, 3),), (1,): ((1, 8),), (2,): ((0, 9),)}
+    """
+    edges = [np.cumsum((0, *c)) for c in chunks]
+    shape = [e[-1] for e in edges]
+    indices = list(np.ndindex(reaches.shape))
+    lo = np.array([[e[i] for e, i in zip(edges, n, strict=True)] for n in indices])
+    hi = np.array([[e[i + 1] for e, i in zip(edges, n, strict=True)] for n in indices])
+    flat = reaches.ravel()
+    grow = np.zeros(len(flat), np.int64)
+    valid = np.isfinite(flat)
+    grow[valid] = [_ceil_sqrt(r) for r in flat[valid]]
+    if valid.any() and not valid.all():
+        # a block without valid samples: each of its samples is at most its
+        # half diagonal from its center, which is some distance from the
+        # center of the nearest block that has valid samples
+        centers = (lo + hi - 1) / 2
+        half = np.sqrt(np.square((hi - lo - 1) / 2).sum(axis=1))
+        distance, near = cKDTree(centers[valid]).query(centers[~valid])
+        bound = distance + half[~valid] + half[valid][near]
+        grow[~valid] = np.ceil(bound).astype(np.int64) + 1
+    boxes = {}
+    for n, index in enumerate(indices):
+        boxes[index] = tuple(
+            (int(max(a - grow[n], 0)), int(min(b + grow[n], s)))
+            for a, b, s in zip(lo[n], hi[n], shape, strict=True)
+        )
+    return boxes

@@ -1,0 +1,91 @@
+"""The nearest fill, whole and block by block, against the brute-force reference."""
+
+import itertools
+
+import numpy as np
+import reference
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import booleans, chunkings
+
+from dask_localstats._fill import boxes, fill_block, nearest, reach
+from dask_localstats._kernels import flagged_dtype
+
+
+@st.composite
+def flagged_grids(draw, max_ndim=3):
+    """A flagged grid (values, missing flags) of 1 to `max_ndim` spatial axes.
+
+    Some have a slab of missing samples (whole blocks without a valid one),
+    some components per sample.
+    """
+    ndim = draw(st.integers(1, max_ndim))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    missing = draw(booleans(shape))
+    slab = draw(st.integers(0, shape[0]))
+    missing[:slab] = True
+    components = draw(st.sampled_from([(), (2,)]))
+    values = np.arange(np.prod(shape + components), dtype=np.float64)
+    flagged = np.empty(shape + components, flagged_dtype(np.float64))
+    flagged["value"] = values.reshape(flagged.shape)
+    flagged["missing"] = missing.reshape(missing.shape + (1,) * len(components))
+    return flagged, ndim
+
+
+@given(grid=flagged_grids())
+def test_fill_of_the_whole_grid_matches_the_reference(grid):
+    flagged, ndim = grid
+    missing = flagged["missing"].reshape((*flagged.shape[:ndim], -1))[..., 0]
+    expected = reference.fill_nearest(flagged["value"], missing)
+    np.testing.assert_array_equal(fill_block(flagged, ndim), expected, strict=True)
+
+
+@given(grid=flagged_grids(), data=st.data())
+def test_blocks_filled_from_their_boxes_equal_the_whole_fill(grid, data):
+    flagged, ndim = grid
+    chunks = data.draw(chunkings(flagged.shape[:ndim]))
+    edges = [np.cumsum((0, *c)) for c in chunks]
+    blocks = {
+        index: tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, index, strict=True))
+        for index in itertools.product(*(range(len(c)) for c in chunks))
+    }
+    reaches = np.array([reach(flagged[b], ndim)[0] for b in blocks.values()])
+    around = boxes(reaches.reshape([len(c) for c in chunks]), chunks)
+    whole = fill_block(flagged, ndim)
+    for index, block in blocks.items():
+        box = around[index]
+        assert all(
+            lo <= b.start and b.stop <= hi
+            for b, (lo, hi) in zip(block, box, strict=True)
+        )
+        inner = tuple(
+            slice(b.start - lo, b.stop - lo)
+            for b, (lo, _) in zip(block, box, strict=True)
+        )
+        part = fill_block(flagged[tuple(slice(*r) for r in box)], ndim, inner)
+        np.testing.assert_array_equal(part, whole[block], strict=True)
+
+
+def test_of_equally_near_samples_the_first_in_c_order_wins():
+    missing = np.ones((5, 5), bool)
+    missing[0, 2] = missing[2, 0] = missing[2, 4] = missing[4, 2] = False
+    # (2, 2) is 2 away from all four; (0, 2) comes first
+    assert nearest(missing, np.array([[2, 2]])).tolist() == [[0, 2]]
+    missing[0, 2] = True  # then (2, 0)
+    assert nearest(missing, np.array([[2, 2]])).tolist() == [[2, 0]]
+    # many ties at once, beyond the first query's two nearest
+    ring = np.ones((9, 9), bool)
+    for y, x in [(0, 4), (4, 0), (4, 8), (8, 4), (1, 1), (1, 7), (7, 1), (7, 7)]:
+        ring[y, x] = False
+    assert nearest(ring, np.array([[4, 4]])).tolist() == [[0, 4]]
+    assert nearest(np.ones((3, 3), bool), np.array([[1, 1]])) is None
+
+
+def test_reach_is_the_farthest_missing_sample_from_a_valid_one():
+    flagged = np.zeros((3, 3), flagged_dtype(np.float32))
+    flagged["missing"] = True
+    assert reach(flagged, 2)[0] == np.inf
+    flagged["missing"][0, 0] = False
+    assert reach(flagged, 2)[0] == 8  # (2, 2)
+    flagged["missing"] = False
+    assert reach(flagged, 2)[0] == 0
