@@ -28,7 +28,7 @@ from ._engine import (
     resample_stage,
 )
 from ._grid import make_grid
-from ._interpolate import ALIGNS
+from ._interpolate import ALIGNS, each_plane
 from ._io import open_source
 from ._kernels import Function, Histogram, Missing, Percentile
 from ._public import public
@@ -766,13 +766,9 @@ def _subtract_block(image, background, dtype):
     One plane (first axis) at a time, so the float64 temporaries stay in
     cache and each voxel is read once and written once.
     """
-    out = np.empty(image.shape, dtype)
-    if image.ndim == 0 or image.size == 0:
-        out[...] = _subtract_plane(image, background, dtype)
-        return out
-    for i in range(image.shape[0]):
-        out[i] = _subtract_plane(image[i], background[i], dtype)
-    return out
+    if image.ndim == 0:
+        return _subtract_plane(image, background, dtype).astype(dtype)
+    return each_plane(_Subtraction(image, dtype), background, dtype)
 
 
 def _subtract_plane(image, background, dtype):

@@ -123,6 +123,10 @@ class Checkpoint:
         """Whether `file` is one of this grid's blocks."""
         return file.startswith(self.folder + "/") and file.endswith(".npy")
 
+    def saved(self, files):
+        """Note that a computation stored `files` (this grid's among them)."""
+        self.stored.update(filter(self.owns, files))
+
     def unsaved(self, graph):
         """The files of the blocks that `graph` computes (and stores)."""
         found = []
@@ -315,5 +319,5 @@ def _batched(graph, checkpoint, sink, batch_size, compute, every=False):
         collection = batch(indices[start : start + size])
         files = checkpoint.unsaved(collection.dask)
         values.append(compute(collection, files))
-        checkpoint.stored.update(files)
+        checkpoint.saved(files)
     return np.concatenate(values)

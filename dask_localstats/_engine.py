@@ -638,18 +638,13 @@ def fused(resampled, name, then, operands, dtype):
     when `resampled` is not a resampling stage.
     """
     layer = resampled.dask.layers.get(resampled.name)
-    if not isinstance(layer, BlockLayer) or any(
-        a.chunks != resampled.chunks for a in operands
-    ):
+    resample = getattr(layer, "resample", None)
+    if resample is None or any(a.chunks != resampled.chunks for a in operands):
         return None
-    first = (0,) * len(layer.numblocks)
-    if layer.make((resampled.name, *first), first).func is not _resample:
-        return None  # another stage of ours, such as the coarse grid itself
 
     def block(key, index):
-        inner = layer.make((resampled.name, *index), index)
         blocks = [TaskRef((a.name, *index)) for a in operands]
-        return Task(key, _resample, *inner.args, then=Task(None, then, *blocks))
+        return resample(key, index, Task(None, then, *blocks))
 
     out = BlockLayer(name, layer.numblocks, block)
     out.coarse, out.upfront = layer.coarse, upfront_of(layer)
@@ -773,7 +768,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
         parts = [None] if len(parts) == 1 else parts
     edges = [list(itertools.accumulate(c, initial=0)) for c in chunks]
 
-    def block(key, index):
+    def block(key, index, then=None):
         start = tuple(edges[d][i] for d, i in enumerate(index[:ndim]))
         stop = tuple(edges[d][i + 1] for d, i in enumerate(index[:ndim]))
         coords = _block_coordinates(grid, align, start, stop)
@@ -795,10 +790,12 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
             coarse.dtype,
             limits and TaskRef(limits),
             part,
+            then=then,
         )
 
     out_chunks = tuple(chunks) + tuple(fchunks)
     layer = BlockLayer(name, [len(c) for c in out_chunks], block)
+    layer.resample = block  # with a step fused into each task, see fused
     layer.coarse = coarse  # see checkpoint_of
     if limits:
         layer.upfront = Upfront(coarse, extremes)

@@ -176,12 +176,7 @@ def resample_block(
         for axis in axes if ahead else axes[-1:] + axes[:-1]:
             values = _contract(values, axis, *taps[axis])
         values = cast(_clip(values, bounds), dtype)
-        if then is None:
-            return values
-        out = np.empty(values.shape, then.dtype)
-        for i, plane in enumerate(values):
-            out[i] = then(i, plane)
-        return out
+        return values if then is None else each_plane(then, values, then.dtype)
     # The output is made one plane (first axis) at a time, so that the
     # float64 temporaries stay in cache and only the result is written.
     # When the first axis expands (more output planes than twice the coarse
@@ -208,6 +203,21 @@ def resample_block(
             cast(_clip(plane, bounds), dtype, out[i])
         else:
             out[i] = then(i, cast(_clip(plane, bounds), dtype))
+    return out
+
+
+def each_plane(step, planes, dtype):
+    """``step(i, plane)`` for each plane `i` (first axis) of `planes`, as one array.
+
+    Examples
+    --------
+    >>> each_plane(lambda i, plane: plane + i, np.zeros((2, 3)), np.int8)
+    array([[0, 0, 0],
+           [1, 1, 1]], dtype=int8)
+    """
+    out = np.empty(planes.shape, dtype)
+    for i, plane in enumerate(planes):
+        out[i] = step(i, plane)
     return out
 
 

@@ -7,7 +7,7 @@ whose windows have the same length (all interior windows, and each distinct
 clipping at the borders). For every combination of per-axis runs, all those
 windows are gathered at once into a ``(windows, voxels)`` array, in the C
 order of each window: by one copy of a strided view of the block where the
-windows of every axis are evenly spaced (:func:`_gather`), else by one
+windows of every axis are evenly spaced (:func:`_gatherer`), else by one
 broadcast fancy index; the footprint and the mask are gathered the same way
 into a validity array. A statistic then
 reduces the rows of that array with vectorized NumPy, so there is no Python
@@ -518,12 +518,13 @@ def reduce_block(
         for part in _batches(combo, math.prod(p.shape[1] for _, p, _ in combo)):
             rows = [r for r, _, _ in part]
             positions = [p - o for (_, p, _), o in zip(part, origin, strict=True)]
-            values = _gather(block, positions)
+            gather = _gatherer(positions)
+            values = gather(block)
             valid = None
             if grid.footprint is not None:
                 valid = grid.footprint[_broadcast([f for _, _, f in part])]
             if mask is not None:
-                kept = _gather(mask, positions).astype(bool, copy=False)
+                kept = gather(mask).astype(bool, copy=False)
                 valid = kept if valid is None else valid & kept
             if omit_nan:
                 kept = ~np.isnan(values)
@@ -538,14 +539,14 @@ def reduce_block(
     return missing.apply(out, counts)
 
 
-def _gather(array, positions):
-    """``array`` at the windows of `positions`, shape ``(g0, ..., L0, ...)``.
+def _gatherer(positions):
+    """What takes an array to its windows at `positions`, ``(g0, ..., L0, ...)``.
 
     `positions` holds, per axis, the indices ``(g, L)`` of `g` windows of `L`
     voxels each. Where every axis's windows are evenly spaced, with evenly
-    spaced voxels, this is one copy of a strided view of `array` (a sliding
-    window view, sliced); else one broadcast fancy index. Both give the
-    same array.
+    spaced voxels, the windows are one copy of a strided view of the array
+    (a sliding window view, sliced); else one broadcast fancy index. Both
+    give the same array; the plan is made once for a block and its mask.
     """
     windows, picks = [], []
     for p in positions:
@@ -554,7 +555,8 @@ def _gather(array, positions):
         stride = int(p[1, 0] - p[0, 0]) if g > 1 else 1
         expected = p[0, 0] + stride * np.arange(g)[:, None] + step * np.arange(length)
         if stride < 1 or step < 1 or not np.array_equal(p, expected):
-            return array[_broadcast(positions)]
+            index = _broadcast(positions)
+            return lambda array: array[index]
         width = (length - 1) * step + 1
         start = int(p[0, 0])
         windows.append(width)
@@ -564,9 +566,9 @@ def _gather(array, positions):
                 slice(None, None, step),
             )
         )
-    view = np.lib.stride_tricks.sliding_window_view(array, windows)
     index = tuple(a for a, _ in picks) + tuple(b for _, b in picks)
-    return view[index].copy()
+    view = np.lib.stride_tricks.sliding_window_view
+    return lambda array: view(array, windows)[index].copy()
 
 
 def _broadcast(per_axis):

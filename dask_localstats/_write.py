@@ -738,7 +738,7 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
                 tasks = {WRITE: batch.writes.npartitions, COARSE: len(batch.files)}
                 _compute([batch.writes], shown, tasks)
                 for checkpoint in checkpoints:
-                    checkpoint.stored.update(filter(checkpoint.owns, batch.files))
+                    checkpoint.saved(batch.files)
     except Exception as error:
         error.add_note(
             f"the output {path} is left incomplete; resume=True (--resume) continues it"

@@ -127,7 +127,7 @@ def test_strided_gathers_are_the_fancy_index(geometry, data):
     if data.draw(st.booleans()):  # windows out of order: the fancy index
         positions[0] = positions[0][::-1]
     expected = image[_kernels._broadcast(positions)]
-    np.testing.assert_array_equal(_kernels._gather(image, positions), expected)
+    np.testing.assert_array_equal(_kernels._gatherer(positions)(image), expected)
 
 
 def test_windows_that_do_not_overlap_are_partitioned():
