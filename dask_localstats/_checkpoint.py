@@ -62,7 +62,7 @@ def _load_block(place, key):
     return np.load(io.BytesIO(place.read(key)), allow_pickle=False)
 
 
-@dataclass
+@dataclass(eq=False)  # one grid's; compared as objects, not by their arrays
 class Checkpoint:
     """A coarse grid stored in the output, block by block.
 
@@ -258,23 +258,20 @@ def settle(array, checkpoints, batch_size, compute):
             name = checkpoint.coarse.name
             if checkpoint not in (mine, flagged) and name in grid.dask.layers:
                 _batched(graph, checkpoint, _DONE, batch_size, compute)
-        if flagged is not None:
-            sink = _Sink(reach, (fill.ndim,), 1, (), np.float64)
-            reaches = _batched(graph, flagged, sink, batch_size, compute, every=True)
-            shape = fill.flagged.numblocks[: fill.ndim]
-            spatial = fill.flagged.chunks[: fill.ndim]
-            around = boxes(reaches.reshape(shape), spatial)
-            filled = fill_stage(fill.flagged, fill.ndim, grid.dtype, around, grid.name)
-            layers[grid.name] = _substituted(filled.dask.layers[grid.name], mine)
+        boxed = flagged and _boxed_fill(graph, fill, flagged, mine, batch_size, compute)
+        if boxed:
+            layers[grid.name] = boxed
             graph = HighLevelGraph(layers, dependencies)
+        # a grid filled whole: its blocks in one batch, which fills it once
+        size = None if fill is not None and not boxed else batch_size
         if upfront.extremes is None:
-            _batched(graph, mine, _DONE, batch_size, compute)
+            _batched(graph, mine, _DONE, size, compute)
             continue
         extremes = upfront.extremes
-        spatial = grid.ndim - (extremes.ndim - 1)
+        ndim = grid.ndim - (extremes.ndim - 1)
         fshape = tuple(extremes.shape[1:])
-        sink = _Sink(extremes_of, (spatial,), 2, fshape, np.float64)
-        parts = _batched(graph, mine, sink, batch_size, compute, every=True)
+        sink = _Sink(extremes_of, (ndim,), 2, fshape, np.float64)
+        parts = _batched(graph, mine, sink, size, compute, every=True)
         parts = parts.reshape(-1, *extremes.shape)
         value = np.stack([parts[:, 0].min(axis=0), parts[:, 1].max(axis=0)])
         key = (extremes.name, *(0,) * extremes.ndim)
@@ -282,6 +279,28 @@ def settle(array, checkpoints, batch_size, compute):
         dependencies[key[0]] = set()
     graph = HighLevelGraph(layers, dependencies)
     return da.Array(graph, array.name, array.chunks, meta=array._meta)
+
+
+def _boxed_fill(graph, fill, flagged, mine, batch_size, compute):
+    """The layer that fills `mine`'s grid block by block, or None.
+
+    The blocks of the `flagged` grid are computed (or read) in batches,
+    each giving its reach, which sizes the box each block is filled from
+    (:func:`dask_localstats._fill.boxes`). None (the grid is then filled
+    whole, in one task) when every filled block is stored already, or when
+    the boxes would hold too many samples (gaps spanning many blocks).
+    """
+    if not mine.missing:
+        return None
+    sink = _Sink(reach, (fill.ndim,), 1, (), np.float64)
+    reaches = _batched(graph, flagged, sink, batch_size, compute, every=True)
+    counts = fill.flagged.numblocks[: fill.ndim]
+    around = boxes(reaches.reshape(counts), fill.flagged.chunks[: fill.ndim])
+    if around is None:
+        return None
+    name = mine.coarse.name
+    filled = fill_stage(fill.flagged, fill.ndim, mine.coarse.dtype, around, name)
+    return _substituted(filled.dask.layers[name], mine)
 
 
 def _find(checkpoints, grid):
@@ -292,7 +311,7 @@ def _batched(graph, checkpoint, sink, batch_size, compute, every=False):
     """Compute blocks of a checkpoint's grid in batches; what `sink` gives of each.
 
     The blocks not stored (all, stored ones read, if `every`), in C order,
-    as many a batch as fit `batch_size` tasks. Returns the sinks' values
+    as many a batch as fit `batch_size` tasks (all in one if None). Returns the sinks' values
     concatenated along their first axis (an empty array if no block is
     computed).
     """
@@ -314,7 +333,9 @@ def _batched(graph, checkpoint, sink, batch_size, compute, every=False):
         return da.Array(cull(with_sinks, list(tasks)), sinks, chunks, meta=meta)
 
     values = [np.empty((0, *sink.shape), sink.dtype)]
-    size = max(1, batch_size // len(batch(indices[:1]).dask)) if indices else 1
+    size = max(len(indices), 1)
+    if batch_size is not None and indices:
+        size = max(1, batch_size // len(batch(indices[:1]).dask))
     for start in range(0, len(indices), size):
         collection = batch(indices[start : start + size])
         files = checkpoint.unsaved(collection.dask)

@@ -29,8 +29,9 @@ A step that needs the image beside its resampled background (a
 subtraction) reads it through the coarse stage's chunk cache
 (:func:`read_through`): the chunks the coarse blocks decoded around an
 output chunk are still held when its turn comes, so each stored chunk is
-decoded about once for both stages. The cache holds :data:`CACHE_BLOCKS`
-block budgets, about a band of blocks and the output chunks under it.
+decoded about once for both stages. The cache then holds
+:data:`SHARED_CACHE_BLOCKS` block budgets (else :data:`CACHE_BLOCKS`),
+about a band of blocks and the output chunks under it.
 
 The coarse grid a resampling layer reads is remembered (:data:`CHECKPOINTS`),
 so that a writer can store it once and build the full resolution from the
@@ -132,9 +133,10 @@ def fill_of(grid):
 # grid's dask name, under which a writer checkpoints it, is the same on
 # every machine.
 MIN_BLOCKS = 4
-# Decoded storage chunks kept for the neighbouring blocks and the output
-# chunks a subtraction reads through them, in block budgets (see read_through).
-CACHE_BLOCKS = 6
+# Decoded storage chunks kept for the neighbouring blocks, in block budgets;
+# and while a subtraction reads its image through them too (read_through).
+CACHE_BLOCKS = 2
+SHARED_CACHE_BLOCKS = 6
 # Output chunks when the source imposes none: small enough for the allocator
 # to recycle their float64 temporaries instead of faulting in fresh pages.
 OUTPUT_CHUNK_BYTES = 16 * 2**20
@@ -288,6 +290,17 @@ def align_blocks(grid, per_block, storage=None):
     return tuple(out)
 
 
+def edges_of(chunks):
+    """Where the blocks of `chunks` start and stop, per axis.
+
+    Examples
+    --------
+    >>> edges_of(((2, 3), (4,)))
+    [[0, 2, 5], [0, 4]]
+    """
+    return [list(itertools.accumulate(c, initial=0)) for c in chunks]
+
+
 def _split(total, size, shift=0):
     if shift:
         return (min(shift, total), *_split(total - min(shift, total), size))
@@ -297,6 +310,16 @@ def _split(total, size, shift=0):
 def _read(array, slices, cache=None):
     if cache is None:
         return read_region(array, slices)
+    return cache.read(array, slices)
+
+
+def _read_shared(array, slices, cache, nbytes):
+    """``array[slices]`` through `cache`, which holds `nbytes` from now on.
+
+    (The chunks a subtraction reads were decoded by the coarse blocks
+    around them, a band of blocks earlier.)
+    """
+    cache.widen(nbytes)
     return cache.read(array, slices)
 
 
@@ -339,7 +362,7 @@ def region_task(array, region, cache=None):
     slices = tuple(slice(lo, hi) for lo, hi in region)
     if not isinstance(array, da.Array):
         return Task(None, _read, TaskRef(array), slices, cache and TaskRef(cache))
-    bounds = [list(itertools.accumulate(c, initial=0)) for c in array.chunks]
+    bounds = edges_of(array.chunks)
     per_axis = [_pieces(b, lo, hi) for b, (lo, hi) in zip(bounds, region, strict=False)]
     extra = (0,) * (array.ndim - len(region))
     parts = [
@@ -417,6 +440,7 @@ class Reader(NamedTuple):
     key: str  # the task holding it
     cache: str  # the task holding its ChunkCache
     layer: str  # the coarse stage's layer, which holds both tasks
+    block_bytes: int  # the coarse stage's budget of a block
 
 
 def _source_layer(source, name, cache_bytes):
@@ -450,11 +474,13 @@ def read_through(graph, source, chunks):
     if reader is None:
         return None
     name = "localstats-read-" + tokenize(reader.key, chunks)
-    edges = [list(itertools.accumulate(c, initial=0)) for c in chunks]
+    edges = edges_of(chunks)
+    nbytes = SHARED_CACHE_BLOCKS * reader.block_bytes
 
     def block(key, index):
         slices = tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, index, strict=True))
-        return Task(key, _read, TaskRef(reader.key), slices, TaskRef(reader.cache))
+        cache = TaskRef(reader.cache)
+        return Task(key, _read_shared, TaskRef(reader.key), slices, cache, nbytes)
 
     layer = BlockLayer(name, [len(c) for c in chunks], block)
     layers = dict(graph.layers) | {name: layer}
@@ -517,7 +543,7 @@ def coarse_stage(
         )
         shared.update(mask_shared)
         deps += mask_deps
-    bounds = [list(itertools.accumulate(c, initial=0)) for c in chunks]
+    bounds = edges_of(chunks)
 
     def block(key, index):
         start = tuple(b[i] for b, i in zip(bounds, index, strict=False))
@@ -542,7 +568,7 @@ def coarse_stage(
     numblocks = [len(c) for c in chunks] + [1] * len(statistic.fshape)
     layer = BlockLayer(name, numblocks, block, shared)
     if src_cache:
-        layer.reader = Reader(source, src_ref, src_cache, name)
+        layer.reader = Reader(source, src_ref, src_cache, name, block_bytes)
     chunks += tuple((f,) for f in statistic.fshape)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
     if missing.fill != "nearest":
@@ -567,7 +593,7 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
     result (a writer gives a grid's blocks boxes under the grid's name).
     """
     name = name or "localstats-filled-" + tokenize(flagged.name)
-    edges = [list(itertools.accumulate(c, initial=0)) for c in flagged.chunks]
+    edges = edges_of(flagged.chunks)
     whole = f"{name}-whole"
     shared = {}
     if boxes is None:
@@ -766,7 +792,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
         bounds = list(itertools.accumulate(fchunks[0], initial=0))
         parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
         parts = [None] if len(parts) == 1 else parts
-    edges = [list(itertools.accumulate(c, initial=0)) for c in chunks]
+    edges = edges_of(chunks)
 
     def block(key, index, then=None):
         start = tuple(edges[d][i] for d, i in enumerate(index[:ndim]))

@@ -77,8 +77,8 @@ def nearest(missing, points, ties=True):
     [[0, 0], [0, 0], [0, 0], [0, 2]]
     """
     border = _border(missing)
-    if not len(border):
-        return None if missing.all() else points.copy()
+    if not len(border):  # all missing (or none, and no points)
+        return None
     tree = cKDTree(border)
     chosen = np.empty(len(points), np.intp)
     todo = np.arange(len(points))
@@ -161,12 +161,19 @@ def reach(flagged, ndim):
     """
     missing = _missing(flagged, ndim)
     points = np.argwhere(missing)
+    if not missing.size:
+        return np.full(1, np.inf)
     if not len(points):
         return np.zeros(1)
     found = nearest(missing, points, ties=False)
     if found is None:
         return np.full(1, np.inf)
     return np.array([float(np.square(found - points).sum(axis=1).max())])
+
+
+# Boxes holding together more than this many times the grid's samples (gaps
+# spanning many blocks) are given up for one fill of the whole grid.
+MAX_SPREAD = 8
 
 
 def _ceil_sqrt(value):
@@ -185,10 +192,11 @@ def boxes(reaches, chunks):
 
     Returns
     -------
-    dict
+    dict or None
         ``{block index: ((lo, hi) per axis)}``: the block grown on every
         side by a bound on the distance from its missing samples to their
-        nearest valid ones, within the grid.
+        nearest valid ones, within the grid. None when the boxes would
+        hold more than :data:`MAX_SPREAD` times the grid's samples.
 
     Examples
     --------
@@ -213,10 +221,11 @@ def boxes(reaches, chunks):
         distance, near = cKDTree(centers[valid]).query(centers[~valid])
         bound = distance + half[~valid] + half[valid][near]
         grow[~valid] = np.ceil(bound).astype(np.int64) + 1
-    boxes = {}
-    for n, index in enumerate(indices):
-        boxes[index] = tuple(
-            (int(max(a - grow[n], 0)), int(min(b + grow[n], s)))
-            for a, b, s in zip(lo[n], hi[n], shape, strict=True)
-        )
-    return boxes
+    low = np.maximum(lo - grow[:, None], 0)
+    high = np.minimum(hi + grow[:, None], shape)
+    if np.prod(high - low, axis=1).sum() > MAX_SPREAD * math.prod(shape):
+        return None
+    return {
+        index: tuple(zip(low[n].tolist(), high[n].tolist(), strict=True))
+        for n, index in enumerate(indices)
+    }

@@ -28,7 +28,8 @@ class BlockLayer(Layer):
     A dask layer whose tasks are generated on demand: ``layer[key]`` makes
     the task of one block, and :meth:`cull` makes only those of the blocks
     wanted (with the `shared` tasks they read, such as the source and its
-    chunk cache), so a graph over a petabyte is built in no time and
+    chunk cache, and those asked for by other layers), so a graph over a
+    petabyte is built in no time and
     computing a part of it generates only that part's tasks. Tasks are
     dask's :class:`~dask._task_spec.Task` objects, whose dependencies are
     known without a scan of the whole graph.
@@ -46,11 +47,17 @@ class BlockLayer(Layer):
     """
 
     has_legacy_tasks = False
+    # what the library's stages note on their layers to build graphs with
+    # (arrays, whose graphs hold the layer again): not sent with a graph
+    NOTES = ("coarse", "upfront", "fill", "reader", "resample")
 
     def __init__(self, name, numblocks, make, shared=None):
         super().__init__()
         self.name, self.numblocks, self.make = name, tuple(numblocks), make
         self.shared = dict(shared or {})
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self.NOTES}
 
     def _index(self, key):
         if (

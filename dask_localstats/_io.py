@@ -81,6 +81,10 @@ class ChunkCache:
     def __len__(self):
         return len(self._chunks)
 
+    def widen(self, nbytes):
+        """Hold up to `nbytes` from now on, if that is more."""
+        self.nbytes = max(self.nbytes, int(nbytes))
+
     def read(self, array, slices):
         """``array[slices]`` (unit steps), pasted together from whole chunks.
 
@@ -88,30 +92,22 @@ class ChunkCache:
         the last axis, one read each (zarr decodes a read's chunks
         concurrently); a chunk another thread is decoding is waited for.
         Each chunk is pasted as soon as it is at hand, so a read holds the
-        region and one run of chunks, whatever the cache keeps. A region
-        within one chunk is a read-only view of it, not a copy.
+        region and one run of chunks, whatever the cache keeps.
         """
-        ranges = [
-            range(s.start // c, -(-s.stop // c))
-            for s, c in zip(slices, array.chunks, strict=True)
-        ]
-        single = all(len(r) == 1 for r in ranges)
-        shape = tuple(s.stop - s.start for s in slices)
-        out = None if single else np.empty(shape, array.dtype)
+        out = np.empty(tuple(s.stop - s.start for s in slices), array.dtype)
 
         def paste(index, chunk):
-            nonlocal out
             dst, src = [], []
             for i, c, s in zip(index, array.chunks, slices, strict=True):
                 lo, hi = max(s.start, i * c), min(s.stop, (i + 1) * c)
                 dst.append(slice(lo - s.start, hi - s.start))
                 src.append(slice(lo - i * c, hi - i * c))
-            if single:
-                out = chunk[tuple(src)]
-                out.flags.writeable = False  # shared with the cache
-            else:
-                out[tuple(dst)] = chunk[tuple(src)]
+            out[tuple(dst)] = chunk[tuple(src)]
 
+        ranges = [
+            range(s.start // c, -(-s.stop // c))
+            for s, c in zip(slices, array.chunks, strict=True)
+        ]
         held, waiting, mine = [], [], []
         with self._lock:
             for index in itertools.product(*ranges):

@@ -11,14 +11,7 @@ import scipy.ndimage as ndi
 import zarr
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import (
-    geometries,
-    images,
-    masks,
-    orders,
-    percentiles,
-    write_zarr,
-)
+from strategies import geometries, images, masks, orders, percentiles, write_zarr
 from zarr.storage import LocalStore, LoggingStore
 
 import dask_localstats as dls

@@ -55,6 +55,22 @@ def test_results_match_the_local_computation(client, stored):
     np.testing.assert_array_equal(out, image.astype(np.float64) - expected[..., 0])
 
 
+def test_a_filled_subtraction_read_through_the_cache_on_the_cluster(client, stored):
+    # the layers' notes (arrays whose graphs hold the layer) are not sent
+    image, path = stored
+    source = dls.open_source(path)
+    mask = np.ones(image.shape, bool)
+    mask[:, 20:44] = False
+    options = dict(mask=mask, fill="nearest", dtype=np.float32, **KWARGS)
+    result = dls.subtract_background(
+        source, dls.local_percentile(source, 0.25, block_bytes=2**16, **options)
+    )
+    expected = dls.subtract_background(
+        image, dls.local_percentile(image, 0.25, **options)
+    )
+    np.testing.assert_array_equal(result.compute(), expected.compute(), strict=True)
+
+
 def test_result_survives_the_loss_of_a_worker(client, stored):
     image, path = stored
 

@@ -1,13 +1,16 @@
 """The nearest fill, whole and block by block, against the brute-force reference."""
 
 import itertools
+from unittest import mock
 
 import numpy as np
+import pytest
 import reference
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import booleans, chunkings
 
+from dask_localstats import _fill
 from dask_localstats._fill import boxes, fill_block, nearest, reach
 from dask_localstats._kernels import flagged_dtype
 
@@ -50,7 +53,8 @@ def test_blocks_filled_from_their_boxes_equal_the_whole_fill(grid, data):
         for index in itertools.product(*(range(len(c)) for c in chunks))
     }
     reaches = np.array([reach(flagged[b], ndim)[0] for b in blocks.values()])
-    around = boxes(reaches.reshape([len(c) for c in chunks]), chunks)
+    with mock.patch.object(_fill, "MAX_SPREAD", np.inf):  # however large
+        around = boxes(reaches.reshape([len(c) for c in chunks]), chunks)
     whole = fill_block(flagged, ndim)
     for index, block in blocks.items():
         box = around[index]
@@ -89,3 +93,23 @@ def test_reach_is_the_farthest_missing_sample_from_a_valid_one():
     assert reach(flagged, 2)[0] == 8  # (2, 2)
     flagged["missing"] = False
     assert reach(flagged, 2)[0] == 0
+
+
+def test_boxes_spanning_many_blocks_are_given_up():
+    # a gap of 30 blocks: their boxes would hold much of the grid each
+    reaches = np.r_[np.zeros(5), np.full(30, np.inf), np.zeros(5)]
+    assert boxes(reaches, ((1,) * 40,)) is None
+    assert boxes(reaches[:8], ((1,) * 8,)) is not None
+
+
+@pytest.mark.parametrize("shape", [(13, 11), (7, 9, 8)])
+@pytest.mark.parametrize("period", [2, 3, 4])
+def test_ties_among_many_equally_near_samples(shape, period):
+    # valid samples on a lattice: most missing ones have 2 to 8 nearest
+    index = np.indices(shape)
+    missing = ((index + 1) % period != 0).any(axis=0)
+    flagged = np.empty(shape, flagged_dtype(np.float64))
+    flagged["value"] = np.arange(missing.size).reshape(shape)
+    flagged["missing"] = missing
+    expected = reference.fill_nearest(flagged["value"], missing)
+    np.testing.assert_array_equal(fill_block(flagged, len(shape)), expected)

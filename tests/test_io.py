@@ -189,21 +189,6 @@ def test_chunk_cache_decodes_each_chunk_once_within_its_budget(tmp_path, image):
     assert len(pickle.loads(pickle.dumps(cache))) == 0  # arrives empty
 
 
-def test_chunk_cache_gives_a_region_within_one_chunk_as_a_read_only_view(
-    tmp_path, image
-):
-    z = Counting(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
-    cache = ChunkCache(2**20)
-    inside = (slice(5, 10), slice(8, 12), slice(9, 18))
-    a, b = cache.read(z, inside), cache.read(z, inside)
-    np.testing.assert_array_equal(a, image[inside])
-    assert np.shares_memory(a, b) and len(z.chunks_read) == 1
-    with pytest.raises(ValueError, match="read-only"):
-        a[0, 0, 0] = 1
-    across = cache.read(z, (slice(5, 10), slice(8, 15), slice(9, 18)))
-    assert across.flags.writeable and not np.shares_memory(a, across)
-
-
 def test_chunk_cache_read_errors_propagate_and_are_not_cached(tmp_path, image):
     z = Counting(_write(tmp_path / "image.zarr", image))
     cache = ChunkCache(2**20)

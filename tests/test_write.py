@@ -24,7 +24,7 @@ from strategies import write_zarr
 import dask_localstats as dls
 from dask_localstats._checkpoint import _load_block
 from dask_localstats._engine import _coarse_block
-from dask_localstats._fill import fill_block
+from dask_localstats._fill import fill_block, reach
 from dask_localstats._graph import cull
 from dask_localstats._lock import LOCK
 from dask_localstats._place import Folder
@@ -554,6 +554,7 @@ class _Graphs(Callback):
     def __init__(self):
         super().__init__()
         self.sizes, self.coarse, self.loads, self.fills = [], [], [], []
+        self.reaches = []
 
     def _start(self, dsk):
         self.sizes.append(len(dsk))
@@ -562,6 +563,7 @@ class _Graphs(Callback):
         self.coarse += [key] * _calls(dsk[key], _coarse_block)
         self.loads += [key] * _calls(dsk[key], _load_block)
         self.fills += [key] * _calls(dsk[key], fill_block)
+        self.reaches += [key] * _calls(dsk[key], reach)
 
 
 def _calls(node, func):
@@ -673,6 +675,63 @@ def test_batches_compute_each_coarse_block_once(tmp_path, fill, dtype):
     assert len(graphs.coarse) == math.prod(result.dask.layers[coarse].numblocks)
     expected = dls.local_percentile(image, 0.5, **options)
     np.testing.assert_array_equal(out[:], expected, strict=True)
+
+
+@pytest.mark.parametrize("gap", [(1000, 1400), (256, 3840)])
+def test_a_fill_resumes_from_its_stored_blocks_and_gives_up_wide_boxes(tmp_path, gap):
+    # a gap of a few coarse blocks is filled block by block; one of 14 of
+    # the 16 blocks, filled whole, in one task; either resumes without
+    # filling again
+    image = np.random.default_rng(8).integers(0, 250, 4096).astype(np.uint16)
+    mask = np.ones(image.shape, bool)
+    mask[slice(*gap)] = False
+    options = dict(selem=8, interpolate=1, fill="nearest", mask=mask)
+    result = dls.local_percentile(
+        da.from_array(image, chunks=512), 0.5, block_bytes=2048, chunks=64, **options
+    )
+    out = tmp_path / "out.zarr"
+    graphs = _Graphs()
+    with graphs:
+        dls.to_zarr(result, out, batch_size=40)
+    blocks = math.prod(result.dask.layers[_coarse_name(result)].numblocks)
+    assert len(graphs.fills) == (blocks if gap[1] - gap[0] < 1000 else 1)
+    z = zarr.open_array(out, mode="r+")
+    z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
+    for chunk in [p for p in sorted((out / "c").rglob("*")) if p.is_file()][-3:]:
+        chunk.unlink()
+    resumed = _Graphs()
+    with resumed:
+        written = dls.to_zarr(result, out, resume=True)
+    assert resumed.fills == resumed.reaches == resumed.coarse == []
+    expected = dls.local_percentile(image, 0.5, **options)
+    np.testing.assert_array_equal(written[:], expected, strict=True)
+
+
+def _coarse_name(result):
+    return next(v for v in result.dask.layers if v.startswith("localstats-coarse"))
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (dict(clip=True), {}),
+        (dict(fill="nearest"), {}),
+        (dict(fill="nearest"), dict(fill="nearest", selem=(6, 6))),
+    ],
+)
+def test_a_result_of_several_settled_grids(tmp_path, first, second):
+    image = np.random.default_rng(9).integers(0, 250, (64, 64)).astype(np.uint16)
+    mask = np.ones(image.shape, bool)
+    mask[20:40] = False
+    lazy = da.from_array(image, chunks=16)
+
+    def background(options):
+        options = dict(selem=(8, 8), mask=mask, interpolate=3, chunks=16) | options
+        return dls.local_percentile(lazy, 0.5, block_bytes=2048, **options)
+
+    result = background(first) - background(second)
+    out = dls.to_zarr(result, tmp_path / "out.zarr", batch_size=40)
+    np.testing.assert_array_equal(out[:], result.compute(), strict=True)
 
 
 @pytest.mark.parametrize(
