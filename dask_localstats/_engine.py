@@ -29,9 +29,10 @@ A step that needs the image beside its resampled background (a
 subtraction) reads it through the coarse stage's chunk cache
 (:func:`read_through`): the chunks the coarse blocks decoded around an
 output chunk are still held when its turn comes, so each stored chunk is
-decoded about once for both stages. The cache then holds
-:data:`SHARED_CACHE_BLOCKS` block budgets (else :data:`CACHE_BLOCKS`),
-about a band of blocks and the output chunks under it.
+decoded about once for both stages. The cache then grows with each chunk
+read through it, from :data:`CACHE_BLOCKS` block budgets up to
+:data:`SHARED_CACHE_BLOCKS`, about a band of blocks and the output chunks
+under it.
 
 The coarse grid a resampling layer reads is remembered (:data:`CHECKPOINTS`),
 so that a writer can store it once and build the full resolution from the
@@ -313,13 +314,15 @@ def _read(array, slices, cache=None):
     return cache.read(array, slices)
 
 
-def _read_shared(array, slices, cache, nbytes):
-    """``array[slices]`` through `cache`, which holds `nbytes` from now on.
+def _read_shared(array, slices, cache, most):
+    """``array[slices]`` through `cache`, which grows by as much, up to `most`.
 
-    (The chunks a subtraction reads were decoded by the coarse blocks
-    around them, a band of blocks earlier.)
+    The chunks a subtraction reads were decoded by the coarse blocks
+    around them, a band of blocks earlier: the cache grows with the reads
+    that need it to hold them, so a small computation keeps a small cache.
     """
-    cache.widen(nbytes)
+    region = array.dtype.itemsize * math.prod(s.stop - s.start for s in slices)
+    cache.grow(region, most)
     return cache.read(array, slices)
 
 

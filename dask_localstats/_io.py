@@ -81,9 +81,9 @@ class ChunkCache:
     def __len__(self):
         return len(self._chunks)
 
-    def widen(self, nbytes):
-        """Hold up to `nbytes` from now on, if that is more."""
-        self.nbytes = max(self.nbytes, int(nbytes))
+    def grow(self, nbytes, most):
+        """Hold `nbytes` more from now on, up to `most` in all."""
+        self.nbytes = max(self.nbytes, min(self.nbytes + int(nbytes), int(most)))
 
     def read(self, array, slices):
         """``array[slices]`` (unit steps), pasted together from whole chunks.
