@@ -187,7 +187,7 @@ def checkpointed(array, place, guard=None):
         coarse = checkpoint_of(layer)
         if coarse is None or coarse.name not in layers:
             continue
-        if any(c.coarse.name == coarse.name for c in checkpoints):
+        if _find(checkpoints, coarse) is not None:
             continue  # a grid that two resamplings read: substituted once
         digest = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
         folder = f"{CHECKPOINT_FOLDER}/coarse-{digest}"
@@ -304,6 +304,7 @@ def _boxed_fill(graph, fill, flagged, mine, batch_size, compute):
 
 
 def _find(checkpoints, grid):
+    """The checkpoint of `grid` (a dask array) among `checkpoints`, or None."""
     return next((c for c in checkpoints if c.coarse.name == grid.name), None)
 
 

@@ -446,21 +446,26 @@ class Reader(NamedTuple):
     block_bytes: int  # the coarse stage's budget of a block
 
 
-def _source_layer(source, name, cache_bytes):
-    """Graph pieces to read `source`.
+class _Input(NamedTuple):
+    """Graph pieces to read an input array (see :func:`_input`)."""
 
-    Returns ``(reference, cache key or None, shared tasks, dependencies)``;
-    a source stored in chunks is read through a chunk cache of
-    `cache_bytes`.
-    """
-    if isinstance(source, da.Array):
-        return source, None, {}, [source]
+    ref: object  # the dask array, or the key of the task holding the array
+    cache: str | None  # the key of the task holding its ChunkCache
+    shared: dict  # tasks the blocks read: the array and its cache
+    deps: list  # dask arrays the graph depends on
+
+
+def _input(array, name, cache_bytes):
+    """How a stage's blocks read `array`; one stored in chunks, through a
+    chunk cache of `cache_bytes`."""
+    if isinstance(array, da.Array):
+        return _Input(array, None, {}, [array])
     key, cache = f"source-{name}", None
-    shared = {key: DataNode(key, source)}
-    if _storage_chunks(source):
+    shared = {key: DataNode(key, array)}
+    if _storage_chunks(array):
         cache = f"cache-{name}"
         shared[cache] = Task(cache, ChunkCache, cache_bytes)
-    return key, cache, shared, []
+    return _Input(key, cache, shared, [])
 
 
 def read_through(graph, source, chunks):
@@ -538,14 +543,9 @@ def coarse_stage(
     )
     name = f"localstats-coarse-{token}"
     cache_bytes = CACHE_BLOCKS * block_bytes
-    src_ref, src_cache, shared, deps = _source_layer(source, name, cache_bytes)
-    mask_ref = mask_cache = None
-    if mask is not None:
-        mask_ref, mask_cache, mask_shared, mask_deps = _source_layer(
-            mask, f"mask-{name}", cache_bytes
-        )
-        shared.update(mask_shared)
-        deps += mask_deps
+    image = _input(source, name, cache_bytes)
+    masks = [] if mask is None else [_input(mask, f"mask-{name}", cache_bytes)]
+    shared = {k: v for i in (image, *masks) for k, v in i.shared.items()}
     bounds = edges_of(chunks)
 
     def block(key, index):
@@ -553,26 +553,27 @@ def coarse_stage(
         stop = tuple(b[i + 1] for b, i in zip(bounds, index, strict=False))
         region = [grid.region(d, start[d], stop[d]) for d in range(grid.ndim)]
         origin = tuple(lo for lo, _ in region)
-        mask_task = None if mask is None else region_task(mask_ref, region, mask_cache)
+        kept = [region_task(m.ref, region, m.cache) for m in masks]
         return Task(
             key,
             _coarse_block,
-            region_task(src_ref, region, src_cache),
+            region_task(image.ref, region, image.cache),
             origin,
             grid,
             start,
             stop,
             statistic,
             dtype,
-            mask_task,
+            kept[0] if kept else None,
             missing,
         )
 
     numblocks = [len(c) for c in chunks] + [1] * len(statistic.fshape)
     layer = BlockLayer(name, numblocks, block, shared)
-    if src_cache:
-        layer.reader = Reader(source, src_ref, src_cache, name, block_bytes)
+    if image.cache:
+        layer.reader = Reader(source, image.ref, image.cache, name, block_bytes)
     chunks += tuple((f,) for f in statistic.fshape)
+    deps = [d for i in (image, *masks) for d in i.deps]
     graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
     if missing.fill != "nearest":
         meta = np.empty((0,) * len(chunks), dtype)
