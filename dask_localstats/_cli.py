@@ -15,6 +15,7 @@ OUT can be resumed; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import shlex
 import sys
@@ -399,6 +400,8 @@ def main(argv=None):
     except Exception as error:  # every failure: one line, exit 2
         if args.debug:
             traceback.print_exc()
+        else:  # zarr's reads of a failed region's other chunks, left at exit
+            logging.getLogger("asyncio").disabled = True
         print(f"{PROG}: error: {_one_line(error, args.debug)}", file=sys.stderr)
         return 2
     return 0
