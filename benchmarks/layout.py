@@ -88,10 +88,6 @@ def job(src, dst, label):
     )
 
 
-def child(src, dst, label):
-    return child_json(__file__, src, dst, label)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -119,7 +115,7 @@ def main(argv=None):
     for _ in range(args.repeat):
         for label in LAYOUTS:
             shutil.rmtree(dst, ignore_errors=True)
-            runs[label].append(child(src, dst, label))
+            runs[label].append(child_json(__file__, src, dst, label))
     shutil.rmtree(dst, ignore_errors=True)
     for label, results in runs.items():
         wall = statistics.median(r["seconds"] for r in results)

@@ -43,12 +43,12 @@ from zarr.codecs import ZstdCodec
 
 import dask_localstats as dls
 
-LIGHTSHEET_CHUNKS = (16, 1024, 1024)
+SCALE_CHUNKS = (16, 1024, 1024)
 SHAPES = {  # uint16
     "8 TiB cube": ((16384, 16384, 16384), (256, 256, 256)),
-    "8 TiB light-sheet": ((4096, 32768, 32768), LIGHTSHEET_CHUNKS),
-    "1 TiB light-sheet": ((512, 32768, 32768), LIGHTSHEET_CHUNKS),
-    "100 TiB light-sheet": ((3200, 131072, 131072), LIGHTSHEET_CHUNKS),
+    "8 TiB light-sheet": ((4096, 32768, 32768), SCALE_CHUNKS),
+    "1 TiB light-sheet": ((512, 32768, 32768), SCALE_CHUNKS),
+    "100 TiB light-sheet": ((3200, 131072, 131072), SCALE_CHUNKS),
 }
 
 

@@ -35,10 +35,10 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from ._engine import (
     BlockLayer,
     checkpoint_of,
+    clip_of,
     extremes_of,
     fill_of,
     fill_stage,
-    upfront_of,
 )
 from ._fill import boxes, reach
 from ._graph import cull
@@ -113,11 +113,10 @@ class Checkpoint:
             return node
         return Task(node.key, _saved, inner, self.place, file, self.guard)
 
-    def indices(self, missing=True):
-        """The indices of the grid's blocks (only those not stored: `missing`)."""
-        ranges = map(range, self.coarse.numblocks)
-        every = itertools.product(*ranges)
-        return [i for i in every if not (missing and self.key(i) in self.stored)]
+    def indices(self, every=False):
+        """The indices of the grid's blocks not stored (all of them if `every`)."""
+        indices = itertools.product(*map(range, self.coarse.numblocks))
+        return [i for i in indices if every or self.key(i) not in self.stored]
 
     def owns(self, file):
         """Whether `file` is one of this grid's blocks."""
@@ -228,8 +227,10 @@ _DONE = _Sink(_done, (), 1, (), bool)
 def settle(array, checkpoints, batch_size, compute):
     """`array` with its steps that read whole grids done first, once.
 
-    For the :class:`~dask_localstats._engine.Upfront` step of each
-    resampling of `array`: the blocks of the checkpointed grids its grid
+    For each resampling of `array` whose grid is filled
+    (:func:`~dask_localstats._engine.fill_of`) or whose values are clipped
+    (:func:`~dask_localstats._engine.clip_of`): the blocks of the
+    checkpointed grids its grid
     reads are computed (and stored) first, in batches of at most
     `batch_size` tasks as far as one block allows; then those of its grid.
     A grid filled from the nearest valid samples
@@ -245,11 +246,11 @@ def settle(array, checkpoints, batch_size, compute):
     """
     layers, dependencies = dict(array.dask.layers), dict(array.dask.dependencies)
     for layer in array.dask.layers.values():
-        upfront = upfront_of(layer)
-        if upfront is None:
+        grid, extremes = checkpoint_of(layer), clip_of(layer)
+        fill = None if grid is None else fill_of(grid)
+        if extremes is None and fill is None:
             continue
         graph = HighLevelGraph(layers, dependencies)
-        grid, fill = upfront.grid, fill_of(upfront.grid)
         mine = _find(checkpoints, grid)
         if mine is None:
             continue  # not a grid of this result's
@@ -264,10 +265,9 @@ def settle(array, checkpoints, batch_size, compute):
             graph = HighLevelGraph(layers, dependencies)
         # a grid filled whole: its blocks in one batch, which fills it once
         size = None if fill is not None and not boxed else batch_size
-        if upfront.extremes is None:
+        if extremes is None:
             _batched(graph, mine, _DONE, size, compute)
             continue
-        extremes = upfront.extremes
         ndim = grid.ndim - (extremes.ndim - 1)
         fshape = tuple(extremes.shape[1:])
         sink = _Sink(extremes_of, (ndim,), 2, fshape, np.float64)
@@ -316,7 +316,7 @@ def _batched(graph, checkpoint, sink, batch_size, compute, every=False):
     concatenated along their first axis (an empty array if no block is
     computed).
     """
-    indices = checkpoint.indices(missing=not every)
+    indices = checkpoint.indices(every)
     name = checkpoint.coarse.name
 
     def batch(part):

@@ -400,7 +400,9 @@ def main(argv=None):
     except Exception as error:  # every failure: one line, exit 2
         if args.debug:
             traceback.print_exc()
-        else:  # zarr's reads of a failed region's other chunks, left at exit
+        else:  # zarr's reads of a failed region's other chunks run on zarr's
+            # own event loop, which cannot be asked to finish them: asyncio
+            # would report each at exit, after the one line below
             logging.getLogger("asyncio").disabled = True
         print(f"{PROG}: error: {_one_line(error, args.debug)}", file=sys.stderr)
         return 2

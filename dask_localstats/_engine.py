@@ -59,7 +59,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._fill import fill_block
-from ._graph import BlockLayer
+from ._graph import BlockLayer, edges_of
 from ._interpolate import (
     coordinates,
     expands,
@@ -83,27 +83,6 @@ def checkpoint_of(layer):
     return getattr(layer, "coarse", None)
 
 
-class Upfront(NamedTuple):
-    """A step of a resampling that reads a whole coarse grid.
-
-    A writer computes `grid` whole before any output block (in batches, see
-    :func:`dask_localstats._checkpoint.settle`), instead of once a batch.
-
-    Attributes
-    ----------
-    grid : dask array
-        The grid read whole: the coarse grid whose extremes clip the
-        resampling, or a grid filled by :func:`fill_stage`.
-    extremes : dask array or None
-        Its minimum and maximum per component, ``(2, *fshape)`` in float64,
-        which every output block reads; a writer gathers them from the
-        grid's blocks and puts the value in their place.
-    """
-
-    grid: da.Array
-    extremes: da.Array | None = None
-
-
 def extremes_of(grid, ndim):
     """Minimum and maximum of `grid` (NumPy or dask) over its `ndim` spatial
     axes, per component: ``(2, *fshape)`` float64."""
@@ -112,9 +91,15 @@ def extremes_of(grid, ndim):
     return stack([grid.min(axis=axes), grid.max(axis=axes)]).astype(np.float64)
 
 
-def upfront_of(layer):
-    """The :class:`Upfront` step of a resampling layer, or None."""
-    return getattr(layer, "upfront", None)
+def clip_of(layer):
+    """The extremes a resampling layer keeps its values within, or None.
+
+    A dask array ``(2, *fshape)`` of float64 (:func:`extremes_of`), which
+    every output block reads; a writer gathers them from the grid's blocks
+    before its first batch and puts the value in their place
+    (:func:`dask_localstats._checkpoint.settle`).
+    """
+    return getattr(layer, "extremes", None)
 
 
 class Fill(NamedTuple):
@@ -223,12 +208,12 @@ def plan_blocks(
         return halved(counts, d)
 
     def threads_idle(counts):  # disjoint windows: cut more for the threads
-        return math.prod(per_axis(counts)) < MIN_BLOCKS and cost(counts) > floor
+        few = math.prod(per_axis(counts)) < MIN_BLOCKS
+        return disjoint(grid) and few and cost(counts) > block_bytes // 4
 
     counts = list(grid.counts)
     while cost(counts) > block_bytes and (smaller := split(counts)):
         counts = smaller
-    floor = block_bytes // 4 if disjoint(grid) else math.inf
     while threads_idle(counts) and (smaller := split(counts)):
         counts = smaller
     if cost(counts) > block_bytes:
@@ -281,7 +266,7 @@ def align_blocks(grid, per_block, storage=None):
         options = [_split(m, k, shift) for shift in range(k if storage else 1)]
 
         def touched(sizes, d=d):
-            bounds = list(itertools.accumulate(sizes, initial=0))
+            bounds = edges_of([sizes])[0]
             regions = [grid.region(d, a, b) for a, b in itertools.pairwise(bounds)]
             return sum(
                 (hi - 1) // storage[d] - lo // storage[d] + 1 for lo, hi in regions
@@ -289,17 +274,6 @@ def align_blocks(grid, per_block, storage=None):
 
         out.append(min(options, key=touched) if storage else options[0])
     return tuple(out)
-
-
-def edges_of(chunks):
-    """Where the blocks of `chunks` start and stop, per axis.
-
-    Examples
-    --------
-    >>> edges_of(((2, 3), (4,)))
-    [[0, 2, 5], [0, 4]]
-    """
-    return [list(itertools.accumulate(c, initial=0)) for c in chunks]
 
 
 def _split(total, size, shift=0):
@@ -544,8 +518,9 @@ def coarse_stage(
     name = f"localstats-coarse-{token}"
     cache_bytes = CACHE_BLOCKS * block_bytes
     image = _input(source, name, cache_bytes)
-    masks = [] if mask is None else [_input(mask, f"mask-{name}", cache_bytes)]
-    shared = {k: v for i in (image, *masks) for k, v in i.shared.items()}
+    kept = None if mask is None else _input(mask, f"mask-{name}", cache_bytes)
+    inputs = [image] if kept is None else [image, kept]
+    shared = {k: v for i in inputs for k, v in i.shared.items()}
     bounds = edges_of(chunks)
 
     def block(key, index):
@@ -553,7 +528,7 @@ def coarse_stage(
         stop = tuple(b[i + 1] for b, i in zip(bounds, index, strict=False))
         region = [grid.region(d, start[d], stop[d]) for d in range(grid.ndim)]
         origin = tuple(lo for lo, _ in region)
-        kept = [region_task(m.ref, region, m.cache) for m in masks]
+        mask_task = kept and region_task(kept.ref, region, kept.cache)
         return Task(
             key,
             _coarse_block,
@@ -564,7 +539,7 @@ def coarse_stage(
             stop,
             statistic,
             dtype,
-            kept[0] if kept else None,
+            mask_task,
             missing,
         )
 
@@ -573,7 +548,7 @@ def coarse_stage(
     if image.cache:
         layer.reader = Reader(source, image.ref, image.cache, name, block_bytes)
     chunks += tuple((f,) for f in statistic.fshape)
-    deps = [d for i in (image, *masks) for d in i.deps]
+    deps = [d for i in inputs for d in i.deps]
     graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
     if missing.fill != "nearest":
         meta = np.empty((0,) * len(chunks), dtype)
@@ -598,8 +573,7 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
     """
     name = name or "localstats-filled-" + tokenize(flagged.name)
     edges = edges_of(flagged.chunks)
-    whole = f"{name}-whole"
-    shared = {}
+    whole, shared = f"{name}-whole", {}
     if boxes is None:
         region = [(0, n) for n in flagged.shape[:ndim]]
         shared[whole] = Task(whole, fill_block, region_task(flagged, region), ndim)
@@ -677,7 +651,7 @@ def fused(resampled, name, then, operands, dtype):
         return resample(key, index, Task(None, then, *blocks))
 
     out = BlockLayer(name, layer.numblocks, block)
-    out.coarse, out.upfront = layer.coarse, upfront_of(layer)
+    out.coarse, out.extremes = layer.coarse, clip_of(layer)
     layers = {k: v for k, v in resampled.dask.layers.items() if k != resampled.name}
     dependencies = {
         k: v for k, v in resampled.dask.dependencies.items() if k != resampled.name
@@ -778,7 +752,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
     """
     ndim, fshape = grid.ndim, coarse.shape[grid.ndim :]
     coefficients = _coefficients(coarse, order, ndim) if order > 1 else coarse
-    dependencies, limits = [coefficients], None
+    dependencies, limits, extremes = [coefficients], None, None
     if clip and order > 1:
         extremes = extremes_of(coarse, ndim).rechunk(-1)
         dependencies.append(extremes)
@@ -793,7 +767,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
     )
     parts = [None]
     if fshape:
-        bounds = list(itertools.accumulate(fchunks[0], initial=0))
+        bounds = edges_of(fchunks[:1])[0]
         parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
         parts = [None] if len(parts) == 1 else parts
     edges = edges_of(chunks)
@@ -827,10 +801,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
     layer = BlockLayer(name, [len(c) for c in out_chunks], block)
     layer.resample = block  # with a step fused into each task, see fused
     layer.coarse = coarse  # see checkpoint_of
-    if limits:
-        layer.upfront = Upfront(coarse, extremes)
-    elif fill_of(coarse) is not None:
-        layer.upfront = Upfront(coarse)
+    layer.extremes = extremes  # see clip_of
     graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)
     meta = np.empty((0,) * len(out_chunks), coarse.dtype)
     return da.Array(graph, name, out_chunks, dtype=coarse.dtype, meta=meta)

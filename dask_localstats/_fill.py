@@ -39,6 +39,8 @@ import math
 import numpy as np
 from scipy.spatial import cKDTree
 
+from ._graph import edges_of
+
 __all__ = ["boxes", "fill_block", "nearest", "reach"]
 
 
@@ -203,7 +205,7 @@ def boxes(reaches, chunks):
     >>> boxes(np.array([0.0, 4.0, np.inf]), ((3, 3, 3),))
     {(0,): ((0, 3),), (1,): ((1, 8),), (2,): ((0, 9),)}
     """
-    edges = [np.cumsum((0, *c)) for c in chunks]
+    edges = edges_of(chunks)
     shape = [e[-1] for e in edges]
     indices = list(np.ndindex(reaches.shape))
     lo = np.array([[e[i] for e, i in zip(edges, n, strict=True)] for n in indices])

@@ -19,7 +19,18 @@ import math
 from dask.blockwise import Blockwise
 from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
 
-__all__ = ["BlockLayer", "cull"]
+__all__ = ["BlockLayer", "cull", "edges_of"]
+
+
+def edges_of(chunks):
+    """Where the blocks of `chunks` start and stop, per axis.
+
+    Examples
+    --------
+    >>> edges_of(((2, 3), (4,)))
+    [[0, 2, 5], [0, 4]]
+    """
+    return [list(itertools.accumulate(c, initial=0)) for c in chunks]
 
 
 class BlockLayer(Layer):
@@ -49,7 +60,7 @@ class BlockLayer(Layer):
     has_legacy_tasks = False
     # what the library's stages note on their layers to build graphs with
     # (arrays, whose graphs hold the layer again): not sent with a graph
-    NOTES = ("coarse", "upfront", "fill", "reader", "resample")
+    NOTES = ("coarse", "extremes", "fill", "reader", "resample")
 
     def __init__(self, name, numblocks, make, shared=None):
         super().__init__()
