@@ -33,9 +33,11 @@ Paths
   3. A wanted rank falls in the column where the window's cumulative count
      exceeds it. At first the columns are runs of about sqrt(range)
      values; the runs holding some rank are split into single values and
-     the histograms counted again (:class:`_Columns`). The columns carry
-     over to the block's next tilings, whose windows have like
-     percentiles, so most tilings take a single pass.
+     the histograms counted again (:class:`_Columns`). Where the ranks
+     fall is first estimated from every k-th row of the block's first
+     tiling (about an eighth of its samples, :func:`_estimate`), and the
+     columns carry over to the block's next tilings, whose windows have
+     like percentiles, so a tiling is usually counted once.
 
 - *Sorted tiles* (percentiles of values spanning more than ``_MAX_TABLE``
   values, too many for lookup tables; :class:`_SortedTiles`). Each tile's
@@ -74,6 +76,7 @@ _MAX_ENTRIES = 1 << 23
 _MAX_TABLE = 1 << 22  # values a percentile's lookup tables may span
 _LOOPED = 256
 _STRIP = 1 << 16  # counts a bincount call makes: they stay in cache
+_THIN = 8  # the estimate of where ranks fall reads 1 / _THIN of the samples
 
 
 class AxisTiling(NamedTuple):
@@ -559,6 +562,7 @@ class _Columns:
     def __init__(self, nbins, budget):
         self.nbins, self.budget = nbins, budget
         self.edges = np.arange(0, nbins, 1 << _fine_shift(nbins))
+        self.estimated = False  # whether a sample of the block split them
 
     def table(self):
         """The column of each offset (uint32)."""
@@ -585,6 +589,45 @@ class _Columns:
         return bool(added)
 
 
+def _thinned(tiling, steps):
+    """The tiling of about 1 / :data:`_THIN` of its samples, and its steps.
+
+    Every ``k``-th sample is kept along the leading axes (skipping whole
+    rows of the block), ``k`` a power of two at most half the axis's
+    smallest used tile, so that every tile keeps samples. Returns None when
+    no axis can be thinned.
+    """
+    axes, steps, left = list(tiling), list(steps), _THIN
+    for d, axis in enumerate(tiling[:-1] if len(tiling) > 1 else tiling):
+        smallest = np.diff(axis.bounds)[_used_tiles(axis)].min()
+        k = 1
+        while k * 2 <= left and k * 4 <= smallest:
+            k *= 2
+        if k > 1:
+            # thinned sample j is sample k * j: tile t keeps ceil(bound / k)..
+            axes[d] = axis._replace(bounds=-(-axis.bounds // k))
+            steps[d] *= k
+            left //= k
+    return None if left == _THIN else (tuple(axes), tuple(steps))
+
+
+def _cumulative(samples, tiling, columns):
+    """Each window's cumulative counts over `columns`, and its kept count."""
+    windows = math.prod(len(axis.rows) for axis in tiling)
+    counts = samples.histograms(columns.table(), len(columns.edges))
+    counts = _window_sums(counts, tiling).reshape(windows, -1)
+    total = np.int32 if samples.most < 2**31 else np.int64  # window totals
+    cumulative = np.cumsum(counts, axis=1, dtype=total)
+    return cumulative, cumulative[:, -1].astype(np.int64)
+
+
+def _column_of(cumulative, rank):
+    """The column holding each window's value of `rank`."""
+    return np.count_nonzero(
+        cumulative <= rank.astype(cumulative.dtype)[:, None], axis=1
+    )
+
+
 def _percentile_select(samples, tiling, statistic, columns, dtype):
     """Kept counts per window and a selector of their order statistics.
 
@@ -594,18 +637,10 @@ def _percentile_select(samples, tiling, statistic, columns, dtype):
     than one value are split, and the pass repeated, until every wanted
     rank sits in a single-value column.
     """
-    windows = math.prod(len(axis.rows) for axis in tiling)
-    total = np.int32 if samples.most < 2**31 else np.int64  # window totals
     while True:
-        counts = samples.histograms(columns.table(), len(columns.edges))
-        counts = _window_sums(counts, tiling).reshape(windows, -1)
-        cumulative = np.cumsum(counts, axis=1, dtype=total)
-        n = cumulative[:, -1].astype(np.int64)
+        cumulative, n = _cumulative(samples, tiling, columns)
         ranks = statistic.ranks(n)
-        hits = [
-            np.count_nonzero(cumulative <= rank.astype(total)[:, None], axis=1)
-            for rank in ranks
-        ]
+        hits = [_column_of(cumulative, rank) for rank in ranks]
         hit = np.unique(np.concatenate([h[n > 0] for h in hits]))
         if not columns.refine(hit):
             break
@@ -615,6 +650,28 @@ def _percentile_select(samples, tiling, statistic, columns, dtype):
         for rank, h in zip(ranks, hits, strict=True)
     }
     return n, lambda rank: values[rank.tobytes()]
+
+
+def _estimate(samples, tiling, statistic, columns):
+    """Split the columns where a sample of the windows puts their ranks.
+
+    `samples` and `tiling` are a thinned tiling's (:func:`_thinned`): a
+    fraction of each window's samples, whose order statistics estimate the
+    window's. The columns holding the wanted ranks, give or take three
+    standard deviations of a sampled quantile (``1.5 * sqrt(n)`` ranks of
+    ``n`` samples), are split at the cost of a fraction of a pass, so the
+    exact passes (:func:`_percentile_select`) usually need only one.
+    """
+    cumulative, n = _cumulative(samples, tiling, columns)
+    spread = np.ceil(1.5 * np.sqrt(n)).astype(np.int64) + 1
+    last = np.maximum(n - 1, 0)
+    marks = np.zeros(len(columns.edges) + 1, dtype=np.intp)
+    for rank in statistic.ranks(n):
+        lo = _column_of(cumulative, np.clip(rank - spread, 0, last))[n > 0]
+        hi = _column_of(cumulative, np.clip(rank + spread, 0, last))[n > 0]
+        np.add.at(marks, lo, 1)
+        np.add.at(marks, hi + 1, -1)
+    columns.refine(np.flatnonzero(np.cumsum(marks)[:-1] > 0))
 
 
 def _block_phases(origin, grid, start, stop):
@@ -733,6 +790,11 @@ def _tiling_percentiles(
         n = tiles.kept[ids].sum(axis=1)
         select = tiles.select(ids, low, high)
     else:
+        thin = None if columns.estimated else _thinned(tiling, steps)
+        if thin is not None:
+            sample = _PhaseTiles(block, mask, *thin, low, most)
+            _estimate(sample, thin[0], statistic, columns)
+        columns.estimated = True
         samples = _PhaseTiles(block, mask, tiling, steps, low, most)
         n, select = _percentile_select(samples, tiling, statistic, columns, block.dtype)
     windows = tuple(len(axis.rows) for axis in tiling)

@@ -1,5 +1,6 @@
 """The integer fast paths against the brute-force reference."""
 
+import itertools
 import warnings
 from unittest import mock
 
@@ -174,6 +175,74 @@ def test_axis_tilings_split_windows_by_step_phase():
     assert [(c.size, c.tiles.tolist(), c.take) for c in classes] == [
         (1, [0, 1, 2, 3], slice(0, 4))
     ]
+
+
+@given(
+    data=st.data(),
+    size=st.integers(1, 300),
+    extent=st.integers(1, 120),
+    step=st.integers(1, 3),
+    across=st.integers(1, 3),
+)
+def test_thinned_tilings_keep_every_kth_sample_of_each_tile(
+    data, size, extent, step, across
+):
+    spacing = data.draw(st.integers(1, min(size, 60)))
+    # axis 0 is thinned (the last axis never is, unless it is the only one);
+    # the samples of tile t are those of the whole tiling's tile t whose
+    # index along axis 0 is a multiple of k
+    block = np.arange(size * across, dtype=np.intp).reshape(size, across)
+    grid = make_grid(block.shape, (extent, 1), (spacing, 1), (step, 1))
+    for tiling in _tiles._block_phases((0, 0), grid, (0, 0), grid.counts):
+        whole = _tiles._PhaseTiles(block, None, tiling, grid.step, 0)
+        thin = _tiles._thinned(tiling, grid.step)
+        smallest = np.diff(tiling[0].bounds)[_tiles._used_tiles(tiling[0])].min()
+        if thin is None:
+            assert smallest < 4
+            continue
+        k = thin[1][0] // step
+        assert k in (2, 4, 8) and 2 * k <= smallest and thin[0][1] == tiling[1]
+        counts = _tiles._PhaseTiles(block, None, *thin, 0).histograms(None, block.size)
+        used = _tiles._used_tiles(tiling[0])
+        start = tiling[0].bounds[0]
+        for t, (lo, hi) in enumerate(itertools.pairwise(tiling[0].bounds)):
+            rows = whole.sub[lo - start : hi - start]
+            taken = rows[np.arange(lo, hi) % k == 0].ravel() if used[t] else []
+            expected = np.bincount(taken, minlength=block.size)
+            np.testing.assert_array_equal(counts[t].sum(axis=0), expected)
+
+
+def test_a_sample_of_the_windows_leaves_one_exact_pass_a_tiling():
+    # equalization-like: two percentiles of big overlapping windows on a
+    # smooth background with noise; the sampled estimate splits the right
+    # columns, so each tiling (4 phases of the steps) is counted once
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:256, 0:256]
+    source = (300 + y + 2 * x + rng.normal(0, 30, (256, 256))).astype(np.uint16)
+    grid = make_grid(source.shape, (100, 100), (25, 25), (2, 2))
+    statistic = Percentile((0.4, 0.975))
+    sizes, histograms = [], _tiles._PhaseTiles.histograms
+
+    def counted(self, *args):
+        sizes.append(self.sub.size)
+        return histograms(self, *args)
+
+    with mock.patch.object(_tiles._PhaseTiles, "histograms", counted):
+        values, _ = _tiles.tile_reduce(
+            source, (0, 0), grid, (0, 0), grid.counts, statistic, np.float64,
+            None, histogram=False,
+        )  # fmt: skip
+    tilings = _tiles._block_phases((0, 0), grid, (0, 0), grid.counts)
+    assert len(tilings) == 4
+    # the estimate reads about a quarter of the first tiling (tiles of 12
+    # or 13 samples along axis 0: k = 4), then each tiling is counted once
+    estimate, *passes = sizes
+    assert len(passes) == len(tilings) and estimate <= passes[0] / 3
+    expected = reference.local_percentile(
+        source, (0.4, 0.975), selem=(100, 100), spacing=(25, 25), step=(2, 2),
+        interpolate=None, dtype=np.float64,
+    )  # fmt: skip
+    np.testing.assert_array_equal(values, expected)
 
 
 def test_sorted_tiles_count_and_select():
