@@ -169,13 +169,14 @@ def resample_block(
     """
     values = np.asarray(coefficients, dtype=np.float64)
     taps = [_local_taps(coords, counts, offset, order, d) for d in range(len(coords))]
+    inside = order <= 1 and _within(values, dtype)  # needs no clipping
     if ahead is None:
         ahead = expands(len(coords[0]), values.shape[0])
     if math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :]) < _SLAB:
         axes = list(reversed(range(len(coords))))  # the others, then the first
         for axis in axes if ahead else axes[-1:] + axes[:-1]:
             values = _contract(values, axis, *taps[axis])
-        values = cast(_clip(values, bounds), dtype)
+        values = cast(_clip(values, bounds), dtype, inside=inside)
         return values if then is None else each_plane(then, values, then.dtype)
     # The output is made one plane (first axis) at a time, so that the
     # float64 temporaries stay in cache and only the result is written.
@@ -200,9 +201,9 @@ def resample_block(
         for axis in () if ahead else reversed(range(1, len(coords))):
             plane = _contract(plane, axis - 1, *taps[axis])
         if then is None:
-            cast(_clip(plane, bounds), dtype, out[i])
+            cast(_clip(plane, bounds), dtype, out[i], inside)
         else:
-            out[i] = then(i, cast(_clip(plane, bounds), dtype))
+            out[i] = then(i, cast(_clip(plane, bounds), dtype, inside=inside))
     return out
 
 
@@ -246,6 +247,22 @@ def _combine(values, index, weights, out, scratch):
     return total
 
 
+def _within(coefficients, dtype):
+    """Whether `coefficients` lie in the range of `dtype`, integers of 32 bits
+    or fewer (exact in float64).
+
+    Orders 0 and 1 weigh coefficients by weights of sum 1, none negative, so
+    their values stay within the coefficients' range but for float
+    rounding, far below the half a unit that the rounding to integers adds.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu" or dtype.itemsize > 4 or coefficients.size == 0:
+        return False
+    info = np.iinfo(dtype)
+    # False for NaN, which the clipping leaves as it is anyway
+    return bool(info.min <= coefficients.min() and coefficients.max() <= info.max)
+
+
 def _clip(values, bounds):
     return (
         values if bounds is None else np.clip(values, bounds[0], bounds[1], out=values)
@@ -286,12 +303,13 @@ def _contract(values, axis, index, weights):
     return result
 
 
-def cast(values, dtype, out=None):
+def cast(values, dtype, out=None, inside=False):
     """Cast float values to `dtype`, rounding and clipping integers like scipy.
 
     Integers are rounded half away from zero and clipped to the dtype's
-    range. `values` may be overwritten; the result goes to `out` if given
-    (an array of `dtype`, saving a copy).
+    range, unless `inside`: `values` are known to lie in it, give or take
+    float rounding. `values` may be overwritten; the result goes to `out`
+    if given (an array of `dtype`, saving a copy).
     """
     dtype = np.dtype(dtype)
     if dtype.kind in "iu":
@@ -301,7 +319,8 @@ def cast(values, dtype, out=None):
         else:
             values += np.copysign(0.5, values)
         # the cast truncates toward zero, completing the rounding
-        values = np.clip(values, info.min, info.max, out=values)
+        if not inside:
+            values = np.clip(values, info.min, info.max, out=values)
     elif dtype.kind == "b":
         values = values != 0
     if out is not None:

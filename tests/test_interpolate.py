@@ -113,6 +113,24 @@ def test_integer_outputs_round_and_clip_like_scipy(dtype):
     assert np.abs(result.astype(int) - expected.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("order", [0, 1])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32])
+def test_orders_0_and_1_clip_only_what_rounds_beyond_the_dtype(order, dtype):
+    # weighted means of coefficients within the dtype's range stay within
+    # it and skip the clipping; those just beyond must still be clipped
+    info = np.iinfo(dtype)
+    inside = np.array([info.min, info.max, info.min, info.max, 0.0, 1.0])
+    coords = [coordinates(23, 6, 0, 1, "corners")]
+    beyond = inside + np.array([-0.6, 0.6, -0.4, 0.4, 0.5, -0.5])
+    for coarse in (inside, beyond):
+        result = resample_block(coarse, (0,), coords, (6,), order, dtype)
+        floats = resample_block(coarse, (0,), coords, (6,), order, np.float64)
+        expected = np.clip(
+            np.trunc(floats + np.copysign(0.5, floats)), info.min, info.max
+        )
+        np.testing.assert_array_equal(result, expected.astype(dtype), strict=True)
+
+
 def test_cast_rounds_half_away_from_zero():
     values = np.array([-2.5, -0.4, 0.5, 1.49, 300.0])
     np.testing.assert_array_equal(cast(values.copy(), np.int16), [-3, 0, 1, 1, 300])
