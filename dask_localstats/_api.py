@@ -26,6 +26,7 @@ from ._engine import (
     identity,
     read_through,
     resample_stage,
+    resampled_into,
 )
 from ._grid import make_grid
 from ._interpolate import ALIGNS, each_plane
@@ -169,6 +170,22 @@ def _default_chunks(source, lazy, shape):
     return auto_chunks(shape, itemsize)  # the source's chunks are too large
 
 
+def _computed(result):
+    """`result` computed into a NumPy array by dask's threaded scheduler.
+
+    A resampling's chunks are written in place (no copy of the whole result
+    from its chunks); other results are stored chunk by chunk.
+    """
+    out = np.empty(result.shape, result.dtype)
+    # the threaded scheduler itself: naming it would import distributed
+    written = resampled_into(result, out)
+    if written is None:
+        result.store(out, lock=False, scheduler=dask.threaded.get)
+    else:
+        dask.threaded.get(*written)
+    return out
+
+
 def _check_block_bytes(block_bytes):
     if block_bytes is None:
         return None
@@ -240,10 +257,7 @@ def _local_statistic(
             result, grid, interpolate, align, chunks, bool(clip), block_bytes
         )
     if not lazy:
-        out = np.empty(result.shape, result.dtype)
-        # the threaded scheduler itself: naming it would import distributed
-        result.store(out, lock=False, scheduler=dask.threaded.get)
-        result = out
+        result = _computed(result)
     if return_centers:
         return result, grid.center_coordinates()
     return result

@@ -614,11 +614,12 @@ def _block_coordinates(grid, align, start, stop):
 
 def _resample(
     coefficients, offset, grid, order, align, start, stop, dtype, bounds, part,
-    then=None,
+    then=None, into=None,
 ):  # fmt: skip
     """One output chunk: components `part` (a slice of the first trailing axis).
 
-    `then` is a step fused into the same pass, plane by plane (see
+    `then` is a step fused into the same pass, plane by plane, and `into`
+    where to write the chunk (see
     :func:`~dask_localstats._interpolate.resample_block`).
     """
     coords = _block_coordinates(grid, align, start, stop)
@@ -627,8 +628,9 @@ def _resample(
         bounds = None if bounds is None else bounds[:, part]
     ahead = expands(grid.shape[0], grid.counts[0])  # the same for every chunk
     return resample_block(
-        coefficients, offset, coords, grid.counts, order, dtype, bounds, then, ahead
-    )
+        coefficients, offset, coords, grid.counts, order, dtype, bounds, then, ahead,
+        into,
+    )  # fmt: skip
 
 
 def fused(resampled, name, then, operands, dtype):
@@ -666,6 +668,37 @@ def fused(resampled, name, then, operands, dtype):
     meta = np.empty((0,) * resampled.ndim, dtype)
     graph = HighLevelGraph(layers, dependencies)
     return da.Array(graph, name, resampled.chunks, dtype=dtype, meta=meta)
+
+
+def resampled_into(resampled, out):
+    """A graph computing `resampled` (see :func:`resample_stage`) into `out`.
+
+    Each task writes its chunk into its region of the NumPy array `out`
+    (of the shape and dtype of `resampled`), so the whole result is not
+    copied from the chunks. Returns the graph and its keys (their results
+    are the regions), or None when `resampled` is not a resampling stage.
+    Only for schedulers sharing `out`'s memory: dask's threaded or
+    synchronous ones.
+    """
+    layer = resampled.dask.layers.get(resampled.name)
+    resample = getattr(layer, "resample", None)
+    if resample is None or out.shape != resampled.shape:
+        return None
+    name = "localstats-into-" + tokenize(resampled.name, identity(out))
+    edges = edges_of(resampled.chunks)
+
+    def block(key, index):
+        region = tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, index, strict=True))
+        return resample(key, index, into=out[region])
+
+    layers = dict(resampled.dask.layers) | {
+        name: BlockLayer(name, layer.numblocks, block)
+    }
+    dependencies = dict(resampled.dask.dependencies)
+    dependencies[name] = dependencies.pop(resampled.name)
+    del layers[resampled.name]
+    keys = [(name, *i) for i in np.ndindex(*layer.numblocks)]
+    return HighLevelGraph(layers, dependencies), keys
 
 
 def component_chunks(fshape, spatial, dtype, nbytes):
@@ -772,7 +805,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
         parts = [None] if len(parts) == 1 else parts
     edges = edges_of(chunks)
 
-    def block(key, index, then=None):
+    def block(key, index, then=None, into=None):
         start = tuple(edges[d][i] for d, i in enumerate(index[:ndim]))
         stop = tuple(edges[d][i + 1] for d, i in enumerate(index[:ndim]))
         coords = _block_coordinates(grid, align, start, stop)
@@ -795,11 +828,12 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
             limits and TaskRef(limits),
             part,
             then=then,
+            into=into,
         )
 
     out_chunks = tuple(chunks) + tuple(fchunks)
     layer = BlockLayer(name, [len(c) for c in out_chunks], block)
-    layer.resample = block  # with a step fused into each task, see fused
+    layer.resample = block  # with a fused step or a destination: fused, into
     layer.coarse = coarse  # see checkpoint_of
     layer.extremes = extremes  # see clip_of
     graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)

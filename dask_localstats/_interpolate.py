@@ -129,7 +129,7 @@ def taps_range(x, count, order):
 
 def resample_block(
     coefficients, offset, coords, counts, order, dtype, bounds=None, then=None,
-    ahead=None,
+    ahead=None, into=None,
 ):  # fmt: skip
     """Evaluate the spline on the tensor grid of `coords`.
 
@@ -161,11 +161,15 @@ def resample_block(
         (else after it). It sets the order of the float sums, so a chunked
         result gives it the same for all its chunks (:func:`expands`); None
         takes the faster for this block.
+    into : ndarray or None
+        Where to write the result (of its shape and dtype), instead of a
+        new array: a region of a whole result, which then needs no copy.
 
     Returns
     -------
     ndarray
-        Shape ``tuple(map(len, coords)) + coefficients.shape[len(coords):]``.
+        Shape ``tuple(map(len, coords)) + coefficients.shape[len(coords):]``:
+        `into` if given.
     """
     values = np.asarray(coefficients, dtype=np.float64)
     taps = [_local_taps(coords, counts, offset, order, d) for d in range(len(coords))]
@@ -177,7 +181,11 @@ def resample_block(
         for axis in axes if ahead else axes[-1:] + axes[:-1]:
             values = _contract(values, axis, *taps[axis])
         values = cast(_clip(values, bounds), dtype, inside=inside)
-        return values if then is None else each_plane(then, values, then.dtype)
+        values = values if then is None else each_plane(then, values, then.dtype)
+        if into is None:
+            return values
+        into[...] = values
+        return into
     # The output is made one plane (first axis) at a time, so that the
     # float64 temporaries stay in cache and only the result is written.
     # When the first axis expands (more output planes than twice the coarse
@@ -189,7 +197,9 @@ def resample_block(
         for axis in reversed(range(1, len(coords))):
             values = _contract(values, axis, *taps[axis])
     shape = (*map(len, coords), *values.shape[len(coords) :])
-    out = np.empty(shape, dtype=dtype if then is None else then.dtype)
+    out = (
+        np.empty(shape, dtype if then is None else then.dtype) if into is None else into
+    )
     # float64 planes that need no more steps are summed in place in `out`
     direct = ahead and then is None and bounds is None and out.dtype == values.dtype
     scratch = np.empty(values.shape[1:], values.dtype)

@@ -22,11 +22,12 @@ whole block (``block_reduce``, the tile paths), which the engine tries first:
 - :class:`Percentile`: exact order statistics (``np.partition`` when every
   window is complete, a sort with sentinels otherwise), combined with the very
   arithmetic of ``numpy.percentile``'s linear method, so results are
-  bit-identical to calling ``numpy.percentile`` on each window. Windows
-  that do not overlap (ClearMap's default spacing, the window's extent) are
-  partitioned this way even for integers: each voxel is read once either
-  way, and one ``np.partition`` (linear time, GIL released) beats counting
-  histograms of the tiles, which here are the windows themselves.
+  bit-identical to calling ``numpy.percentile`` on each window. Integers
+  take the tile paths instead (below), but for windows that do not overlap
+  (ClearMap's default spacing, the window's extent) and whose values span
+  too many for histograms: each voxel is read once either way, and one
+  ``np.partition`` (linear time) beats sorting the tiles, which here are
+  the windows themselves.
 - :class:`Histogram`: one ``np.bincount`` per batch on ``row * max_bin +
   value``.
 - :class:`Function`: calls a user function once per window on the kept voxels
@@ -137,11 +138,14 @@ class Percentile(Statistic):
         """Order statistics from sorted tiles or tile histograms (integers).
 
         Declines (None: windows are gathered and partitioned) for floats, and
-        for unmasked windows that do not overlap.
+        for unmasked windows that do not overlap and whose values are too
+        many for histograms (sorting each would cost more than partitioning).
         """
-        if block.dtype.kind not in "biu" or (mask is None and disjoint(grid)):
+        if block.dtype.kind not in "biu":
             return None
-        return tile_reduce(block, origin, grid, start, stop, self, dtype, mask, False)
+        sort = mask is not None or not disjoint(grid)
+        args = (block, origin, grid, start, stop, self, dtype, mask, False, sort)
+        return tile_reduce(*args)
 
     def reduce(self, values, valid):
         if valid is None:

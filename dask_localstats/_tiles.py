@@ -696,15 +696,18 @@ def _kept_range(block, mask):
     return (int(kept.min()), int(kept.max())) if kept.size else (0, 0)
 
 
-def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histogram):
+def tile_reduce(
+    block, origin, grid, start, stop, statistic, dtype, mask, histogram, sort=True
+):
     """Window statistics of an integer block by tiles, or None.
 
     Local histograms and percentiles take the tile histograms path;
     percentiles of blocks whose kept values span more than ``_MAX_TABLE``
-    values take sorted tiles. The whole block is declined when the first
-    tile histograms of some tiling would hold more entries than the block
-    has voxels (and more than ``_MAX_ENTRIES``): then the gathering kernel
-    of :mod:`dask_localstats._kernels` is cheaper.
+    values take sorted tiles, unless not `sort`. The whole block is
+    declined when the first tile histograms of some tiling would hold more
+    entries than the block has voxels (and more than ``_MAX_ENTRIES``):
+    then the gathering kernel of :mod:`dask_localstats._kernels` is
+    cheaper.
 
     Parameters
     ----------
@@ -715,6 +718,8 @@ def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histog
         The statistic.
     histogram : bool
         Whether `statistic` is a Histogram.
+    sort : bool
+        Whether sorted tiles may be taken (else the block is declined).
 
     Returns
     -------
@@ -728,6 +733,8 @@ def tile_reduce(block, origin, grid, start, stop, statistic, dtype, mask, histog
     low, high = (0, statistic.max_bin - 1) if histogram else _kept_range(block, mask)
     nbins = high - low + 1
     columns = None  # sorted tiles
+    if not (histogram or nbins <= _MAX_TABLE or sort):
+        return None
     if histogram or nbins <= _MAX_TABLE:
         tiles = max(math.prod(axis.ntiles for axis in tiling) for tiling in tilings)
         first = nbins if histogram else ((nbins - 1) >> _fine_shift(nbins)) + 1

@@ -130,18 +130,25 @@ def test_strided_gathers_are_the_fancy_index(geometry, data):
     np.testing.assert_array_equal(_kernels._gatherer(positions)(image), expected)
 
 
-def test_windows_that_do_not_overlap_are_partitioned():
+def test_windows_that_do_not_overlap_are_partitioned_past_histograms():
+    # integers take the tile histograms, whose one pass is cheaper than a
+    # partition, but for too many values, whose sorted tiles would cost more
     image = np.random.default_rng(3).integers(0, 5000, (20, 30)).astype(np.uint16)
     args = ((0, 0), make_grid(image.shape, (10, 10)), (0, 0), (2, 3))
     percentile = Percentile(0.5)
-    assert percentile.block_reduce(image, *args, np.float64, None) is None
+    assert percentile.block_reduce(image, *args, np.float64, None) is not None
+    wide = image.astype(np.int64) << 40
+    assert percentile.block_reduce(wide, *args, np.float64, None) is None
     overlapping = make_grid(image.shape, (10, 10), (5, 5))
-    assert (
-        percentile.block_reduce(
-            image, (0, 0), overlapping, (0, 0), (4, 6), np.float64, None
+    for values in image, wide:
+        assert (
+            percentile.block_reduce(
+                values, (0, 0), overlapping, (0, 0), (4, 6), np.float64, None
+            )
+            is not None
         )
-        is not None
-    )
+    mask = np.ones(image.shape, bool)
+    assert percentile.block_reduce(wide, *args, np.float64, mask) is not None
     result = reduce_block(image, *args, percentile, np.float64)
     tiles = image.reshape(2, 10, 3, 10).transpose(0, 2, 1, 3).reshape(2, 3, 100)
     np.testing.assert_array_equal(result, np.percentile(tiles, 50, axis=-1))
