@@ -4,6 +4,7 @@ import itertools
 import math
 from unittest import mock
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ from dask_localstats._engine import (
     coarse_stage,
     plan_blocks,
     read_through,
+    resampled_into,
 )
 from dask_localstats._grid import make_grid
 from dask_localstats._interpolate import prefilter, prefilter_halo
@@ -233,6 +235,23 @@ def test_read_through_reads_the_source_through_its_coarse_stage_cache(tmp_path):
     # alone: its graph keeps the source and the cache, not the coarse blocks
     np.testing.assert_array_equal(image_through.compute(), image, strict=True)
     assert image_through.chunks == chunks
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_resampled_into_writes_each_chunk_in_place(order):
+    image = np.random.default_rng(2).integers(0, 500, (20, 30, 2), np.uint16)
+    background = dls.local_percentile(
+        da.from_array(image), (0.2, 0.7), selem=(6, 5, 1), interpolate=order,
+        chunks=((7, 13), (10, 10, 10), (2,)),
+    )  # fmt: skip
+    out = np.empty(background.shape, background.dtype)
+    graph, keys = resampled_into(background, out)
+    regions = dask.threaded.get(graph, keys)
+    assert len(regions) == 6 and all(r.base is out for r in regions)
+    np.testing.assert_array_equal(out, background.compute(), strict=True)
+    assert resampled_into(background + 1, out) is None  # not a resampling
+    coarse = dls.local_percentile(image, 0.5, selem=(6, 5, 1), interpolate=None)
+    assert resampled_into(da.from_array(coarse), coarse) is None
 
 
 @given(
