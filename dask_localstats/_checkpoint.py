@@ -41,7 +41,7 @@ from ._engine import (
     fill_stage,
 )
 from ._fill import boxes, reach
-from ._graph import cull
+from ._graph import batches, cull
 from ._lock import check_guard
 
 __all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "checkpointed", "settle"]
@@ -334,11 +334,7 @@ def _batched(graph, checkpoint, sink, batch_size, compute, every=False):
         return da.Array(cull(with_sinks, list(tasks)), sinks, chunks, meta=meta)
 
     values = [np.empty((0, *sink.shape), sink.dtype)]
-    size = max(len(indices), 1)
-    if batch_size is not None and indices:
-        size = max(1, batch_size // len(batch(indices[:1]).dask))
-    for start in range(0, len(indices), size):
-        collection = batch(indices[start : start + size])
+    for collection in batches(indices, batch, lambda c: len(c.dask), batch_size):
         files = checkpoint.unsaved(collection.dask)
         values.append(compute(collection, files))
         checkpoint.saved(files)

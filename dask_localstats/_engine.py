@@ -59,7 +59,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._fill import fill_block
-from ._graph import BlockLayer, edges_of
+from ._graph import BlockLayer, edges_of, note
 from ._interpolate import (
     coordinates,
     expands,
@@ -80,7 +80,7 @@ def checkpoint_of(layer):
 
     Writers store it once and resume from it (:mod:`dask_localstats._write`).
     """
-    return getattr(layer, "coarse", None)
+    return note(layer, "coarse")
 
 
 def extremes_of(grid, ndim):
@@ -99,7 +99,7 @@ def clip_of(layer):
     before its first batch and puts the value in their place
     (:func:`dask_localstats._checkpoint.settle`).
     """
-    return getattr(layer, "extremes", None)
+    return note(layer, "extremes")
 
 
 class Fill(NamedTuple):
@@ -111,7 +111,7 @@ class Fill(NamedTuple):
 
 def fill_of(grid):
     """The :class:`Fill` that makes `grid` (a dask array), or None."""
-    return getattr(grid.dask.layers.get(grid.name), "fill", None)
+    return note(grid.dask.layers.get(grid.name), "fill")
 
 
 # Blocks a grid of windows that do not overlap is cut into at least (see
@@ -451,7 +451,7 @@ def read_through(graph, source, chunks):
     image beside its background (a subtraction) then finds most chunks
     decoded already. Returns None when no coarse stage reads `source` so.
     """
-    readers = (getattr(layer, "reader", None) for layer in graph.layers.values())
+    readers = (note(layer, "reader") for layer in graph.layers.values())
     reader = next((r for r in readers if r and r.source is source), None)
     if reader is None:
         return None
@@ -546,7 +546,9 @@ def coarse_stage(
     numblocks = [len(c) for c in chunks] + [1] * len(statistic.fshape)
     layer = BlockLayer(name, numblocks, block, shared)
     if image.cache:
-        layer.reader = Reader(source, image.ref, image.cache, name, block_bytes)
+        layer.notes["reader"] = Reader(
+            source, image.ref, image.cache, name, block_bytes
+        )
     chunks += tuple((f,) for f in statistic.fshape)
     deps = [d for i in inputs for d in i.deps]
     graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
@@ -558,7 +560,7 @@ def coarse_stage(
     coarse = da.Array(graph, name, chunks, dtype=flagged, meta=meta)
     # the fill reads other blocks: writers store these too (see
     # checkpoint_of), so that it reads them instead of computing
-    layer.coarse = coarse
+    layer.notes["coarse"] = coarse
     return fill_stage(coarse, grid.ndim, dtype)
 
 
@@ -590,7 +592,7 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
         return Task(key, fill_block, region_task(flagged, box), ndim, inner)
 
     layer = BlockLayer(name, flagged.numblocks, block, shared)
-    layer.fill = Fill(flagged, ndim)
+    layer.notes["fill"] = Fill(flagged, ndim)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=[flagged])
     meta = np.empty((0,) * flagged.ndim, dtype)
     return da.Array(graph, name, flagged.chunks, dtype=dtype, meta=meta)
@@ -644,7 +646,7 @@ def fused(resampled, name, then, operands, dtype):
     when `resampled` is not a resampling stage.
     """
     layer = resampled.dask.layers.get(resampled.name)
-    resample = getattr(layer, "resample", None)
+    resample = note(layer, "resample")
     if resample is None or any(a.chunks != resampled.chunks for a in operands):
         return None
 
@@ -653,7 +655,7 @@ def fused(resampled, name, then, operands, dtype):
         return resample(key, index, Task(None, then, *blocks))
 
     out = BlockLayer(name, layer.numblocks, block)
-    out.coarse, out.extremes = layer.coarse, clip_of(layer)
+    out.notes.update(coarse=checkpoint_of(layer), extremes=clip_of(layer))
     layers = {k: v for k, v in resampled.dask.layers.items() if k != resampled.name}
     dependencies = {
         k: v for k, v in resampled.dask.dependencies.items() if k != resampled.name
@@ -681,7 +683,7 @@ def resampled_into(resampled, out):
     synchronous ones.
     """
     layer = resampled.dask.layers.get(resampled.name)
-    resample = getattr(layer, "resample", None)
+    resample = note(layer, "resample")
     if resample is None or out.shape != resampled.shape:
         return None
     name = "localstats-into-" + tokenize(resampled.name, identity(out))
@@ -833,9 +835,9 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
 
     out_chunks = tuple(chunks) + tuple(fchunks)
     layer = BlockLayer(name, [len(c) for c in out_chunks], block)
-    layer.resample = block  # with a fused step or a destination: fused, into
-    layer.coarse = coarse  # see checkpoint_of
-    layer.extremes = extremes  # see clip_of
+    # block maker with a fused step or a destination (fused, resampled_into);
+    # the grid a writer stores (checkpoint_of); the extremes clipped to
+    layer.notes.update(resample=block, coarse=coarse, extremes=extremes)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)
     meta = np.empty((0,) * len(out_chunks), coarse.dtype)
     return da.Array(graph, name, out_chunks, dtype=coarse.dtype, meta=meta)

@@ -19,7 +19,9 @@ import math
 from dask.blockwise import Blockwise
 from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
 
-__all__ = ["BlockLayer", "cull", "edges_of"]
+__all__ = ["BlockLayer", "batches", "cull", "edges_of"]
+
+_PROBE = 64  # items whose graph gives the tasks an item needs (see batches)
 
 
 def edges_of(chunks):
@@ -55,20 +57,28 @@ class BlockLayer(Layer):
         ``make(key, index)``: the task of one block.
     shared : dict or None
         ``{key: GraphNode}`` of tasks that blocks read.
+
+    Attributes
+    ----------
+    notes : dict
+        What the library's stages note on their layers to build further
+        graphs with (:func:`note`): arrays, whose graphs hold the layer
+        again, and block makers. Not sent with a graph.
     """
 
     has_legacy_tasks = False
-    # what the library's stages note on their layers to build graphs with
-    # (arrays, whose graphs hold the layer again): not sent with a graph
-    NOTES = ("coarse", "extremes", "fill", "reader", "resample")
 
     def __init__(self, name, numblocks, make, shared=None):
         super().__init__()
         self.name, self.numblocks, self.make = name, tuple(numblocks), make
         self.shared = dict(shared or {})
+        self.notes = {}
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in self.NOTES}
+        return {k: v for k, v in self.__dict__.items() if k != "notes"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, notes={})
 
     def _index(self, key):
         if (
@@ -127,6 +137,46 @@ class BlockLayer(Layer):
                     tasks[dep] = self.shared[dep]
         deps = {key: set(node.dependencies) for key, node in tasks.items()}
         return MaterializedLayer(tasks, annotations=self.annotations), deps
+
+
+def batches(items, make, tasks, batch_size, whole=1):
+    """``make(batch)`` for runs of consecutive `items`, each of bounded size.
+
+    Each run's graph holds at most `batch_size` tasks (``tasks(made)``),
+    unless one item alone needs more; all items make one run if
+    `batch_size` is None. The tasks an item needs are estimated from the
+    first :data:`_PROBE` items; a run is a multiple of `whole` items when
+    that many fit (whole slabs of chunks, say), and a run found larger than
+    estimated is halved. Each is made only when the one before has been
+    used, so what a batch stores the next can read.
+
+    Examples
+    --------
+    >>> runs = batches(range(7), list, lambda run: 2 * len(run), batch_size=5)
+    >>> list(runs)
+    [[0, 1], [2, 3], [4, 5], [6]]
+    """
+    items = iter(items)
+    probe = list(itertools.islice(items, _PROBE))
+    if not probe:
+        return
+    size = math.inf
+    if batch_size is not None:
+        size = max(1, int(batch_size * len(probe) / max(tasks(make(probe)), 1)))
+        size = size // whole * whole if size >= whole else size
+    items = itertools.chain(probe, items)
+    while batch := list(itertools.islice(items, size if size < math.inf else None)):
+        made = make(batch)
+        while batch_size is not None and tasks(made) > batch_size and len(batch) > 1:
+            items = itertools.chain(batch[len(batch) // 2 :], items)
+            batch = batch[: len(batch) // 2]
+            made = make(batch)
+        yield made
+
+
+def note(layer, name):
+    """What a stage noted as `name` on `layer` (a BlockLayer), or None."""
+    return getattr(layer, "notes", {}).get(name)
 
 
 class _Keys:

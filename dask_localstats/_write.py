@@ -57,6 +57,7 @@ import hashlib
 import itertools
 import json
 import math
+import operator
 import os
 import re
 import sys
@@ -75,7 +76,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from ._checkpoint import checkpointed, coarse_voxels, settle
 from ._engine import region_task
-from ._graph import cull
+from ._graph import batches, cull
 from ._layout import layout_of
 from ._lock import LOCK, check_guard, holder, locked
 from ._place import place_of
@@ -91,7 +92,6 @@ RECORD = "dask_localstats"
 # Tasks in the graph of one batch of the output's chunks: far below what
 # dask.distributed's scheduler handles well, large enough to keep a cluster busy.
 DEFAULT_BATCH_SIZE = 50_000
-_PROBE = 64  # chunks whose graph gives the tasks a chunk needs
 _METADATA = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
 _CHUNK_KEY = re.compile(r"^(c([/.]\d+)*|\d+([/.]\d+)*)$")
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -733,8 +733,7 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
                 return _compute([collection], shown, {COARSE: len(files)})[0]
 
             array = settle(array, checkpoints, batch_size, coarse)
-            batches = _batches(array, target, done, checkpoints, guard, batch_size)
-            for batch in batches:
+            for batch in _batches(array, target, done, checkpoints, guard, batch_size):
                 tasks = {WRITE: batch.writes.npartitions, COARSE: len(batch.files)}
                 _compute([batch.writes], shown, tasks)
                 for checkpoint in checkpoints:
@@ -765,29 +764,17 @@ def _batch(array, target, units, checkpoints, guard):
 
 
 def _batches(array, target, done, checkpoints, guard, batch_size):
-    """The graphs of the chunks not `done`, batch by batch.
-
-    A batch is a run of consecutive chunks in C order (whole slabs along
-    the first axis when a slab fits) whose culled graph holds at most
-    `batch_size` tasks (unless one chunk alone needs more): the tasks a
-    chunk needs are estimated from the first chunks, and a batch found
-    larger is halved. Each graph is made only when the one before is
-    computed, so coarse blocks stored by a batch are read by the next.
+    """The graphs of the chunks not `done`, batch by batch (see
+    :func:`~dask_localstats._graph.batches`): runs of consecutive chunks in
+    C order, whole slabs along the first axis when a slab fits. Each graph
+    is made only when the one before is computed, so coarse blocks stored
+    by a batch are read by the next.
     """
     unit = target.shards or target.chunks
-    units = _units(target.shape, unit, done)
-    probe = list(itertools.islice(units, _PROBE))
-    if not probe:
-        return
-    per_unit = _batch(array, target, probe, checkpoints, guard).tasks / len(probe)
-    size = max(1, int(batch_size / max(per_unit, 1.0)))
     slab = math.prod(_counts(target.shape[1:], unit[1:]))
-    size = size // slab * slab if size >= slab else size
-    units = itertools.chain(probe, units)
-    while batch := list(itertools.islice(units, size)):
-        graphs = _batch(array, target, batch, checkpoints, guard)
-        while graphs.tasks > batch_size and len(batch) > 1:
-            units = itertools.chain(batch[len(batch) // 2 :], units)
-            batch = batch[: len(batch) // 2]
-            graphs = _batch(array, target, batch, checkpoints, guard)
-        yield graphs
+
+    def make(units):
+        return _batch(array, target, units, checkpoints, guard)
+
+    units = _units(target.shape, unit, done)
+    return batches(units, make, operator.attrgetter("tasks"), batch_size, slab)

@@ -8,10 +8,12 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given
+from hypothesis import strategies as st
 from strategies import Counting
 
 import dask_localstats as dls
-from dask_localstats._graph import BlockLayer, cull
+from dask_localstats._graph import BlockLayer, batches, cull
 
 
 def test_a_petabyte_pipeline_is_built_without_tasks(tmp_path):
@@ -131,3 +133,32 @@ def test_cull_finds_the_keys_an_overlap_layer_holds_under_other_names(tmp_path):
     np.testing.assert_array_equal(
         out[:], dls.local_percentile(image, 0.5, 8, interpolate=3)
     )
+
+
+@given(
+    weights=st.lists(st.integers(1, 9), max_size=150),
+    batch_size=st.one_of(st.none(), st.integers(1, 60)),
+    whole=st.integers(1, 5),
+)
+def test_batches_are_runs_in_order_within_the_size_unless_one_item_is_larger(
+    weights, batch_size, whole
+):
+    # items of uneven weight: the size estimated from the first items is
+    # too large for heavier runs later, which are halved
+    made = []
+
+    def make(run):
+        made.append(run)
+        return run
+
+    def tasks(run):
+        return sum(weights[i] for i in run)
+
+    runs = list(batches(range(len(weights)), make, tasks, batch_size, whole))
+    assert [i for run in runs for i in run] == list(range(len(weights)))
+    if batch_size is None:
+        assert len(runs) <= 1
+    else:
+        assert all(tasks(run) <= batch_size or len(run) == 1 for run in runs)
+    # the last run made is the last yielded: none is made ahead
+    assert made[-1:] == runs[-1:]
