@@ -17,7 +17,9 @@ axis. We split the work the same way:
    cache (the other axes first, on the coarse planes, when the first axis
    expands). Cost: about ``k + 1`` multiply-adds per output voxel for the
    last contraction, much less for the others; taps of weight 0 (order 1
-   on an axis of spacing 1) are skipped.
+   on an axis of spacing 1) are skipped, and order 1 interpolates
+   ``a + w * (b - a)``, the difference of two coarse planes computed once
+   for all the output planes between them.
 
 Coordinates come from :func:`coordinates`: ``align="corners"`` is zoom's
 (and ClearMap's) convention, the first coarse sample on voxel 0 and the last
@@ -179,7 +181,7 @@ def resample_block(
     if math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :]) < _SLAB:
         axes = list(reversed(range(len(coords))))  # the others, then the first
         for axis in axes if ahead else axes[-1:] + axes[:-1]:
-            values = _contract(values, axis, *taps[axis])
+            values = _contract(values, axis, *taps[axis], order == 1)
         values = cast(_clip(values, bounds), dtype, inside=inside)
         values = values if then is None else each_plane(then, values, then.dtype)
         if into is None:
@@ -195,7 +197,7 @@ def resample_block(
     # planes it needs.
     if ahead:
         for axis in reversed(range(1, len(coords))):
-            values = _contract(values, axis, *taps[axis])
+            values = _contract(values, axis, *taps[axis], order == 1)
     shape = (*map(len, coords), *values.shape[len(coords) :])
     out = (
         np.empty(shape, dtype if then is None else then.dtype) if into is None else into
@@ -203,13 +205,14 @@ def resample_block(
     # float64 planes that need no more steps are summed in place in `out`
     direct = ahead and then is None and bounds is None and out.dtype == values.dtype
     scratch = np.empty(values.shape[1:], values.dtype)
+    pairs = {} if order == 1 else None  # see _combine
     for i, (index, weights) in enumerate(zip(*taps[0], strict=True)):
         if direct:
-            _combine(values, index, weights, out[i], scratch)
+            _combine(values, index, weights, out[i], scratch, pairs)
             continue
-        plane = _combine(values, index, weights, None, scratch)
+        plane = _combine(values, index, weights, None, scratch, pairs)
         for axis in () if ahead else reversed(range(1, len(coords))):
-            plane = _contract(plane, axis - 1, *taps[axis])
+            plane = _contract(plane, axis - 1, *taps[axis], order == 1)
         if then is None:
             cast(_clip(plane, bounds), dtype, out[i], inside)
         else:
@@ -241,16 +244,27 @@ def expands(size, count):
     return size > 2 * count
 
 
-def _combine(values, index, weights, out, scratch):
+def _combine(values, index, weights, out, scratch, pairs=None):
     """``sum_j weights[j] * values[index[j]]``, into `out` (None: a new array).
 
     `scratch`, of the shape of a term, holds each term after the first.
+    With `pairs` (order 1; a dict kept for the planes of a block), two
+    taps are ``a + w * (b - a)``, the difference ``b - a`` computed once
+    for all the planes between the same two: a pass fewer a plane, and
+    ``a`` itself where ``w`` is 0.
     """
     if len(index) == 1 and weights[0] == 1:
         if out is None:
             return values[index[0]].copy()
         out[...] = values[index[0]]
         return out
+    if pairs is not None and len(index) == 2:
+        a, b = int(index[0]), int(index[1])
+        if (a, b) not in pairs:
+            pairs[a, b] = values[b] - values[a]
+        total = np.multiply(pairs[a, b], weights[1], out=out)
+        total += values[a]
+        return total
     total = np.multiply(values[index[0]], weights[0], out=out)
     for tap, weight in zip(index[1:], weights[1:], strict=True):
         total += np.multiply(weight, values[tap], out=scratch)
@@ -299,12 +313,23 @@ def _local_taps(coords, counts, offset, order, axis):
     return index - offset[axis], weights
 
 
-def _contract(values, axis, index, weights):
-    """Sum of the taps along `axis`: ``sum_j weights[:, j] * values[index[:, j]]``."""
+def _contract(values, axis, index, weights, lerp=False):
+    """Sum of the taps along `axis`: ``sum_j weights[:, j] * values[index[:, j]]``.
+
+    With `lerp` (order 1), two taps ``a`` and ``b`` are ``a + w * (b - a)``,
+    the very arithmetic of :func:`_combine`.
+    """
     if index.shape[1] == 1 and (weights == 1).all():
         return np.take(values, index[:, 0], axis=axis)
     shape = [1] * values.ndim
     shape[axis] = len(index)
+    if lerp and index.shape[1] == 2:
+        first = np.take(values, index[:, 0], axis=axis)
+        result = np.take(values, index[:, 1], axis=axis)
+        result -= first
+        result *= weights[:, 1].reshape(shape)
+        result += first
+        return result
     result = None
     for j in range(index.shape[1]):
         term = np.take(values, index[:, j], axis=axis)
