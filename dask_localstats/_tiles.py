@@ -76,6 +76,7 @@ _MAX_ENTRIES = 1 << 23
 _MAX_TABLE = 1 << 22  # values a percentile's lookup tables may span
 _LOOPED = 256
 _STRIP = 1 << 16  # counts a bincount call makes: they stay in cache
+_SAMPLES = 1 << 16  # samples a bincount call counts: its keys stay in cache
 _THIN = 8  # the estimate of where ranks fall reads 1 / _THIN of the samples
 
 
@@ -289,10 +290,11 @@ class _PhaseTiles:
         A sample of value ``v`` counts in column ``table[v - low]`` of its
         tile (column ``v - low`` when `table` is None). One
         ``np.bincount`` per strip of a row of tiles (a few tiles along axis
-        1, so that its counts stay in cache), on keys ``tile * ncols +
-        column`` (``uint32`` when they fit). Counts are of the narrowest
-        dtype that holds a window's (:func:`_count_dtype`). `check`, if given, is called
-        with the least and greatest kept value of each strip first.
+        1, so that its counts stay in cache, and at most :data:`_SAMPLES`
+        samples, so that its keys do), on keys ``tile * ncols + column``
+        (``uint32`` when they fit). Counts are of the narrowest dtype that
+        holds a window's (:func:`_count_dtype`). `check`, if given, is
+        called with the least and greatest kept value of each strip first.
         """
         per_row = math.prod(self.shape[1:])
         across = self.shape[1] if len(self.shape) > 1 else 1
@@ -300,32 +302,44 @@ class _PhaseTiles:
         group = max(1, _STRIP // (stride * ncols))
         key = np.uint32 if min(group, across) * stride * ncols < 2**32 else np.intp
         inner = self.inner.astype(key) * key(ncols)
-        raw = _raw_table(table, self.low, self.sub.dtype)
+        keys_of = self._keys(table, key)
         out = np.empty((self.shape[0], per_row * ncols), dtype=self.count)
         for t, a in itertools.product(range(self.shape[0]), range(0, across, group)):
             b = min(a + group, across)
             lo, hi = stride * ncols * a, stride * ncols * b
-            part = (slice(self.bounds0[t], self.bounds0[t + 1]),)
+            across_part = ()
             if len(self.shape) > 1:
-                part += (slice(self.bounds1[a], self.bounds1[b]),)
-            values = self.sub[part]
-            keep = None if self.keep is None else self.keep[part]
-            if check is not None:
-                kept = values if keep is None else values[keep]
-                if kept.size:
-                    check(int(kept.min()), int(kept.max()))
-            if raw is not None:
-                keys = raw.take(values).astype(key, copy=False)
-            elif table is not None:
-                keys = table.take(_offsets(values, self.low), mode="clip")
-                keys = keys.astype(key, copy=False)
-            else:
-                keys = _offsets(values, self.low, key)
-            keys += inner[(slice(None), *part[1:])] - key(lo)
-            if keep is not None:
-                keys[~keep] = hi - lo
-            out[t, lo:hi] = np.bincount(keys.ravel(), minlength=hi - lo + 1)[:-1]
+                across_part = (slice(self.bounds1[a], self.bounds1[b]),)
+            plane = math.prod(self.sub[(0, *across_part)].shape)
+            first, last = self.bounds0[t], self.bounds0[t + 1]
+            rows = max(1, _SAMPLES // max(plane, 1))
+            total = 0
+            for r in range(first, last, rows):
+                part = (slice(r, min(r + rows, last)), *across_part)
+                values = self.sub[part]
+                keep = None if self.keep is None else self.keep[part]
+                if check is not None:
+                    kept = values if keep is None else values[keep]
+                    if kept.size:
+                        check(int(kept.min()), int(kept.max()))
+                keys = keys_of(values)
+                keys += inner[(slice(None), *across_part)] - key(lo)
+                if keep is not None:
+                    keys[~keep] = hi - lo
+                total += np.bincount(keys.ravel(), minlength=hi - lo + 1)[:-1]
+            out[t, lo:hi] = total
         return out.reshape((*self.shape, ncols))
+
+    def _keys(self, table, key):
+        """What maps sample values to their columns, in the dtype `key`."""
+        raw = _raw_table(table, self.low, self.sub.dtype)
+        if raw is not None:
+            return lambda values: raw.take(values).astype(key, copy=False)
+        if table is not None:
+            return lambda values: table.take(
+                _offsets(values, self.low), mode="clip"
+            ).astype(key, copy=False)
+        return lambda values: _offsets(values, self.low, key)
 
     def sums(self):
         """Kept counts and sums of ``values`` and ``values**2`` per tile.
