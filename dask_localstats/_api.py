@@ -182,7 +182,8 @@ def _computed(result):
     if written is None:
         result.store(out, lock=False, scheduler=dask.threaded.get)
     else:
-        dask.threaded.get(*written)
+        graph, keys = written
+        dask.threaded.get(da.Array.__dask_optimize__(graph, keys), keys)
     return out
 
 

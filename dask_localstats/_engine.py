@@ -684,7 +684,7 @@ def resampled_into(resampled, out):
     """
     layer = resampled.dask.layers.get(resampled.name)
     resample = note(layer, "resample")
-    if resample is None or out.shape != resampled.shape:
+    if resample is None or (out.shape, out.dtype) != (resampled.shape, resampled.dtype):
         return None
     name = "localstats-into-" + tokenize(resampled.name, identity(out))
     edges = edges_of(resampled.chunks)

@@ -176,12 +176,13 @@ def resample_block(
     values = np.asarray(coefficients, dtype=np.float64)
     taps = [_local_taps(coords, counts, offset, order, d) for d in range(len(coords))]
     inside = order <= 1 and _within(values, dtype)  # needs no clipping
+    finite = order != 1 or bool(np.isfinite(values).all())  # see _mix
     if ahead is None:
         ahead = expands(len(coords[0]), values.shape[0])
     if math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :]) < _SLAB:
         axes = list(reversed(range(len(coords))))  # the others, then the first
         for axis in axes if ahead else axes[-1:] + axes[:-1]:
-            values = _contract(values, axis, *taps[axis], order == 1)
+            values = _contract(values, axis, *taps[axis], order == 1, finite)
         values = cast(_clip(values, bounds), dtype, inside=inside)
         values = values if then is None else each_plane(then, values, then.dtype)
         if into is None:
@@ -197,7 +198,7 @@ def resample_block(
     # planes it needs.
     if ahead:
         for axis in reversed(range(1, len(coords))):
-            values = _contract(values, axis, *taps[axis], order == 1)
+            values = _contract(values, axis, *taps[axis], order == 1, finite)
     shape = (*map(len, coords), *values.shape[len(coords) :])
     out = (
         np.empty(shape, dtype if then is None else then.dtype) if into is None else into
@@ -208,11 +209,11 @@ def resample_block(
     pairs = {} if order == 1 else None  # see _combine
     for i, (index, weights) in enumerate(zip(*taps[0], strict=True)):
         if direct:
-            _combine(values, index, weights, out[i], scratch, pairs)
+            _combine(values, index, weights, out[i], scratch, pairs, finite)
             continue
-        plane = _combine(values, index, weights, None, scratch, pairs)
+        plane = _combine(values, index, weights, None, scratch, pairs, finite)
         for axis in () if ahead else reversed(range(1, len(coords))):
-            plane = _contract(plane, axis - 1, *taps[axis], order == 1)
+            plane = _contract(plane, axis - 1, *taps[axis], order == 1, finite)
         if then is None:
             cast(_clip(plane, bounds), dtype, out[i], inside)
         else:
@@ -244,14 +245,14 @@ def expands(size, count):
     return size > 2 * count
 
 
-def _combine(values, index, weights, out, scratch, pairs=None):
+def _combine(values, index, weights, out, scratch, pairs=None, finite=True):
     """``sum_j weights[j] * values[index[j]]``, into `out` (None: a new array).
 
     `scratch`, of the shape of a term, holds each term after the first.
-    With `pairs` (order 1; a dict kept for the planes of a block), two
-    taps are ``a + w * (b - a)``, the difference ``b - a`` computed once
-    for all the planes between the same two: a pass fewer a plane, and
-    ``a`` itself where ``w`` is 0.
+    With `pairs` (order 1: a dict that keeps the last pair's difference,
+    the planes coming in order), two taps are mixed by :func:`_mix`, the
+    difference ``b - a`` computed once for all the planes between the same
+    two: a pass fewer a plane, and ``a`` itself where the weight is 0.
     """
     if len(index) == 1 and weights[0] == 1:
         if out is None:
@@ -260,11 +261,11 @@ def _combine(values, index, weights, out, scratch, pairs=None):
         return out
     if pairs is not None and len(index) == 2:
         a, b = int(index[0]), int(index[1])
-        if (a, b) not in pairs:
-            pairs[a, b] = values[b] - values[a]
-        total = np.multiply(pairs[a, b], weights[1], out=out)
-        total += values[a]
-        return total
+        with np.errstate(invalid="ignore"):  # inf - inf, where not finite
+            if (a, b) not in pairs:
+                pairs.clear()
+                pairs[a, b] = values[b] - values[a]
+            return _mix(values[a], values[b], *weights, pairs[a, b], out, finite)
     total = np.multiply(values[index[0]], weights[0], out=out)
     for tap, weight in zip(index[1:], weights[1:], strict=True):
         total += np.multiply(weight, values[tap], out=scratch)
@@ -313,23 +314,39 @@ def _local_taps(coords, counts, offset, order, axis):
     return index - offset[axis], weights
 
 
-def _contract(values, axis, index, weights, lerp=False):
+def _mix(a, b, w0, w1, difference, out, finite):
+    """``a + w1 * (b - a)`` (order 1's two taps), `difference` being ``b - a``.
+
+    Into `out` (None: a new array; it may be `difference`). That arithmetic
+    gives NaN where `a` or `b` is infinite: in blocks holding a coefficient
+    that is not `finite`, those values are the weighted sum ``w0 * a + w1 *
+    b`` instead, as every other order gives them.
+    """
+    total = np.multiply(difference, w1, out=out)
+    total += a
+    if not finite:
+        odd = ~np.isfinite(total)
+        total[odd] = (w0 * a + w1 * b)[odd]
+    return total
+
+
+def _contract(values, axis, index, weights, lerp=False, finite=True):
     """Sum of the taps along `axis`: ``sum_j weights[:, j] * values[index[:, j]]``.
 
-    With `lerp` (order 1), two taps ``a`` and ``b`` are ``a + w * (b - a)``,
-    the very arithmetic of :func:`_combine`.
+    With `lerp` (order 1), two taps are mixed by :func:`_mix`, the very
+    arithmetic of :func:`_combine`.
     """
     if index.shape[1] == 1 and (weights == 1).all():
         return np.take(values, index[:, 0], axis=axis)
     shape = [1] * values.ndim
     shape[axis] = len(index)
     if lerp and index.shape[1] == 2:
-        first = np.take(values, index[:, 0], axis=axis)
-        result = np.take(values, index[:, 1], axis=axis)
-        result -= first
-        result *= weights[:, 1].reshape(shape)
-        result += first
-        return result
+        a = np.take(values, index[:, 0], axis=axis)
+        b = np.take(values, index[:, 1], axis=axis)
+        w0, w1 = (w.reshape(shape) for w in weights.T)
+        with np.errstate(invalid="ignore"):  # inf - inf, where not finite
+            difference = np.subtract(b, a, out=b if finite else None)
+            return _mix(a, b, w0, w1, difference, difference, finite)
     result = None
     for j in range(index.shape[1]):
         term = np.take(values, index[:, j], axis=axis)

@@ -60,7 +60,8 @@ Declining
 ---------
 :func:`tile_reduce` declines (returns None, and the gathering kernel takes
 over) when the first tile histograms of some tiling would hold more
-entries than the block has voxels and than ``_MAX_ENTRIES``;
+entries than the block has voxels and than ``_MAX_ENTRIES``, and, when told
+not to sort, where sorted tiles would be needed;
 :func:`tile_moments` declines when its integer sums could exceed 2**53.
 """
 
@@ -290,7 +291,7 @@ class _PhaseTiles:
         A sample of value ``v`` counts in column ``table[v - low]`` of its
         tile (column ``v - low`` when `table` is None). One
         ``np.bincount`` per strip of a row of tiles (a few tiles along axis
-        1, so that its counts stay in cache, and at most :data:`_SAMPLES`
+        1, so that its counts stay in cache, and about :data:`_SAMPLES`
         samples, so that its keys do), on keys ``tile * ncols + column``
         (``uint32`` when they fit). Counts are of the narrowest dtype that
         holds a window's (:func:`_count_dtype`). `check`, if given, is
@@ -312,7 +313,8 @@ class _PhaseTiles:
                 across_part = (slice(self.bounds1[a], self.bounds1[b]),)
             plane = math.prod(self.sub[(0, *across_part)].shape)
             first, last = self.bounds0[t], self.bounds0[t + 1]
-            rows = max(1, _SAMPLES // max(plane, 1))
+            # runs of at least as many samples as counts: each call zeroes those
+            rows = max(1, max(_SAMPLES, 4 * (hi - lo)) // max(plane, 1))
             total = 0
             for r in range(first, last, rows):
                 part = (slice(r, min(r + rows, last)), *across_part)
@@ -586,8 +588,9 @@ class _Columns:
     def refine(self, hit):
         """Split the columns `hit` (indices) into single values, as the budget allows.
 
-        Returns whether any column was split. A column that does not fit
-        whole is split in as many equal parts as fit (at least two).
+        Returns whether any column was split. Columns are split in the order
+        given; one that does not fit whole is split in as many equal parts
+        as fit (at least two).
         """
         widths = np.diff(self.edges, append=self.nbins)
         room, added = self.budget - len(self.edges), []
@@ -677,15 +680,19 @@ def _estimate(samples, tiling, statistic, columns):
     exact passes (:func:`_percentile_select`) usually need only one.
     """
     cumulative, n = _cumulative(samples, tiling, columns)
+    ranks, kept = statistic.ranks(n), n > 0
+    hits = np.unique(np.concatenate([_column_of(cumulative, r)[kept] for r in ranks]))
     spread = np.ceil(1.5 * np.sqrt(n)).astype(np.int64) + 1
     last = np.maximum(n - 1, 0)
     marks = np.zeros(len(columns.edges) + 1, dtype=np.intp)
-    for rank in statistic.ranks(n):
-        lo = _column_of(cumulative, np.clip(rank - spread, 0, last))[n > 0]
-        hi = _column_of(cumulative, np.clip(rank + spread, 0, last))[n > 0]
+    for rank in ranks:
+        lo = _column_of(cumulative, np.clip(rank - spread, 0, last))[kept]
+        hi = _column_of(cumulative, np.clip(rank + spread, 0, last))[kept]
         np.add.at(marks, lo, 1)
         np.add.at(marks, hi + 1, -1)
-    columns.refine(np.flatnonzero(np.cumsum(marks)[:-1] > 0))
+    near = np.setdiff1d(np.flatnonzero(np.cumsum(marks)[:-1] > 0), hits)
+    # the columns holding the estimates first, should the budget run short
+    columns.refine(np.concatenate([hits, near]))
 
 
 def _block_phases(origin, grid, start, stop):

@@ -250,6 +250,7 @@ def test_resampled_into_writes_each_chunk_in_place(order):
     assert len(regions) == 6 and all(r.base is out for r in regions)
     np.testing.assert_array_equal(out, background.compute(), strict=True)
     assert resampled_into(background + 1, out) is None  # not a resampling
+    assert resampled_into(background, out.astype(np.float32)) is None
     coarse = dls.local_percentile(image, 0.5, selem=(6, 5, 1), interpolate=None)
     assert resampled_into(da.from_array(coarse), coarse) is None
 

@@ -154,11 +154,12 @@ def test_batches_are_runs_in_order_within_the_size_unless_one_item_is_larger(
     def tasks(run):
         return sum(weights[i] for i in run)
 
-    runs = list(batches(range(len(weights)), make, tasks, batch_size, whole))
+    runs = []
+    for run in batches(range(len(weights)), make, tasks, batch_size, whole):
+        assert made[-1] is run  # made when asked for, not ahead
+        runs.append(run)
     assert [i for run in runs for i in run] == list(range(len(weights)))
     if batch_size is None:
         assert len(runs) <= 1
     else:
         assert all(tasks(run) <= batch_size or len(run) == 1 for run in runs)
-    # the last run made is the last yielded: none is made ahead
-    assert made[-1:] == runs[-1:]

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from strategies import arrays
 
 from dask_localstats._interpolate import (
+    _taps,
     cast,
     coordinates,
     prefilter,
@@ -129,6 +130,25 @@ def test_orders_0_and_1_clip_only_what_rounds_beyond_the_dtype(order, dtype):
             np.trunc(floats + np.copysign(0.5, floats)), info.min, info.max
         )
         np.testing.assert_array_equal(result, expected.astype(dtype), strict=True)
+
+
+def test_order_1_keeps_infinities_and_the_same_bits_beside_them():
+    # a + w * (b - a) would make NaN of inf - inf and of 0 * inf: there the
+    # weighted sum's values; elsewhere the same bits as a block without them
+    coarse = np.array([1.0, 5.0, 4.0, 2.0, np.inf, np.inf, -np.inf, 3.0])
+    x = coordinates(36, 8, 0, 1, "corners")
+    result = resample_block(coarse, (0,), [x], (8,), 1, np.float64)
+    index, weights = _taps(x, 8, 1)  # the weighted sum of the other orders
+    with np.errstate(invalid="ignore"):
+        weighted = (weights * coarse[index]).sum(axis=1)
+    odd = ~np.isfinite(weighted)
+    assert odd.any() and np.isnan(weighted).any()
+    np.testing.assert_array_equal(result[odd], weighted[odd])
+    np.testing.assert_allclose(result[~odd], weighted[~odd], rtol=1e-15)
+    near = x < 3  # taps among the first four samples only
+    lo, hi = taps_range(x[near], 8, 1)
+    alone = resample_block(coarse[lo:hi], (lo,), [x[near]], (8,), 1, np.float64)
+    np.testing.assert_array_equal(result[near], alone, strict=True)
 
 
 def test_cast_rounds_half_away_from_zero():
