@@ -259,12 +259,20 @@ def settle(array, checkpoints, batch_size, compute):
             name = checkpoint.coarse.name
             if checkpoint not in (mine, flagged) and name in grid.dask.layers:
                 _batched(graph, checkpoint, _DONE, batch_size, compute)
-        boxed = flagged and _boxed_fill(graph, fill, flagged, mine, batch_size, compute)
-        if boxed:
-            layers[grid.name] = boxed
+        boxed = None
+        if flagged is not None:
+            boxed = _boxed_fill(graph, fill, flagged, mine, batch_size, compute)
+        if boxed is not None:
+            added = boxed.dask.layers.keys() - layers.keys()  # candidates, if any
+            layers.update({k: boxed.dask.layers[k] for k in added})
+            dependencies.update({k: boxed.dask.dependencies[k] for k in added})
+            layers[grid.name] = _substituted(boxed.dask.layers[grid.name], mine)
+            dependencies[grid.name] = (
+                dependencies[grid.name] | boxed.dask.dependencies[grid.name]
+            )
             graph = HighLevelGraph(layers, dependencies)
         # a grid filled whole: its blocks in one batch, which fills it once
-        size = None if fill is not None and not boxed else batch_size
+        size = None if fill is not None and boxed is None else batch_size
         if extremes is None:
             _batched(graph, mine, _DONE, size, compute)
             continue
@@ -282,25 +290,27 @@ def settle(array, checkpoints, batch_size, compute):
 
 
 def _boxed_fill(graph, fill, flagged, mine, batch_size, compute):
-    """The layer that fills `mine`'s grid block by block, or None.
+    """`mine`'s grid filled block by block (a dask array), or None.
 
     The blocks of the `flagged` grid are computed (or read) in batches,
     each giving its reach, which sizes the box each block is filled from
-    (:func:`dask_localstats._fill.boxes`). None (the grid is then filled
-    whole, in one task) when every filled block is stored already, or when
-    the boxes would hold too many samples (gaps spanning many blocks).
+    (:func:`dask_localstats._fill.boxes`): from the box's samples, or,
+    where the boxes would hold too many (gaps spanning many blocks), from
+    the candidates of the box's blocks, a surface. None (the grid is then
+    filled whole, in one task, reading stored blocks) when every filled
+    block is stored already.
     """
     if not mine.missing:
         return None
     sink = _Sink(reach, (fill.ndim,), 1, (), np.float64)
     reaches = _batched(graph, flagged, sink, batch_size, compute, every=True)
-    counts = fill.flagged.numblocks[: fill.ndim]
-    around = boxes(reaches.reshape(counts), fill.flagged.chunks[: fill.ndim])
+    reaches = reaches.reshape(fill.flagged.numblocks[: fill.ndim])
+    chunks = fill.flagged.chunks[: fill.ndim]
+    around, sparse = boxes(reaches, chunks), None
     if around is None:
-        return None
-    name = mine.coarse.name
-    filled = fill_stage(fill.flagged, fill.ndim, mine.coarse.dtype, around, name)
-    return _substituted(filled.dask.layers[name], mine)
+        around, sparse = boxes(reaches, chunks, most=np.inf), reaches > 0
+    name, dtype = mine.coarse.name, mine.coarse.dtype
+    return fill_stage(fill.flagged, fill.ndim, dtype, around, name, sparse)
 
 
 def _find(checkpoints, grid):

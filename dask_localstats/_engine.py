@@ -58,7 +58,7 @@ from dask._task_spec import DataNode, Task, TaskRef, parse_input
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from ._fill import fill_block
+from ._fill import border, fill_block, fill_from
 from ._graph import BlockLayer, edges_of, note
 from ._interpolate import (
     coordinates,
@@ -564,14 +564,18 @@ def coarse_stage(
     return fill_stage(coarse, grid.ndim, dtype)
 
 
-def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
+def fill_stage(flagged, ndim, dtype, boxes=None, name=None, sparse=None):
     """The grid `flagged` with its missing samples filled, a task a block.
 
     Without `boxes` every block is cut from one fill of the whole grid,
     in one task; with `boxes` (``{block index: ((lo, hi) per spatial
     axis)}``, see :func:`dask_localstats._fill.boxes`) each block is
-    filled from its box alone, with the same values. `name` names the
-    result (a writer gives a grid's blocks boxes under the grid's name).
+    filled from its box alone, with the same values: from the box's
+    samples, or, given `sparse` (which blocks hold missing samples, on the
+    grid of blocks), from the candidates of the box's blocks
+    (:func:`~dask_localstats._fill.border`, one task a block), a surface
+    where the box is wide. `name` names the result (a writer gives a
+    grid's blocks boxes under the grid's name).
     """
     name = name or "localstats-filled-" + tokenize(flagged.name)
     edges = edges_of(flagged.chunks)
@@ -579,6 +583,7 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
     if boxes is None:
         region = [(0, n) for n in flagged.shape[:ndim]]
         shared[whole] = Task(whole, fill_block, region_task(flagged, region), ndim)
+    borders = None if sparse is None else _borders(flagged, ndim, sparse, name)
 
     def block(key, index):
         spatial = [(e[i], e[i + 1]) for e, i in zip(edges, index[:ndim], strict=False)]
@@ -586,6 +591,16 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
             cut = tuple(slice(a, b) for a, b in spatial)
             return Task(key, operator.getitem, TaskRef(whole), cut)
         box = boxes[index[:ndim]]
+        if borders is not None:
+            start = tuple(lo for lo, _ in spatial)
+            within = itertools.product(
+                *(range(bisect.bisect_right(e, lo) - 1, bisect.bisect_left(e, hi))
+                  for e, (lo, hi) in zip(edges, box, strict=False))
+            )  # fmt: skip
+            refs = parse_input([TaskRef((borders.name, *j)) for j in within])
+            return Task(
+                key, fill_from, region_task(flagged, spatial), ndim, start, refs
+            )
         inner = tuple(
             slice(a - lo, b - lo) for (a, b), (lo, _) in zip(spatial, box, strict=True)
         )
@@ -593,9 +608,34 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
 
     layer = BlockLayer(name, flagged.numblocks, block, shared)
     layer.notes["fill"] = Fill(flagged, ndim)
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=[flagged])
+    after = [flagged] if borders is None else [flagged, borders]
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=after)
     meta = np.empty((0,) * flagged.ndim, dtype)
     return da.Array(graph, name, flagged.chunks, dtype=dtype, meta=meta)
+
+
+def _borders(flagged, ndim, sparse, name):
+    """The :func:`~dask_localstats._fill.border` of each block of `flagged`,
+    as a dask collection of one task a block (`sparse`: which blocks hold
+    missing samples, whose faces are open to their neighbours)."""
+    name = f"{name}-borders"
+    edges = edges_of(flagged.chunks[:ndim])
+
+    def block(key, index):
+        spatial = [(e[i], e[i + 1]) for e, i in zip(edges, index, strict=True)]
+        faces = []
+        for d, i in enumerate(index):
+            near = [(*index[:d], j, *index[d + 1 :]) for j in (i - 1, i + 1)]
+            faces.append(
+                tuple(0 <= n[d] < sparse.shape[d] and bool(sparse[n]) for n in near)
+            )
+        start = tuple(lo for lo, _ in spatial)
+        return Task(key, border, region_task(flagged, spatial), ndim, start, faces)
+
+    layer = BlockLayer(name, sparse.shape, block)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[flagged])
+    chunks = tuple((1,) * n for n in sparse.shape)
+    return da.Array(graph, name, chunks, meta=np.empty((0,) * ndim, object))
 
 
 def _block_coordinates(grid, align, start, stop):

@@ -30,29 +30,42 @@ blocks' half diagonals (:func:`boxes`). A writer computes the reaches with
 the blocks, then fills block by block; a lazy result fills the whole grid
 at once (see :func:`dask_localstats._engine.fill_stage`). Both give the
 same values.
+
+Where a gap spans many blocks its blocks' boxes hold much of the grid, so
+a writer does not read them: each block of the grid offers its candidates
+(:func:`border`: its valid samples next to a missing one, and those on its
+faces toward blocks with missing samples, which may border theirs), and a
+block is filled from the candidates of the blocks its box meets
+(:func:`fill_from`), a surface of the grid rather than a volume.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from ._graph import edges_of
 
-__all__ = ["boxes", "fill_block", "nearest", "reach"]
+__all__ = ["Border", "border", "boxes", "fill_block", "fill_from", "nearest", "reach"]
 
 
-def _border(missing):
-    """Indices (C order) of the valid samples next to a missing one along an axis."""
+def _next_to_missing(missing):
+    """Where a sample has a missing neighbour along an axis."""
     near = np.zeros_like(missing)
     for d in range(missing.ndim):
         lower = (slice(None),) * d + (slice(None, -1),)
         upper = (slice(None),) * d + (slice(1, None),)
         near[lower] |= missing[upper]
         near[upper] |= missing[lower]
-    return np.argwhere(near & ~missing)
+    return near
+
+
+def _border(missing):
+    """Indices (C order) of the valid samples next to a missing one along an axis."""
+    return np.argwhere(_next_to_missing(missing) & ~missing)
 
 
 def nearest(missing, points, ties=True):
@@ -81,6 +94,11 @@ def nearest(missing, points, ties=True):
     border = _border(missing)
     if not len(border):  # all missing (or none, and no points)
         return None
+    return border[_nearest_of(border, points, ties)]
+
+
+def _nearest_of(border, points, ties=True):
+    """The index in `border` (candidates, in C order) of each point's nearest."""
     tree = cKDTree(border)
     chosen = np.empty(len(points), np.intp)
     todo = np.arange(len(points))
@@ -96,7 +114,7 @@ def nearest(missing, points, ties=True):
             break
         todo = todo[d2[:, -1] == least[:, 0]]  # more may be tied beyond k
         k = min(4 * k, len(border))
-    return border[chosen]
+    return chosen
 
 
 def _missing(flagged, ndim):
@@ -147,6 +165,79 @@ def fill_block(flagged, ndim, block=None):
     return values
 
 
+class Border(NamedTuple):
+    """The candidates one block offers the fill of the others (:func:`border`)."""
+
+    points: np.ndarray  # (k, ndim) grid indices, in C order
+    values: np.ndarray  # (k, *components) their values
+
+
+def border(flagged, ndim, start, open_faces):
+    """The valid samples of a block that may be some missing sample's nearest.
+
+    Those next to a missing sample of the block, and those on a face of the
+    block whose neighbouring block has missing samples (`open_faces`:
+    ``(low, high)`` flags per spatial axis): every valid sample next to a
+    missing one of the grid, and then some. `start` is the block's first
+    index in the grid.
+
+    Examples
+    --------
+    >>> flagged = np.zeros(4, [("value", float), ("missing", bool)])
+    >>> flagged["value"] = [1, 2, 3, 4]
+    >>> flagged["missing"] = [False, False, True, False]
+    >>> border(flagged, 1, (10,), [(True, False)])
+    Border(points=array([[10],
+           [11],
+           [13]]), values=array([1., 2., 4.]))
+    """
+    missing = _missing(flagged, ndim)
+    near = _next_to_missing(missing)
+    for d, faces in enumerate(open_faces):
+        for face, side in zip(faces, (0, -1), strict=True):
+            if face and missing.shape[d]:
+                near[(slice(None),) * d + (side,)] = True
+    points = np.argwhere(near & ~missing)
+    values = flagged["value"][tuple(points.T)]
+    return Border(points + np.asarray(start, np.intp), values)
+
+
+def fill_from(flagged, ndim, start, borders):
+    """Values of a block, missing ones from the nearest of `borders`.
+
+    Parameters
+    ----------
+    flagged : record ndarray
+        The block (see :func:`fill_block`), whose first index in the grid
+        is `start`.
+    ndim : int
+        Number of spatial axes.
+    borders : list of Border
+        The :func:`border` of each block of a box around this one that
+        holds its missing samples' nearest valid ones (see :func:`boxes`):
+        a surface of the grid, not the box's volume.
+
+    Returns
+    -------
+    ndarray
+        The same values as :func:`fill_block` gives the block.
+    """
+    values = flagged["value"].copy()
+    missing = _missing(flagged, ndim)
+    points = np.argwhere(missing) + np.asarray(start, np.intp)
+    if not len(points):
+        return values
+    candidates = np.concatenate([b.points for b in borders])
+    if not len(candidates):  # no valid sample in the grid
+        values[...] = 0
+        return values
+    order = np.lexsort(candidates.T[::-1])  # C order, for the ties
+    chosen = order[_nearest_of(candidates[order], points)]
+    found = np.concatenate([b.values for b in borders])[chosen]
+    values[tuple((points - np.asarray(start, np.intp)).T)] = found
+    return values
+
+
 def reach(flagged, ndim):
     """How far a block's missing samples are from its valid ones, squared.
 
@@ -182,7 +273,7 @@ def _ceil_sqrt(value):
     return math.isqrt(int(value)) + (math.isqrt(int(value)) ** 2 < value)
 
 
-def boxes(reaches, chunks):
+def boxes(reaches, chunks, most=None):
     """The box each block of a grid is filled from.
 
     Parameters
@@ -198,7 +289,8 @@ def boxes(reaches, chunks):
         ``{block index: ((lo, hi) per axis)}``: the block grown on every
         side by a bound on the distance from its missing samples to their
         nearest valid ones, within the grid. None when the boxes would
-        hold more than :data:`MAX_SPREAD` times the grid's samples.
+        hold more than `most` (default :data:`MAX_SPREAD`) times the
+        grid's samples.
 
     Examples
     --------
@@ -225,7 +317,8 @@ def boxes(reaches, chunks):
         grow[~valid] = np.ceil(bound).astype(np.int64) + 1
     low = np.maximum(lo - grow[:, None], 0)
     high = np.minimum(hi + grow[:, None], shape)
-    if np.prod(high - low, axis=1).sum() > MAX_SPREAD * math.prod(shape):
+    most = MAX_SPREAD if most is None else most
+    if np.prod(high - low, axis=1).sum() > most * math.prod(shape):
         return None
     return {
         index: tuple(zip(low[n].tolist(), high[n].tolist(), strict=True))

@@ -3,6 +3,7 @@
 import itertools
 from unittest import mock
 
+import dask.array as da
 import numpy as np
 import pytest
 import reference
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 from strategies import booleans, chunkings
 
 from dask_localstats import _fill
-from dask_localstats._fill import boxes, fill_block, nearest, reach
+from dask_localstats._engine import fill_stage
+from dask_localstats._fill import border, boxes, fill_block, nearest, reach
 from dask_localstats._kernels import flagged_dtype
 
 
@@ -68,6 +70,46 @@ def test_blocks_filled_from_their_boxes_equal_the_whole_fill(grid, data):
         )
         part = fill_block(flagged[tuple(slice(*r) for r in box)], ndim, inner)
         np.testing.assert_array_equal(part, whole[block], strict=True)
+
+
+@given(grid=flagged_grids(), data=st.data())
+def test_blocks_filled_from_the_candidates_of_their_boxes_equal_the_whole_fill(
+    grid, data
+):
+    # the writer's way where boxes are wide: each block from the border()
+    # lists of the blocks its box meets (fails if the faces of blocks next
+    # to missing samples were left out)
+    flagged, ndim = grid
+    chunks = data.draw(chunkings(flagged.shape[:ndim]))
+    edges = [np.cumsum((0, *c)) for c in chunks]
+    counts = [len(c) for c in chunks]
+    blocks = [
+        tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, n, strict=True))
+        for n in np.ndindex(*counts)
+    ]
+    reaches = np.array([reach(flagged[b], ndim)[0] for b in blocks]).reshape(counts)
+    around = boxes(reaches, chunks, most=np.inf)
+    lazy = da.from_array(
+        flagged, chunks=chunks + tuple((n,) for n in flagged.shape[ndim:])
+    )
+    filled = fill_stage(lazy, ndim, np.float64, around, sparse=reaches > 0)
+    whole = fill_block(flagged, ndim)
+    np.testing.assert_array_equal(filled.compute(), whole, strict=True)
+    assert any(k.endswith("-borders") for k in filled.dask.layers)
+
+
+def test_candidates_are_the_valid_samples_next_to_missing_ones_and_open_faces():
+    flagged = np.zeros((3, 4), flagged_dtype(np.float64))
+    flagged["value"] = np.arange(12).reshape(3, 4)
+    flagged["missing"][1, 1] = True
+    points, values = border(flagged, 2, (10, 20), [(False, False), (False, False)])
+    assert points.tolist() == [[10, 21], [11, 20], [11, 22], [12, 21]]
+    assert values.tolist() == [1, 4, 6, 9]
+    # the last column faces a block with missing samples: all of it too
+    points, _ = border(flagged, 2, (10, 20), [(False, False), (False, True)])
+    assert points.tolist() == [
+        [10, 21], [10, 23], [11, 20], [11, 22], [11, 23], [12, 21], [12, 23]
+    ]  # fmt: skip
 
 
 def test_of_equally_near_samples_the_first_in_c_order_wins():

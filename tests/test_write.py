@@ -24,7 +24,7 @@ from strategies import write_zarr
 import dask_localstats as dls
 from dask_localstats._checkpoint import _load_block
 from dask_localstats._engine import _coarse_block
-from dask_localstats._fill import fill_block, reach
+from dask_localstats._fill import fill_block, fill_from, reach
 from dask_localstats._graph import cull
 from dask_localstats._lock import LOCK
 from dask_localstats._place import Folder
@@ -554,7 +554,7 @@ class _Graphs(Callback):
     def __init__(self):
         super().__init__()
         self.sizes, self.coarse, self.loads, self.fills = [], [], [], []
-        self.reaches = []
+        self.reaches, self.sparse = [], []
 
     def _start(self, dsk):
         self.sizes.append(len(dsk))
@@ -563,6 +563,7 @@ class _Graphs(Callback):
         self.coarse += [key] * _calls(dsk[key], _coarse_block)
         self.loads += [key] * _calls(dsk[key], _load_block)
         self.fills += [key] * _calls(dsk[key], fill_block)
+        self.sparse += [key] * _calls(dsk[key], fill_from)
         self.reaches += [key] * _calls(dsk[key], reach)
 
 
@@ -679,9 +680,10 @@ def test_batches_compute_each_coarse_block_once(tmp_path, fill, dtype):
 
 @pytest.mark.parametrize("gap", [(1000, 1400), (256, 3840)])
 def test_a_fill_resumes_from_its_stored_blocks_and_gives_up_wide_boxes(tmp_path, gap):
-    # a gap of a few coarse blocks is filled block by block; one of 14 of
-    # the 16 blocks, filled whole, in one task; either resumes without
-    # filling again
+    # a gap of a few coarse blocks is filled block by block from boxes of
+    # the grid; one of 14 of the 16 blocks, whose boxes would hold much of
+    # the grid, block by block from the candidates of the boxes' blocks
+    # (never the whole grid in one task); either resumes without filling
     image = np.random.default_rng(8).integers(0, 250, 4096).astype(np.uint16)
     mask = np.ones(image.shape, bool)
     mask[slice(*gap)] = False
@@ -694,7 +696,10 @@ def test_a_fill_resumes_from_its_stored_blocks_and_gives_up_wide_boxes(tmp_path,
     with graphs:
         dls.to_zarr(result, out, batch_size=40)
     blocks = math.prod(result.dask.layers[_coarse_name(result)].numblocks)
-    assert len(graphs.fills) == (blocks if gap[1] - gap[0] < 1000 else 1)
+    wide = gap[1] - gap[0] > 1000
+    assert (len(graphs.fills), len(graphs.sparse)) == (
+        (0, blocks) if wide else (blocks, 0)
+    )
     z = zarr.open_array(out, mode="r+")
     z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
     for chunk in [p for p in sorted((out / "c").rglob("*")) if p.is_file()][-3:]:
@@ -702,7 +707,7 @@ def test_a_fill_resumes_from_its_stored_blocks_and_gives_up_wide_boxes(tmp_path,
     resumed = _Graphs()
     with resumed:
         written = dls.to_zarr(result, out, resume=True)
-    assert resumed.fills == resumed.reaches == resumed.coarse == []
+    assert resumed.fills == resumed.sparse == resumed.reaches == resumed.coarse == []
     expected = dls.local_percentile(image, 0.5, **options)
     np.testing.assert_array_equal(written[:], expected, strict=True)
 
