@@ -577,6 +577,9 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None, sparse=None):
     where the box is wide. `name` names the result (a writer gives a
     grid's blocks boxes under the grid's name).
     """
+    if sparse is not None and boxes is None:
+        msg = "`sparse` fills need `boxes`"
+        raise ValueError(msg)
     name = name or "localstats-filled-" + tokenize(flagged.name)
     edges = edges_of(flagged.chunks)
     whole, shared = f"{name}-whole", {}
@@ -591,7 +594,7 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None, sparse=None):
             cut = tuple(slice(a, b) for a, b in spatial)
             return Task(key, operator.getitem, TaskRef(whole), cut)
         box = boxes[index[:ndim]]
-        if borders is not None:
+        if borders is not None and sparse[index[:ndim]]:
             start = tuple(lo for lo, _ in spatial)
             within = itertools.product(
                 *(range(bisect.bisect_right(e, lo) - 1, bisect.bisect_left(e, hi))
@@ -601,6 +604,8 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None, sparse=None):
             return Task(
                 key, fill_from, region_task(flagged, spatial), ndim, start, refs
             )
+        if borders is not None:  # nothing missing: the block as it is
+            box = spatial
         inner = tuple(
             slice(a - lo, b - lo) for (a, b), (lo, _) in zip(spatial, box, strict=True)
         )

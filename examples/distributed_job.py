@@ -49,7 +49,7 @@ def main(argv=None):
             to_zarr(lightsheet(SHAPE), source, chunks=CHUNKS)
         with timed("start the cluster", times):
             cluster = LocalCluster(
-                n_workers=2, threads_per_worker=1, dashboard_address=None
+                n_workers=2, threads_per_worker=1, dashboard_address=":0"
             )
             client = Client(cluster)
         try:
