@@ -40,7 +40,7 @@ from ._engine import (
     fill_of,
     fill_stage,
 )
-from ._fill import boxes, reach
+from ._fill import MAX_SPREAD, reach, spread_boxes
 from ._graph import batches, cull
 from ._lock import check_guard
 
@@ -306,9 +306,8 @@ def _boxed_fill(graph, fill, flagged, mine, batch_size, compute):
     reaches = _batched(graph, flagged, sink, batch_size, compute, every=True)
     reaches = reaches.reshape(fill.flagged.numblocks[: fill.ndim])
     chunks = fill.flagged.chunks[: fill.ndim]
-    around, sparse = boxes(reaches, chunks), None
-    if around is None:
-        around, sparse = boxes(reaches, chunks, most=np.inf), reaches > 0
+    around, spread = spread_boxes(reaches, chunks)
+    sparse = reaches > 0 if spread > MAX_SPREAD else None
     name, dtype = mine.coarse.name, mine.coarse.dtype
     return fill_stage(fill.flagged, fill.ndim, dtype, around, name, sparse)
 

@@ -312,17 +312,20 @@ def _assemble(shape, dtype, parts):
     return out
 
 
+def _meeting(bounds, lo, hi):
+    """The chunks of one axis (`bounds`: their edges) meeting ``[lo, hi)``."""
+    return range(bisect.bisect_right(bounds, lo) - 1, bisect.bisect_left(bounds, hi))
+
+
 def _pieces(bounds, lo, hi):
     """Chunks of one axis meeting ``[lo, hi)``: (index, src slice, dst slice)."""
-    first = bisect.bisect_right(bounds, lo) - 1
-    last = bisect.bisect_left(bounds, hi)
     return [
         (
             i,
             slice(max(lo, bounds[i]) - bounds[i], min(hi, bounds[i + 1]) - bounds[i]),
             slice(max(lo, bounds[i]) - lo, min(hi, bounds[i + 1]) - lo),
         )
-        for i in range(first, last)
+        for i in _meeting(bounds, lo, hi)
     ]
 
 
@@ -597,15 +600,12 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None, sparse=None):
         if borders is not None and sparse[index[:ndim]]:
             start = tuple(lo for lo, _ in spatial)
             within = itertools.product(
-                *(range(bisect.bisect_right(e, lo) - 1, bisect.bisect_left(e, hi))
-                  for e, (lo, hi) in zip(edges, box, strict=False))
-            )  # fmt: skip
+                *(_meeting(e, lo, hi) for e, (lo, hi) in zip(edges, box, strict=False))
+            )
             refs = parse_input([TaskRef((borders.name, *j)) for j in within])
             return Task(
                 key, fill_from, region_task(flagged, spatial), ndim, start, refs
             )
-        if borders is not None:  # nothing missing: the block as it is
-            box = spatial
         inner = tuple(
             slice(a - lo, b - lo) for (a, b), (lo, _) in zip(spatial, box, strict=True)
         )
@@ -699,22 +699,27 @@ def fused(resampled, name, then, operands, dtype):
         blocks = [TaskRef((a.name, *index)) for a in operands]
         return resample(key, index, Task(None, then, *blocks))
 
-    out = BlockLayer(name, layer.numblocks, block)
-    out.notes.update(coarse=checkpoint_of(layer), extremes=clip_of(layer))
-    layers = {k: v for k, v in resampled.dask.layers.items() if k != resampled.name}
-    dependencies = {
-        k: v for k, v in resampled.dask.dependencies.items() if k != resampled.name
-    }
+    graph = _restaged(resampled, name, block, operands)
+    graph.layers[name].notes.update(
+        coarse=checkpoint_of(layer), extremes=clip_of(layer)
+    )
+    meta = np.empty((0,) * resampled.ndim, dtype)
+    return da.Array(graph, name, resampled.chunks, dtype=dtype, meta=meta)
+
+
+def _restaged(resampled, name, block, operands=()):
+    """The graph of `resampled` with its resampling layer replaced by one of
+    tasks ``block(key, index)`` named `name`, which also reads `operands`."""
+    old = resampled.name
+    layers = {k: v for k, v in resampled.dask.layers.items() if k != old}
+    dependencies = {k: v for k, v in resampled.dask.dependencies.items() if k != old}
     for a in operands:
         layers.update(a.dask.layers)
         dependencies.update(a.dask.dependencies)
-    layers[name] = out
-    dependencies[name] = {a.name for a in operands} | resampled.dask.dependencies[
-        resampled.name
-    ]
-    meta = np.empty((0,) * resampled.ndim, dtype)
-    graph = HighLevelGraph(layers, dependencies)
-    return da.Array(graph, name, resampled.chunks, dtype=dtype, meta=meta)
+    layers[name] = BlockLayer(name, resampled.dask.layers[old].numblocks, block)
+    after = resampled.dask.dependencies[old]
+    dependencies[name] = {a.name for a in operands} | after
+    return HighLevelGraph(layers, dependencies)
 
 
 def resampled_into(resampled, out):
@@ -738,14 +743,8 @@ def resampled_into(resampled, out):
         region = tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, index, strict=True))
         return resample(key, index, into=out[region])
 
-    layers = dict(resampled.dask.layers) | {
-        name: BlockLayer(name, layer.numblocks, block)
-    }
-    dependencies = dict(resampled.dask.dependencies)
-    dependencies[name] = dependencies.pop(resampled.name)
-    del layers[resampled.name]
     keys = [(name, *i) for i in np.ndindex(*layer.numblocks)]
-    return HighLevelGraph(layers, dependencies), keys
+    return _restaged(resampled, name, block), keys
 
 
 def component_chunks(fshape, spatial, dtype, nbytes):

@@ -49,7 +49,16 @@ from scipy.spatial import cKDTree
 
 from ._graph import edges_of
 
-__all__ = ["Border", "border", "boxes", "fill_block", "fill_from", "nearest", "reach"]
+__all__ = [
+    "Border",
+    "border",
+    "boxes",
+    "fill_block",
+    "fill_from",
+    "nearest",
+    "reach",
+    "spread_boxes",
+]
 
 
 def _next_to_missing(missing):
@@ -156,12 +165,19 @@ def fill_block(flagged, ndim, block=None):
     points = np.argwhere(missing[block]) + start
     if not len(points):
         return values
-    found = nearest(missing, points)
-    if found is None:
+    candidates = _border(missing)
+    found = flagged["value"][tuple(candidates.T)]
+    return _filled(values, points, start, candidates, found)
+
+
+def _filled(values, points, start, candidates, found):
+    """`values`, a block from `start` on, its missing `points` (grid indices)
+    taken from the nearest of `candidates` (in C order; their values
+    `found`); all 0 without candidates (no valid sample in the grid)."""
+    if not len(candidates):
         values[...] = 0
-    else:
-        inside = tuple((points - start).T)
-        values[inside] = flagged["value"][tuple(found.T)]
+        return values
+    values[tuple((points - start).T)] = found[_nearest_of(candidates, points)]
     return values
 
 
@@ -223,19 +239,14 @@ def fill_from(flagged, ndim, start, borders):
         The same values as :func:`fill_block` gives the block.
     """
     values = flagged["value"].copy()
-    missing = _missing(flagged, ndim)
-    points = np.argwhere(missing) + np.asarray(start, np.intp)
+    start = np.asarray(start, np.intp)
+    points = np.argwhere(_missing(flagged, ndim)) + start
     if not len(points):
         return values
     candidates = np.concatenate([b.points for b in borders])
-    if not len(candidates):  # no valid sample in the grid
-        values[...] = 0
-        return values
     order = np.lexsort(candidates.T[::-1])  # C order, for the ties
-    chosen = order[_nearest_of(candidates[order], points)]
-    found = np.concatenate([b.values for b in borders])[chosen]
-    values[tuple((points - np.asarray(start, np.intp)).T)] = found
-    return values
+    found = np.concatenate([b.values for b in borders])[order]
+    return _filled(values, points, start, candidates[order], found)
 
 
 def reach(flagged, ndim):
@@ -270,7 +281,8 @@ MAX_SPREAD = 8
 
 
 def _ceil_sqrt(value):
-    return math.isqrt(int(value)) + (math.isqrt(int(value)) ** 2 < value)
+    root = math.isqrt(int(value))
+    return root + (root**2 < value)
 
 
 def boxes(reaches, chunks, most=None):
@@ -297,6 +309,13 @@ def boxes(reaches, chunks, most=None):
     >>> boxes(np.array([0.0, 4.0, np.inf]), ((3, 3, 3),))
     {(0,): ((0, 3),), (1,): ((1, 8),), (2,): ((0, 9),)}
     """
+    around, spread = spread_boxes(reaches, chunks)
+    return None if spread > (MAX_SPREAD if most is None else most) else around
+
+
+def spread_boxes(reaches, chunks):
+    """The :func:`boxes`, however much they hold, and how many times the
+    grid's samples they hold together."""
     edges = edges_of(chunks)
     shape = [e[-1] for e in edges]
     indices = list(np.ndindex(reaches.shape))
@@ -317,10 +336,8 @@ def boxes(reaches, chunks, most=None):
         grow[~valid] = np.ceil(bound).astype(np.int64) + 1
     low = np.maximum(lo - grow[:, None], 0)
     high = np.minimum(hi + grow[:, None], shape)
-    most = MAX_SPREAD if most is None else most
-    if np.prod(high - low, axis=1).sum() > most * math.prod(shape):
-        return None
-    return {
+    around = {
         index: tuple(zip(low[n].tolist(), high[n].tolist(), strict=True))
         for n, index in enumerate(indices)
     }
+    return around, np.prod(high - low, axis=1).sum() / max(math.prod(shape), 1)

@@ -175,8 +175,10 @@ def resample_block(
     """
     values = np.asarray(coefficients, dtype=np.float64)
     taps = [_local_taps(coords, counts, offset, order, d) for d in range(len(coords))]
-    inside = order <= 1 and _within(values, dtype)  # needs no clipping
-    finite = order != 1 or bool(np.isfinite(values).all())  # see _mix
+    # NaN carries through min and max: finite extremes, finite values
+    low, high = (values.min(), values.max()) if order <= 1 and values.size else (0, 0)
+    inside = order <= 1 and _within(low, high, dtype)  # needs no clipping
+    finite = order != 1 or bool(np.isfinite(low) and np.isfinite(high))  # see _mix
     if ahead is None:
         ahead = expands(len(coords[0]), values.shape[0])
     if math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :]) < _SLAB:
@@ -272,20 +274,20 @@ def _combine(values, index, weights, out, scratch, pairs=None, finite=True):
     return total
 
 
-def _within(coefficients, dtype):
-    """Whether `coefficients` lie in the range of `dtype`, integers of 32 bits
-    or fewer (exact in float64).
+def _within(low, high, dtype):
+    """Whether coefficients from `low` to `high` lie in the range of `dtype`,
+    integers of 32 bits or fewer (exact in float64).
 
     Orders 0 and 1 weigh coefficients by weights of sum 1, none negative, so
     their values stay within the coefficients' range but for float
     rounding, far below the half a unit that the rounding to integers adds.
     """
     dtype = np.dtype(dtype)
-    if dtype.kind not in "iu" or dtype.itemsize > 4 or coefficients.size == 0:
+    if dtype.kind not in "iu" or dtype.itemsize > 4:
         return False
     info = np.iinfo(dtype)
     # False for NaN, which the clipping leaves as it is anyway
-    return bool(info.min <= coefficients.min() and coefficients.max() <= info.max)
+    return bool(info.min <= low and high <= info.max)
 
 
 def _clip(values, bounds):

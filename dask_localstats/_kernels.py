@@ -144,8 +144,9 @@ class Percentile(Statistic):
         if block.dtype.kind not in "biu":
             return None
         sort = mask is not None or not disjoint(grid)
-        args = (block, origin, grid, start, stop, self, dtype, mask, False, sort)
-        return tile_reduce(*args)
+        return tile_reduce(
+            block, origin, grid, start, stop, self, dtype, mask, False, sort
+        )
 
     def reduce(self, values, valid):
         if valid is None:

@@ -308,10 +308,12 @@ class _PhaseTiles:
         for t, a in itertools.product(range(self.shape[0]), range(0, across, group)):
             b = min(a + group, across)
             lo, hi = stride * ncols * a, stride * ncols * b
-            across_part = ()
+            across_part, plane = (), math.prod(self.sub.shape[1:])  # samples a row
             if len(self.shape) > 1:
                 across_part = (slice(self.bounds1[a], self.bounds1[b]),)
-            plane = math.prod(self.sub[(0, *across_part)].shape)
+                width = int(self.bounds1[b] - self.bounds1[a])
+                plane = width * math.prod(self.sub.shape[2:])
+            offsets = inner[(slice(None), *across_part)] - key(lo)
             first, last = self.bounds0[t], self.bounds0[t + 1]
             # runs of at least as many samples as counts: each call zeroes those
             rows = max(1, max(_SAMPLES, 4 * (hi - lo)) // max(plane, 1))
@@ -325,7 +327,7 @@ class _PhaseTiles:
                     if kept.size:
                         check(int(kept.min()), int(kept.max()))
                 keys = keys_of(values)
-                keys += inner[(slice(None), *across_part)] - key(lo)
+                keys += offsets
                 if keep is not None:
                     keys[~keep] = hi - lo
                 total += np.bincount(keys.ravel(), minlength=hi - lo + 1)[:-1]
@@ -645,6 +647,12 @@ def _column_of(cumulative, rank):
     )
 
 
+def _hit_columns(cumulative, n, ranks):
+    """Each rank's column per window, and those of some window not empty."""
+    hits = [_column_of(cumulative, rank) for rank in ranks]
+    return hits, np.unique(np.concatenate([h[n > 0] for h in hits]))
+
+
 def _percentile_select(samples, tiling, statistic, columns, dtype):
     """Kept counts per window and a selector of their order statistics.
 
@@ -657,8 +665,7 @@ def _percentile_select(samples, tiling, statistic, columns, dtype):
     while True:
         cumulative, n = _cumulative(samples, tiling, columns)
         ranks = statistic.ranks(n)
-        hits = [_column_of(cumulative, rank) for rank in ranks]
-        hit = np.unique(np.concatenate([h[n > 0] for h in hits]))
+        hits, hit = _hit_columns(cumulative, n, ranks)
         if not columns.refine(hit):
             break
     edges = np.append(columns.edges, 0)  # empty windows: any value
@@ -681,7 +688,7 @@ def _estimate(samples, tiling, statistic, columns):
     """
     cumulative, n = _cumulative(samples, tiling, columns)
     ranks, kept = statistic.ranks(n), n > 0
-    hits = np.unique(np.concatenate([_column_of(cumulative, r)[kept] for r in ranks]))
+    _, hits = _hit_columns(cumulative, n, ranks)
     spread = np.ceil(1.5 * np.sqrt(n)).astype(np.int64) + 1
     last = np.maximum(n - 1, 0)
     marks = np.zeros(len(columns.edges) + 1, dtype=np.intp)
@@ -754,9 +761,10 @@ def tile_reduce(
     low, high = (0, statistic.max_bin - 1) if histogram else _kept_range(block, mask)
     nbins = high - low + 1
     columns = None  # sorted tiles
-    if not (histogram or nbins <= _MAX_TABLE or sort):
+    tabled = histogram or nbins <= _MAX_TABLE  # else sorted tiles
+    if not (tabled or sort):
         return None
-    if histogram or nbins <= _MAX_TABLE:
+    if tabled:
         tiles = max(math.prod(axis.ntiles for axis in tiling) for tiling in tilings)
         first = nbins if histogram else ((nbins - 1) >> _fine_shift(nbins)) + 1
         if tiles * first > budget:
