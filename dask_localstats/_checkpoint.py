@@ -40,7 +40,7 @@ from ._engine import (
     fill_of,
     fill_stage,
 )
-from ._fill import MAX_SPREAD, reach, spread_boxes
+from ._fill import boxes, reach
 from ._graph import batches, cull
 from ._lock import check_guard
 
@@ -186,15 +186,17 @@ def checkpointed(array, place, guard=None):
         coarse = checkpoint_of(layer)
         if coarse is None or coarse.name not in layers:
             continue
-        if _find(checkpoints, coarse) is not None:
-            continue  # a grid that two resamplings read: substituted once
-        digest = hashlib.sha256(coarse.name.encode()).hexdigest()[:20]
-        folder = f"{CHECKPOINT_FOLDER}/coarse-{digest}"
-        listing = place.files()[0] if listing is None else listing
-        checkpoint = Checkpoint(coarse, place, folder, guard)
-        checkpoint.stored = {k for k in listing if checkpoint.owns(k)}
-        layers[coarse.name] = _substituted(layers[coarse.name], checkpoint)
-        checkpoints.append(checkpoint)
+        fill = fill_of(coarse)
+        for grid in (coarse, *(fill.sweeps if fill else ())):
+            if _find(checkpoints, grid) is not None:
+                continue  # a grid that two resamplings read: substituted once
+            digest = hashlib.sha256(grid.name.encode()).hexdigest()[:20]
+            folder = f"{CHECKPOINT_FOLDER}/coarse-{digest}"
+            listing = place.files()[0] if listing is None else listing
+            checkpoint = Checkpoint(grid, place, folder, guard)
+            checkpoint.stored = {k for k in listing if checkpoint.owns(k)}
+            layers[grid.name] = _substituted(layers[grid.name], checkpoint)
+            checkpoints.append(checkpoint)
     graph = HighLevelGraph(layers, dependencies)
     array = da.Array(graph, array.name, array.chunks, meta=array._meta)
     return array, checkpoints
@@ -236,7 +238,9 @@ def settle(array, checkpoints, batch_size, compute):
     A grid filled from the nearest valid samples
     (:func:`~dask_localstats._engine.fill_stage`) is filled block by
     block, each from a box around it (:func:`dask_localstats._fill.boxes`)
-    sized by the reaches gathered with the blocks it fills. When its
+    sized by the reaches gathered with the blocks it fills; where the boxes
+    would hold too much of the grid, it is swept an axis at a time, each
+    sweep's blocks computed (and stored) before the next. When its
     extremes are wanted, they are gathered from all its blocks (computed,
     or read where stored), and their value replaces the task that every
     output block reads. Later batches then read stored blocks only.
@@ -255,31 +259,28 @@ def settle(array, checkpoints, batch_size, compute):
         if mine is None:
             continue  # not a grid of this result's
         flagged = None if fill is None else _find(checkpoints, fill.flagged)
+        sweeps = [] if fill is None else [_find(checkpoints, s) for s in fill.sweeps]
         for checkpoint in checkpoints:
             name = checkpoint.coarse.name
-            if checkpoint not in (mine, flagged) and name in grid.dask.layers:
+            if checkpoint not in (mine, flagged, *sweeps) and name in grid.dask.layers:
                 _batched(graph, checkpoint, _DONE, batch_size, compute)
         boxed = None
-        if flagged is not None:
+        if flagged is not None and mine.missing:
             boxed = _boxed_fill(graph, fill, flagged, mine, batch_size, compute)
         if boxed is not None:
-            added = boxed.dask.layers.keys() - layers.keys()  # candidates, if any
-            layers.update({k: boxed.dask.layers[k] for k in added})
-            dependencies.update({k: boxed.dask.dependencies[k] for k in added})
             layers[grid.name] = _substituted(boxed.dask.layers[grid.name], mine)
-            dependencies[grid.name] = (
-                dependencies[grid.name] | boxed.dask.dependencies[grid.name]
-            )
+            dependencies[grid.name] = {fill.flagged.name}
             graph = HighLevelGraph(layers, dependencies)
-        # a grid filled whole: its blocks in one batch, which fills it once
-        size = None if fill is not None and boxed is None else batch_size
+        elif flagged is not None and mine.missing:  # swept, an axis at a time
+            for checkpoint in sweeps:
+                _batched(graph, checkpoint, _DONE, batch_size, compute)
         if extremes is None:
-            _batched(graph, mine, _DONE, size, compute)
+            _batched(graph, mine, _DONE, batch_size, compute)
             continue
         ndim = grid.ndim - (extremes.ndim - 1)
         fshape = tuple(extremes.shape[1:])
         sink = _Sink(extremes_of, (ndim,), 2, fshape, np.float64)
-        parts = _batched(graph, mine, sink, size, compute, every=True)
+        parts = _batched(graph, mine, sink, batch_size, compute, every=True)
         parts = parts.reshape(-1, *extremes.shape)
         value = np.stack([parts[:, 0].min(axis=0), parts[:, 1].max(axis=0)])
         key = (extremes.name, *(0,) * extremes.ndim)
@@ -290,26 +291,23 @@ def settle(array, checkpoints, batch_size, compute):
 
 
 def _boxed_fill(graph, fill, flagged, mine, batch_size, compute):
-    """`mine`'s grid filled block by block (a dask array), or None.
+    """`mine`'s grid filled block by block from boxes (a dask array), or None.
 
     The blocks of the `flagged` grid are computed (or read) in batches,
     each giving its reach, which sizes the box each block is filled from
-    (:func:`dask_localstats._fill.boxes`): from the box's samples, or,
-    where the boxes would hold too many (gaps spanning many blocks), from
-    the candidates of the box's blocks, a surface. None (the grid is then
-    filled whole, in one task, reading stored blocks) when every filled
-    block is stored already.
+    (:func:`dask_localstats._fill.boxes`). None where the boxes would hold
+    too many of the grid's samples (gaps spanning many blocks): the grid
+    is then swept an axis at a time
+    (:func:`dask_localstats._engine.fill_stage`).
     """
-    if not mine.missing:
-        return None
     sink = _Sink(reach, (fill.ndim,), 1, (), np.float64)
     reaches = _batched(graph, flagged, sink, batch_size, compute, every=True)
     reaches = reaches.reshape(fill.flagged.numblocks[: fill.ndim])
-    chunks = fill.flagged.chunks[: fill.ndim]
-    around, spread = spread_boxes(reaches, chunks)
-    sparse = reaches > 0 if spread > MAX_SPREAD else None
+    around = boxes(reaches, fill.flagged.chunks[: fill.ndim])
+    if around is None:
+        return None
     name, dtype = mine.coarse.name, mine.coarse.dtype
-    return fill_stage(fill.flagged, fill.ndim, dtype, around, name, sparse)
+    return fill_stage(fill.flagged, fill.ndim, dtype, around, name)
 
 
 def _find(checkpoints, grid):

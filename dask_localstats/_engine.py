@@ -47,7 +47,6 @@ import ctypes.util
 import functools
 import itertools
 import math
-import operator
 import os
 import uuid
 from typing import NamedTuple
@@ -58,7 +57,7 @@ from dask._task_spec import DataNode, Task, TaskRef, parse_input
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from ._fill import border, fill_block, fill_from
+from ._fill import fill_block, sweep, swept_dtype, swept_values
 from ._graph import BlockLayer, edges_of, note
 from ._interpolate import (
     coordinates,
@@ -107,6 +106,7 @@ class Fill(NamedTuple):
 
     flagged: da.Array  # the coarse grid, its samples flagged where missing
     ndim: int  # its spatial axes
+    sweeps: tuple = ()  # the sweeps along each axis it is cut from, in order
 
 
 def fill_of(grid):
@@ -567,80 +567,83 @@ def coarse_stage(
     return fill_stage(coarse, grid.ndim, dtype)
 
 
-def fill_stage(flagged, ndim, dtype, boxes=None, name=None, sparse=None):
+def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
     """The grid `flagged` with its missing samples filled, a task a block.
 
-    Without `boxes` every block is cut from one fill of the whole grid,
-    in one task; with `boxes` (``{block index: ((lo, hi) per spatial
-    axis)}``, see :func:`dask_localstats._fill.boxes`) each block is
-    filled from its box alone, with the same values: from the box's
-    samples, or, given `sparse` (which blocks hold missing samples, on the
-    grid of blocks), from the candidates of the box's blocks
-    (:func:`~dask_localstats._fill.border`, one task a block), a surface
-    where the box is wide. `name` names the result (a writer gives a
-    grid's blocks boxes under the grid's name).
+    With `boxes` (``{block index: ((lo, hi) per spatial axis)}``, see
+    :func:`dask_localstats._fill.boxes`) each block is filled from its box
+    alone. Without, the grid is swept along each axis in turn, the last
+    first (:func:`~dask_localstats._fill.sweep`), in chunks of whole lines
+    along the axis of at most :data:`SWEEP_SAMPLES` samples, and each block
+    is cut from the last sweep: the same values, and no task holds the
+    grid. `name` names the result (a writer gives a grid's blocks boxes
+    under the grid's name).
     """
-    if sparse is not None and boxes is None:
-        msg = "`sparse` fills need `boxes`"
-        raise ValueError(msg)
     name = name or "localstats-filled-" + tokenize(flagged.name)
     edges = edges_of(flagged.chunks)
-    whole, shared = f"{name}-whole", {}
-    if boxes is None:
-        region = [(0, n) for n in flagged.shape[:ndim]]
-        shared[whole] = Task(whole, fill_block, region_task(flagged, region), ndim)
-    borders = None if sparse is None else _borders(flagged, ndim, sparse, name)
+    sweeps = () if boxes is not None else _sweeps(flagged, ndim, name)
 
     def block(key, index):
         spatial = [(e[i], e[i + 1]) for e, i in zip(edges, index[:ndim], strict=False)]
         if boxes is None:
-            cut = tuple(slice(a, b) for a, b in spatial)
-            return Task(key, operator.getitem, TaskRef(whole), cut)
+            return Task(key, swept_values, region_task(sweeps[-1], spatial), ndim)
         box = boxes[index[:ndim]]
-        if borders is not None and sparse[index[:ndim]]:
-            start = tuple(lo for lo, _ in spatial)
-            within = itertools.product(
-                *(_meeting(e, lo, hi) for e, (lo, hi) in zip(edges, box, strict=False))
-            )
-            refs = parse_input([TaskRef((borders.name, *j)) for j in within])
-            return Task(
-                key, fill_from, region_task(flagged, spatial), ndim, start, refs
-            )
         inner = tuple(
             slice(a - lo, b - lo) for (a, b), (lo, _) in zip(spatial, box, strict=True)
         )
         return Task(key, fill_block, region_task(flagged, box), ndim, inner)
 
-    layer = BlockLayer(name, flagged.numblocks, block, shared)
-    layer.notes["fill"] = Fill(flagged, ndim)
-    after = [flagged] if borders is None else [flagged, borders]
+    layer = BlockLayer(name, flagged.numblocks, block)
+    layer.notes["fill"] = Fill(flagged, ndim, sweeps)
+    after = sweeps[-1:] or [flagged]
     graph = HighLevelGraph.from_collections(name, layer, dependencies=after)
     meta = np.empty((0,) * flagged.ndim, dtype)
     return da.Array(graph, name, flagged.chunks, dtype=dtype, meta=meta)
 
 
-def _borders(flagged, ndim, sparse, name):
-    """The :func:`~dask_localstats._fill.border` of each block of `flagged`,
-    as a dask collection of one task a block (`sparse`: which blocks hold
-    missing samples, whose faces are open to their neighbours)."""
-    name = f"{name}-borders"
-    edges = edges_of(flagged.chunks[:ndim])
+# Samples of a chunk of whole lines that one task sweeps (see fill_stage).
+SWEEP_SAMPLES = 2**20
 
-    def block(key, index):
-        spatial = [(e[i], e[i + 1]) for e, i in zip(edges, index, strict=True)]
-        faces = []
-        for d, i in enumerate(index):
-            near = [(*index[:d], j, *index[d + 1 :]) for j in (i - 1, i + 1)]
-            faces.append(
-                tuple(0 <= n[d] < sparse.shape[d] and bool(sparse[n]) for n in near)
-            )
-        start = tuple(lo for lo, _ in spatial)
-        return Task(key, border, region_task(flagged, spatial), ndim, start, faces)
 
-    layer = BlockLayer(name, sparse.shape, block)
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=[flagged])
-    chunks = tuple((1,) * n for n in sparse.shape)
-    return da.Array(graph, name, chunks, meta=np.empty((0,) * ndim, object))
+def _sweeps(flagged, ndim, name):
+    """The sweeps of the nearest fill of `flagged`, the last axis first:
+    dask arrays whose chunks hold whole lines along their axis."""
+    current, sweeps = flagged, []
+    meta = np.empty((0,) * flagged.ndim, swept_dtype(flagged.dtype["value"]))
+    for axis in reversed(range(ndim)):
+        chunks = line_chunks(flagged.chunks, ndim, axis, SWEEP_SAMPLES)
+        edges = edges_of(chunks[:ndim])
+
+        def block(key, index, before=current, edges=edges, axis=axis):
+            region = [(e[i], e[i + 1]) for e, i in zip(edges, index, strict=False)]
+            return Task(key, sweep, region_task(before, region), ndim, axis)
+
+        swept = f"{name}-sweep{axis}"
+        layer = BlockLayer(swept, [len(c) for c in chunks], block)
+        graph = HighLevelGraph.from_collections(swept, layer, dependencies=[current])
+        current = da.Array(graph, swept, chunks, meta=meta)
+        sweeps.append(current)
+    return tuple(sweeps)
+
+
+def line_chunks(chunks, ndim, axis, most):
+    """`chunks` with `axis` whole and the other spatial axes' chunks halved
+    until a chunk holds at most `most` samples (or they are all 1).
+
+    Examples
+    --------
+    >>> line_chunks(((4, 4), (6,), (2,)), 2, 0, 32)
+    ((8,), (2, 1, 2, 1), (2,))
+    """
+    sizes = [list(c) for c in chunks]
+    sizes[axis] = [sum(chunks[axis])]
+    others = [d for d in range(ndim) if d != axis]
+    while others and math.prod(max(s, default=0) for s in sizes) > most:
+        d = max(others, key=lambda d: max(sizes[d], default=0))
+        if max(sizes[d], default=0) <= 1:
+            break
+        sizes[d] = [p for c in sizes[d] for p in (c - c // 2, c // 2) if p]
+    return tuple(map(tuple, sizes))
 
 
 def _block_coordinates(grid, align, start, stop):

@@ -27,16 +27,28 @@ any of its missing samples is from a valid sample of the block itself (its
 *reach*, :func:`reach`, computed with the block) bounds it; for a block
 without, the distance to the nearest block that has some, plus both
 blocks' half diagonals (:func:`boxes`). A writer computes the reaches with
-the blocks, then fills block by block; a lazy result fills the whole grid
-at once (see :func:`dask_localstats._engine.fill_stage`). Both give the
-same values.
+the blocks, then fills block by block (see
+:func:`dask_localstats._checkpoint.settle`).
 
-Where a gap spans many blocks its blocks' boxes hold much of the grid, so
-a writer does not read them: each block of the grid offers its candidates
-(:func:`border`: its valid samples next to a missing one, and those on its
-faces toward blocks with missing samples, which may border theirs), and a
-block is filled from the candidates of the blocks its box meets
-(:func:`fill_from`), a surface of the grid rather than a volume.
+Axis by axis
+------------
+Where a gap spans many blocks its blocks' boxes hold much of the grid, and
+a lazy result has no reaches to size boxes with; there the fill runs along
+one axis at a time, as exact Euclidean distance transforms do (Felzenszwalb
+and Huttenlocher's lower envelope of parabolas), in chunks that hold whole
+lines along that axis and nothing more (:func:`sweep`). The last axis
+first: each sample gets the squared distance to the nearest valid sample
+on its line, and that sample's values. Then along each axis before it,
+with those distances ``g``: a sample at ``x`` on a line takes, of the
+samples ``x'`` of its line, the one least ``(x - x')**2 + g(x')``, and its
+values. After the first axis every sample holds the values of its nearest
+valid sample of the grid. Each pass keeps, of equal sums, the least
+``x'``, which is the first in C order: the nearest samples of a plane
+``x'`` are compared by their indices in the plane by the passes before.
+The passes compare integers, so the values are those of the boxes above,
+to the bit; each costs a few operations a sample (a loop over the line's
+positions, vectorized over its chunk's lines), and no task holds more than
+a chunk of lines (:func:`dask_localstats._engine.fill_stage`).
 """
 
 from __future__ import annotations
@@ -50,14 +62,14 @@ from scipy.spatial import cKDTree
 from ._graph import edges_of
 
 __all__ = [
-    "Border",
-    "border",
+    "FAR",
     "boxes",
     "fill_block",
-    "fill_from",
     "nearest",
     "reach",
-    "spread_boxes",
+    "sweep",
+    "swept_dtype",
+    "swept_values",
 ]
 
 
@@ -181,74 +193,6 @@ def _filled(values, points, start, candidates, found):
     return values
 
 
-class Border(NamedTuple):
-    """The candidates one block offers the fill of the others (:func:`border`)."""
-
-    points: np.ndarray  # (k, ndim) grid indices, in C order
-    values: np.ndarray  # (k, *components) their values
-
-
-def border(flagged, ndim, start, open_faces):
-    """The valid samples of a block that may be some missing sample's nearest.
-
-    Those next to a missing sample of the block, and those on a face of the
-    block whose neighbouring block has missing samples (`open_faces`:
-    ``(low, high)`` flags per spatial axis): every valid sample next to a
-    missing one of the grid, and then some. `start` is the block's first
-    index in the grid.
-
-    Examples
-    --------
-    >>> flagged = np.zeros(4, [("value", float), ("missing", bool)])
-    >>> flagged["value"] = [1, 2, 3, 4]
-    >>> flagged["missing"] = [False, False, True, False]
-    >>> border(flagged, 1, (10,), [(True, False)])
-    Border(points=array([[10],
-           [11],
-           [13]]), values=array([1., 2., 4.]))
-    """
-    missing = _missing(flagged, ndim)
-    near = _next_to_missing(missing)
-    for d, faces in enumerate(open_faces):
-        for face, side in zip(faces, (0, -1), strict=True):
-            if face and missing.shape[d]:
-                near[(slice(None),) * d + (side,)] = True
-    points = np.argwhere(near & ~missing)
-    values = flagged["value"][tuple(points.T)]
-    return Border(points + np.asarray(start, np.intp), values)
-
-
-def fill_from(flagged, ndim, start, borders):
-    """Values of a block, missing ones from the nearest of `borders`.
-
-    Parameters
-    ----------
-    flagged : record ndarray
-        The block (see :func:`fill_block`), whose first index in the grid
-        is `start`.
-    ndim : int
-        Number of spatial axes.
-    borders : list of Border
-        The :func:`border` of each block of a box around this one that
-        holds its missing samples' nearest valid ones (see :func:`boxes`):
-        a surface of the grid, not the box's volume.
-
-    Returns
-    -------
-    ndarray
-        The same values as :func:`fill_block` gives the block.
-    """
-    values = flagged["value"].copy()
-    start = np.asarray(start, np.intp)
-    points = np.argwhere(_missing(flagged, ndim)) + start
-    if not len(points):
-        return values
-    candidates = np.concatenate([b.points for b in borders])
-    order = np.lexsort(candidates.T[::-1])  # C order, for the ties
-    found = np.concatenate([b.values for b in borders])[order]
-    return _filled(values, points, start, candidates[order], found)
-
-
 def reach(flagged, ndim):
     """How far a block's missing samples are from its valid ones, squared.
 
@@ -276,7 +220,7 @@ def reach(flagged, ndim):
 
 
 # Boxes holding together more than this many times the grid's samples (gaps
-# spanning many blocks) are given up for one fill of the whole grid.
+# spanning many blocks) are given up for sweeps along each axis.
 MAX_SPREAD = 8
 
 
@@ -309,13 +253,6 @@ def boxes(reaches, chunks, most=None):
     >>> boxes(np.array([0.0, 4.0, np.inf]), ((3, 3, 3),))
     {(0,): ((0, 3),), (1,): ((1, 8),), (2,): ((0, 9),)}
     """
-    around, spread = spread_boxes(reaches, chunks)
-    return None if spread > (MAX_SPREAD if most is None else most) else around
-
-
-def spread_boxes(reaches, chunks):
-    """The :func:`boxes`, however much they hold, and how many times the
-    grid's samples they hold together."""
     edges = edges_of(chunks)
     shape = [e[-1] for e in edges]
     indices = list(np.ndindex(reaches.shape))
@@ -336,8 +273,170 @@ def spread_boxes(reaches, chunks):
         grow[~valid] = np.ceil(bound).astype(np.int64) + 1
     low = np.maximum(lo - grow[:, None], 0)
     high = np.minimum(hi + grow[:, None], shape)
-    around = {
+    spread = np.prod(high - low, axis=1).sum() / max(math.prod(shape), 1)
+    if spread > (MAX_SPREAD if most is None else most):
+        return None
+    return {
         index: tuple(zip(low[n].tolist(), high[n].tolist(), strict=True))
         for n, index in enumerate(indices)
     }
-    return around, np.prod(high - low, axis=1).sum() / max(math.prod(shape), 1)
+
+
+# The squared distance of a sample with no valid sample in its part of the
+# grid yet; sums of real ones stay far below it, and its own never grow.
+FAR = np.iinfo(np.int64).max // 4
+
+
+def swept_dtype(dtype):
+    """The record of a :func:`sweep`'s samples: values and squared distance."""
+    return np.dtype([("value", dtype), ("distance", np.int64)])
+
+
+def sweep(block, ndim, axis):
+    """One pass of the nearest fill, along `axis` of a block of whole lines.
+
+    Parameters
+    ----------
+    block : record ndarray
+        A block of the grid holding whole lines along `axis`: flagged
+        (fields ``value`` and ``missing``, before the first pass) or the
+        result of the pass along the axis after `axis` (fields ``value``
+        and ``distance``).
+    ndim : int
+        Number of spatial axes (component axes follow).
+    axis : int
+        The axis to sweep along.
+
+    Returns
+    -------
+    record ndarray of :func:`swept_dtype`
+        Each sample with the values of its nearest valid sample among those
+        of the lines through it along `axis` and the axes after, and the
+        squared distance to it (:data:`FAR` where there is none).
+
+    Examples
+    --------
+    >>> flagged = np.zeros(4, [("value", float), ("missing", bool)])
+    >>> flagged["value"] = [5, -1, 7, -1]
+    >>> flagged["missing"] = [False, True, False, True]
+    >>> swept = sweep(flagged, 1, 0)
+    >>> swept["value"].tolist(), swept["distance"].tolist()
+    ([5.0, 5.0, 7.0, 7.0], [0, 1, 0, 1])
+    """
+    if "missing" in block.dtype.names:  # the first sweep: to the nearest valid
+        lines = np.moveaxis(_missing(block, ndim), axis, -1)
+        source, nearest_distance = _along_valid(lines.reshape(-1, lines.shape[-1]))
+    else:
+        distance = block["distance"].reshape((*block.shape[:ndim], -1))[..., 0]
+        lines = np.moveaxis(distance, axis, -1)
+        source, nearest_distance = _along(lines.reshape(-1, lines.shape[-1]))
+    source = np.moveaxis(source.reshape(lines.shape), -1, axis)
+    extra = (1,) * (block.ndim - ndim)
+    out = np.empty(block.shape, swept_dtype(block.dtype["value"]))
+    out["value"] = np.take_along_axis(
+        block["value"], source.reshape(source.shape + extra), axis=axis
+    )
+    near = np.moveaxis(nearest_distance.reshape(lines.shape), -1, axis)
+    out["distance"] = near.reshape(near.shape + extra)
+    return out
+
+
+def swept_values(block, ndim):
+    """The values of a block swept along every axis: 0 where no sample of
+    the grid is valid, as :func:`fill_block` gives."""
+    values = block["value"].copy()
+    if block.size and block["distance"].flat[0] >= FAR:  # then all of them
+        values[...] = 0
+    return values
+
+
+def _along_valid(missing):
+    """For lines `missing` (``(m, n)`` bool): for each ``x`` the nearest ``x'``
+    not missing (the lesser of two as near) and the squared distance to it
+    (:data:`FAR` on lines all missing)."""
+    n = missing.shape[1]
+    x = np.arange(n)
+    before = np.maximum.accumulate(np.where(missing, -1, x), axis=1)
+    after = np.minimum.accumulate(np.where(missing, n, x)[:, ::-1], axis=1)[:, ::-1]
+    later = (after < n) & (after - x < x - before)
+    source = np.where((before < 0) | later, after, before)
+    none = source >= n  # nothing before nor after
+    source = np.where(none, x, source)
+    return source, np.where(none, FAR, np.square(x - source))
+
+
+def _along(g):
+    """The nearest of each line's samples, by squared distance plus `g`.
+
+    For lines `g` (``(m, n)`` int64, :data:`FAR` where a sample is no
+    candidate): for each ``x`` the least ``x'`` minimizing
+    ``(x - x')**2 + g[x']``, and that minimum. Lines all 0 (valid) or all
+    FAR are kept as they are; the others get the lower envelope of their
+    parabolas, built for all of them at once, one ``x'`` at a time.
+    """
+    m, n = g.shape
+    source = np.broadcast_to(np.arange(n), (m, n)).copy()
+    distance = g.copy()
+    far = g >= FAR
+    lines = np.flatnonzero(~(far.all(axis=1) | (g == 0).all(axis=1)))
+    if not len(lines):
+        return source, distance
+    apex, count = _envelope(g[lines])
+    # a sample x is nearest the last apex whose interval starts before x
+    start = apex.starts // apex.over + 1  # the first x past each boundary
+    np.clip(start, 0, n, out=start)
+    offsets = np.arange(len(lines))[:, None] * (n + 1)
+    kept = np.arange(n)[None, :] < count[:, None]
+    kept[:, 0] = False  # the first apex's interval starts at -inf
+    keys = (start + offsets)[kept]
+    firsts = np.cumsum(np.r_[0, kept.sum(axis=1)[:-1]])
+    queries = offsets + np.arange(n)
+    k = np.searchsorted(keys, queries, side="right") - firsts[:, None]
+    chosen = np.take_along_axis(apex.at, k, axis=1)
+    source[lines] = chosen
+    gathered = np.take_along_axis(g[lines], chosen, axis=1)
+    distance[lines] = np.square(np.arange(n) - chosen) + gathered
+    return source, distance
+
+
+class _Apexes(NamedTuple):
+    """The lower envelope of lines of parabolas: apex ``at[j]`` is lowest from
+    ``starts[j] / over[j]`` (exclusive, ``j >= 1``) to the next start."""
+
+    at: np.ndarray
+    starts: np.ndarray
+    over: np.ndarray
+
+
+def _envelope(g):
+    """The lower envelope of the parabolas ``(x - q)**2 + g[q]`` of each line
+    of `g` (``(m, n)``; ``q`` where ``g < FAR``), and the apexes of each.
+
+    An apex is dropped where the next one's parabola meets the one before
+    at or before its own interval starts: ties go to the earlier apex.
+    Boundaries are compared as integer fractions, exactly.
+    """
+    m, n = g.shape
+    at = np.zeros((m, n), np.intp)
+    starts = np.zeros((m, n), np.int64)
+    over = np.ones((m, n), np.int64)
+    top = np.full(m, -1)
+    for q in range(n):
+        todo = np.flatnonzero(g[:, q] < FAR)
+        fresh = top[todo] < 0  # the line's first candidate
+        top[todo[fresh]], at[todo[fresh], 0] = 0, q
+        todo = todo[~fresh]
+        while len(todo):
+            k = top[todo]
+            v = at[todo, k]
+            num = g[todo, q] + q * q - g[todo, v] - v * v
+            den = 2 * (q - v)
+            drop = (k > 0) & (num * over[todo, k] <= starts[todo, k] * den)
+            keep = todo[~drop]
+            top[keep] += 1
+            at[keep, top[keep]] = q
+            starts[keep, top[keep]] = num[~drop]
+            over[keep, top[keep]] = den[~drop]
+            todo = todo[drop]
+            top[todo] -= 1
+    return _Apexes(at, starts, over), top + 1

@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import booleans, chunkings
 
-from dask_localstats import _fill
+from dask_localstats import _engine, _fill
 from dask_localstats._engine import fill_stage
-from dask_localstats._fill import border, boxes, fill_block, nearest, reach
+from dask_localstats._fill import boxes, fill_block, nearest, reach
 from dask_localstats._kernels import flagged_dtype
 
 
@@ -72,44 +72,43 @@ def test_blocks_filled_from_their_boxes_equal_the_whole_fill(grid, data):
         np.testing.assert_array_equal(part, whole[block], strict=True)
 
 
-@given(grid=flagged_grids(), data=st.data())
-def test_blocks_filled_from_the_candidates_of_their_boxes_equal_the_whole_fill(
-    grid, data
-):
-    # the writer's way where boxes are wide: each block from the border()
-    # lists of the blocks its box meets (fails if the faces of blocks next
-    # to missing samples were left out)
+@given(grid=flagged_grids(), data=st.data(), most=st.integers(1, 64))
+def test_the_grid_swept_an_axis_at_a_time_equals_the_whole_fill(grid, data, most):
+    # a lazy result's way, and a writer's where boxes are wide: sweeps along
+    # each axis in chunks of whole lines, as small as `most` samples
     flagged, ndim = grid
     chunks = data.draw(chunkings(flagged.shape[:ndim]))
-    edges = [np.cumsum((0, *c)) for c in chunks]
-    counts = [len(c) for c in chunks]
-    blocks = [
-        tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, n, strict=True))
-        for n in np.ndindex(*counts)
-    ]
-    reaches = np.array([reach(flagged[b], ndim)[0] for b in blocks]).reshape(counts)
-    around = boxes(reaches, chunks, most=np.inf)
     lazy = da.from_array(
         flagged, chunks=chunks + tuple((n,) for n in flagged.shape[ndim:])
     )
-    filled = fill_stage(lazy, ndim, np.float64, around, sparse=reaches > 0)
-    whole = fill_block(flagged, ndim)
-    np.testing.assert_array_equal(filled.compute(), whole, strict=True)
-    assert any(k.endswith("-borders") for k in filled.dask.layers)
+    with mock.patch.object(_engine, "SWEEP_SAMPLES", most):
+        filled = fill_stage(lazy, ndim, np.float64)
+    np.testing.assert_array_equal(filled.compute(), fill_block(flagged, ndim))
+    sweeps = [k for k in filled.dask.layers if "-sweep" in k]
+    assert len(sweeps) == ndim
 
 
-def test_candidates_are_the_valid_samples_next_to_missing_ones_and_open_faces():
-    flagged = np.zeros((3, 4), flagged_dtype(np.float64))
-    flagged["value"] = np.arange(12).reshape(3, 4)
-    flagged["missing"][1, 1] = True
-    points, values = border(flagged, 2, (10, 20), [(False, False), (False, False)])
-    assert points.tolist() == [[10, 21], [11, 20], [11, 22], [12, 21]]
-    assert values.tolist() == [1, 4, 6, 9]
-    # the last column faces a block with missing samples: all of it too
-    points, _ = border(flagged, 2, (10, 20), [(False, False), (False, True)])
-    assert points.tolist() == [
-        [10, 21], [10, 23], [11, 20], [11, 22], [11, 23], [12, 21], [12, 23]
-    ]  # fmt: skip
+def test_a_sweep_keeps_the_first_of_equally_near_samples():
+    # along a line: x = 2 is 1 from x' = 1 and from x' = 3 (g = 0 at both):
+    # the least, 1; x = 0 is nearer itself (g = 1) than 1 (1 + 0): a tie too
+    far = _fill.FAR
+    source, distance = _fill._along(np.array([[1, 0, far, 0, far]]))
+    assert source.tolist() == [[0, 1, 1, 3, 3]]
+    assert distance.tolist() == [[1, 0, 1, 0, 1]]
+    # x = 1 is 1 + 3 from x' = 0 (g = 3) and 4 + 0 from x' = 3: 0 first
+    source, _ = _fill._along(np.array([[3, far, far, 0]]))
+    assert source.tolist() == [[0, 0, 3, 3]]
+    # lines all valid or all without candidates are left as they are
+    source, distance = _fill._along(np.array([[0, 0], [far, far]]))
+    assert source.tolist() == [[0, 1], [0, 1]]
+    assert distance.tolist() == [[0, 0], [far, far]]
+
+
+def test_a_grid_without_valid_samples_is_swept_to_zeros():
+    flagged = np.ones((2, 3), flagged_dtype(np.float64))
+    swept = _fill.sweep(_fill.sweep(flagged, 2, 1), 2, 0)
+    assert (swept["distance"] >= _fill.FAR).all()
+    assert not _fill.swept_values(swept, 2).any()
 
 
 def test_of_equally_near_samples_the_first_in_c_order_wins():

@@ -8,6 +8,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from unittest import mock
 
 import dask.array as da
 import numpy as np
@@ -22,9 +23,10 @@ from slowly import kill_when
 from strategies import write_zarr
 
 import dask_localstats as dls
+from dask_localstats import _engine
 from dask_localstats._checkpoint import _load_block
 from dask_localstats._engine import _coarse_block
-from dask_localstats._fill import fill_block, fill_from, reach
+from dask_localstats._fill import fill_block, reach, sweep
 from dask_localstats._graph import cull
 from dask_localstats._lock import LOCK
 from dask_localstats._place import Folder
@@ -554,7 +556,7 @@ class _Graphs(Callback):
     def __init__(self):
         super().__init__()
         self.sizes, self.coarse, self.loads, self.fills = [], [], [], []
-        self.reaches, self.sparse = [], []
+        self.reaches, self.sweeps = [], []
 
     def _start(self, dsk):
         self.sizes.append(len(dsk))
@@ -563,7 +565,7 @@ class _Graphs(Callback):
         self.coarse += [key] * _calls(dsk[key], _coarse_block)
         self.loads += [key] * _calls(dsk[key], _load_block)
         self.fills += [key] * _calls(dsk[key], fill_block)
-        self.sparse += [key] * _calls(dsk[key], fill_from)
+        self.sweeps += [key] * _calls(dsk[key], sweep)
         self.reaches += [key] * _calls(dsk[key], reach)
 
 
@@ -682,8 +684,8 @@ def test_batches_compute_each_coarse_block_once(tmp_path, fill, dtype):
 def test_a_fill_resumes_from_its_stored_blocks_and_gives_up_wide_boxes(tmp_path, gap):
     # a gap of a few coarse blocks is filled block by block from boxes of
     # the grid; one of 14 of the 16 blocks, whose boxes would hold much of
-    # the grid, block by block from the candidates of the boxes' blocks
-    # (never the whole grid in one task); either resumes without filling
+    # the grid, is swept (one axis: one chunk of whole lines); either
+    # resumes without filling
     image = np.random.default_rng(8).integers(0, 250, 4096).astype(np.uint16)
     mask = np.ones(image.shape, bool)
     mask[slice(*gap)] = False
@@ -697,9 +699,8 @@ def test_a_fill_resumes_from_its_stored_blocks_and_gives_up_wide_boxes(tmp_path,
         dls.to_zarr(result, out, batch_size=40)
     blocks = math.prod(result.dask.layers[_coarse_name(result)].numblocks)
     wide = gap[1] - gap[0] > 1000
-    # wide: the 14 blocks of the gap from candidates, the other 2 as they are
-    filled = (len(graphs.fills), len(graphs.sparse))
-    assert filled == ((2, blocks - 2) if wide else (blocks, 0))
+    filled = (len(graphs.fills), len(graphs.sweeps))
+    assert filled == ((0, 1) if wide else (blocks, 0))
     z = zarr.open_array(out, mode="r+")
     z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
     for chunk in [p for p in sorted((out / "c").rglob("*")) if p.is_file()][-3:]:
@@ -707,9 +708,31 @@ def test_a_fill_resumes_from_its_stored_blocks_and_gives_up_wide_boxes(tmp_path,
     resumed = _Graphs()
     with resumed:
         written = dls.to_zarr(result, out, resume=True)
-    assert resumed.fills == resumed.sparse == resumed.reaches == resumed.coarse == []
+    assert resumed.fills == resumed.sweeps == resumed.reaches == resumed.coarse == []
     expected = dls.local_percentile(image, 0.5, **options)
     np.testing.assert_array_equal(written[:], expected, strict=True)
+
+
+def test_a_wide_gap_is_swept_in_batches_each_sweep_block_once(tmp_path):
+    # a 2-D grid mostly masked: swept along x, then y, in chunks of a few
+    # lines, batches of a few tasks; each chunk of each sweep computed once
+    image = np.random.default_rng(9).integers(0, 250, (96, 96)).astype(np.uint16)
+    mask = np.zeros(image.shape, bool)
+    mask[70:90, 5:20] = True
+    options = dict(selem=6, interpolate=1, fill="nearest", mask=mask)
+    expected = dls.local_percentile(image, 0.5, **options)
+    with mock.patch.object(_engine, "SWEEP_SAMPLES", 64):
+        result = dls.local_percentile(
+            da.from_array(image, chunks=24), 0.5, block_bytes=1024, **options
+        )
+        graphs = _Graphs()
+        with graphs:
+            out = dls.to_zarr(result, tmp_path / "out.zarr", batch_size=30)
+    np.testing.assert_array_equal(out[:], expected, strict=True)
+    sweeps = [result.dask.layers[k] for k in result.dask.layers if "-sweep" in k]
+    chunks = sum(math.prod(layer.numblocks) for layer in sweeps)
+    assert chunks > 4 and sorted(graphs.sweeps) == sorted(set(graphs.sweeps))
+    assert len(graphs.sweeps) == chunks and not graphs.fills
 
 
 def _coarse_name(result):
