@@ -21,6 +21,13 @@ run is a fresh process; its wall time and peak RSS are its own.
   with ``dls.to_zarr`` and the default batch size: the time until its first
   batch starts computing, the client's peak RSS by then, and the tasks of
   that batch; the run is stopped there.
+- S3: the nearest fill (``fill="nearest"``) of a coarse grid whose valid
+  samples are an ellipsoid (a mask of the tissue; the 70% outside is one
+  wide gap), at two sizes: the library's sweeps (``fill_stage``, threads,
+  chunks of 32 x 128 x 128) against what a user holding the grid in memory
+  would run, ``scipy.ndimage.distance_transform_edt`` with its indices and
+  the values gathered from them. The time a sample shows whether the fill
+  grows linearly with the grid.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import time
 from pathlib import Path
 
 import dask.array as da
+import numpy as np
 import zarr
 from dask.callbacks import Callback
 from outofcore import KWARGS as W7
@@ -164,7 +172,52 @@ def w12(workdir):
     }
 
 
+FILL_GRIDS = {"small": (64, 256, 256), "large": (128, 512, 512)}
+
+
+def _tissue(shape):
+    """A flagged float32 grid valid inside an ellipsoid of its box."""
+    from dask_localstats._kernels import flagged_dtype
+
+    axes = np.ogrid[tuple(slice(0, n) for n in shape)]
+    inside = sum(
+        ((a - (n - 1) / 2) / (0.45 * n)) ** 2 for a, n in zip(axes, shape, strict=True)
+    )
+    flagged = np.empty(shape, flagged_dtype(np.float32))
+    flagged["value"] = np.random.default_rng(0).random(shape, np.float32)
+    flagged["missing"] = inside > 1
+    return flagged
+
+
+def s3(size, method):
+    from scipy import ndimage
+
+    from dask_localstats._engine import fill_stage
+
+    flagged = _tissue(FILL_GRIDS[size])
+    start, cpu = time.perf_counter(), time.process_time()
+    if method == "sweeps":
+        lazy = da.from_array(flagged, chunks=(32, 128, 128))
+        filled = fill_stage(lazy, 3, np.float32).compute()
+    else:
+        nearest = ndimage.distance_transform_edt(
+            flagged["missing"], return_distances=False, return_indices=True
+        )
+        filled = flagged["value"][tuple(nearest)]
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "cpu": time.process_time() - cpu,
+        "rss": peak_rss_mib(),
+        "samples": flagged.size,
+        "gap": float(flagged["missing"].mean()),
+        "checksum": float(filled.sum(dtype=np.float64)),
+    }
+
+
 def child(workload, workdir, extra):
+    if workload == "S3":
+        return s3(*extra.split(":"))
     if workload == "S1":
         return s1(workdir, extra)
     if workload == "S2":
@@ -208,7 +261,7 @@ ROWS = {
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="S1,S2,W12")
+    parser.add_argument("--only", default="S1,S2,W12,S3")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dls-scale"))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -230,6 +283,37 @@ def main(argv=None):
             label, details = ROWS[workload]
             runs = [run_child(workload, args.workdir, "-") for _ in range(args.repeat)]
             print(row(label, runs, details))
+    if "S3" in only:
+        s3_rows(args.repeat)
+
+
+def s3_rows(repeat):
+    """S3's rows: each grid, the sweeps and scipy side by side, run by run."""
+    for size, shape in FILL_GRIDS.items():
+        runs = {"sweeps": [], "scipy": []}
+        for _ in range(repeat):
+            for method in runs:
+                runs[method].append(run_child("S3", "-", f"{size}:{method}"))
+        sweeps, scipy_ = (
+            statistics.median(r["seconds"] for r in runs[m]) for m in runs
+        )
+        for method, found in runs.items():
+            first = found[0]
+            label = (
+                f"S3 nearest fill of {_shape(shape)} ({first['gap']:.0%} gap): {method}"
+            )
+            per = statistics.median(r["seconds"] for r in found) / first["samples"]
+            cpu = statistics.median(r["cpu"] / r["seconds"] for r in found)
+            print(
+                row(
+                    label,
+                    found,
+                    lambda r, per=per, cpu=cpu: (
+                        f"{per * 1e9:.0f} ns a sample, CPU/wall {cpu:.2f}"
+                    ),
+                )
+            )
+        print(f"| S3 {_shape(shape)}: sweeps / scipy | {sweeps / scipy_:.2f}x | | |")
 
 
 if __name__ == "__main__":
