@@ -58,7 +58,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._fill import fill_block, sweep, swept_dtype, swept_values
-from ._graph import BlockLayer, edges_of, note
+from ._graph import BlockLayer, edges_of, note, spans
 from ._interpolate import (
     coordinates,
     expands,
@@ -463,7 +463,7 @@ def read_through(graph, source, chunks):
     nbytes = SHARED_CACHE_BLOCKS * reader.block_bytes
 
     def block(key, index):
-        slices = tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, index, strict=True))
+        slices = tuple(slice(*s) for s in spans(edges, index))
         cache = TaskRef(reader.cache)
         return Task(key, _read_shared, TaskRef(reader.key), slices, cache, nbytes)
 
@@ -527,9 +527,8 @@ def coarse_stage(
     bounds = edges_of(chunks)
 
     def block(key, index):
-        start = tuple(b[i] for b, i in zip(bounds, index, strict=False))
-        stop = tuple(b[i + 1] for b, i in zip(bounds, index, strict=False))
-        region = [grid.region(d, start[d], stop[d]) for d in range(grid.ndim)]
+        start, stop = zip(*spans(bounds, index), strict=True)
+        region = [grid.region(d, *s) for d, s in enumerate(spans(bounds, index))]
         origin = tuple(lo for lo, _ in region)
         mask_task = kept and region_task(kept.ref, region, kept.cache)
         return Task(
@@ -584,7 +583,7 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
     sweeps = () if boxes is not None else _sweeps(flagged, ndim, name)
 
     def block(key, index):
-        spatial = [(e[i], e[i + 1]) for e, i in zip(edges, index[:ndim], strict=False)]
+        spatial = spans(edges, index[:ndim])
         if boxes is None:
             return Task(key, swept_values, region_task(sweeps[-1], spatial), ndim)
         box = boxes[index[:ndim]]
@@ -615,7 +614,7 @@ def _sweeps(flagged, ndim, name):
         edges = edges_of(chunks[:ndim])
 
         def block(key, index, before=current, edges=edges, axis=axis):
-            region = [(e[i], e[i + 1]) for e, i in zip(edges, index, strict=False)]
+            region = spans(edges, index)
             return Task(key, sweep, region_task(before, region), ndim, axis)
 
         swept = f"{name}-sweep{axis}"
@@ -743,7 +742,7 @@ def resampled_into(resampled, out):
     edges = edges_of(resampled.chunks)
 
     def block(key, index):
-        region = tuple(slice(e[i], e[i + 1]) for e, i in zip(edges, index, strict=True))
+        region = tuple(slice(*s) for s in spans(edges, index))
         return resample(key, index, into=out[region])
 
     keys = [(name, *i) for i in np.ndindex(*layer.numblocks)]
@@ -855,8 +854,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
     edges = edges_of(chunks)
 
     def block(key, index, then=None, into=None):
-        start = tuple(edges[d][i] for d, i in enumerate(index[:ndim]))
-        stop = tuple(edges[d][i + 1] for d, i in enumerate(index[:ndim]))
+        start, stop = zip(*spans(edges, index[:ndim]), strict=True)
         coords = _block_coordinates(grid, align, start, stop)
         region = [
             taps_range(x, m, order) for x, m in zip(coords, grid.counts, strict=True)

@@ -59,7 +59,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.spatial import cKDTree
 
-from ._graph import edges_of
+from ._graph import edges_of, spans
 
 __all__ = [
     "FAR",
@@ -256,8 +256,8 @@ def boxes(reaches, chunks, most=None):
     edges = edges_of(chunks)
     shape = [e[-1] for e in edges]
     indices = list(np.ndindex(reaches.shape))
-    lo = np.array([[e[i] for e, i in zip(edges, n, strict=True)] for n in indices])
-    hi = np.array([[e[i + 1] for e, i in zip(edges, n, strict=True)] for n in indices])
+    span = np.array([spans(edges, n) for n in indices]).reshape(-1, len(edges), 2)
+    lo, hi = span[..., 0], span[..., 1]
     flat = reaches.ravel()
     grow = np.zeros(len(flat), np.int64)
     valid = np.isfinite(flat)

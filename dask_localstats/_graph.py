@@ -19,7 +19,7 @@ import math
 from dask.blockwise import Blockwise
 from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
 
-__all__ = ["BlockLayer", "batches", "cull", "edges_of"]
+__all__ = ["BlockLayer", "batches", "cull", "edges_of", "spans"]
 
 _PROBE = 64  # items whose graph gives the tasks an item needs (see batches)
 
@@ -33,6 +33,18 @@ def edges_of(chunks):
     [[0, 2, 5], [0, 4]]
     """
     return [list(itertools.accumulate(c, initial=0)) for c in chunks]
+
+
+def spans(edges, index):
+    """Where the block `index` starts and stops along each axis of `edges`
+    (:func:`edges_of`); indices beyond its axes are ignored.
+
+    Examples
+    --------
+    >>> spans([[0, 2, 5], [0, 4]], (1, 0, 7))
+    [(2, 5), (0, 4)]
+    """
+    return [(e[i], e[i + 1]) for e, i in zip(edges, index, strict=False)]
 
 
 class BlockLayer(Layer):
