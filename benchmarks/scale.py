@@ -22,7 +22,7 @@ run is a fresh process; its wall time and peak RSS are its own.
   batch starts computing, the client's peak RSS by then, and the tasks of
   that batch; the run is stopped there.
 - S3: the nearest fill (``fill="nearest"``) of a coarse grid whose valid
-  samples are an ellipsoid (a mask of the tissue; the 70% outside is one
+  samples are an ellipsoid (a mask of the tissue; the 62% outside is one
   wide gap), at two sizes: the library's sweeps (``fill_stage``, threads,
   chunks of 32 x 128 x 128) against what a user holding the grid in memory
   would run, ``scipy.ndimage.distance_transform_edt`` with its indices and

@@ -78,6 +78,10 @@ class Checkpoint:
         The writer's lock, checked before each block is stored.
     stored : set of str
         The keys of the blocks stored, updated as batches store more.
+    along : int or None
+        For a sweep of a fill (:func:`dask_localstats._engine.fill_stage`),
+        the axis its tasks sweep lines of blocks along: computed a line at
+        a time, and not counted in the progress of the coarse grids.
     """
 
     coarse: da.Array
@@ -85,6 +89,7 @@ class Checkpoint:
     folder: str
     guard: object = None
     stored: set = field(default_factory=set)
+    along: int | None = None
 
     def key(self, index):
         """The file of the block `index`."""
@@ -186,14 +191,15 @@ def checkpointed(array, place, guard=None):
         coarse = checkpoint_of(layer)
         if coarse is None or coarse.name not in layers:
             continue
-        fill = fill_of(coarse)
-        for grid in (coarse, *(fill.sweeps if fill else ())):
+        sweeps = fill_of(coarse).sweeps if fill_of(coarse) else ()
+        along = [None, *reversed(range(len(sweeps)))]  # the last axis first
+        for grid, axis in zip((coarse, *sweeps), along, strict=True):
             if _find(checkpoints, grid) is not None:
                 continue  # a grid that two resamplings read: substituted once
             digest = hashlib.sha256(grid.name.encode()).hexdigest()[:20]
             folder = f"{CHECKPOINT_FOLDER}/coarse-{digest}"
             listing = place.files()[0] if listing is None else listing
-            checkpoint = Checkpoint(grid, place, folder, guard)
+            checkpoint = Checkpoint(grid, place, folder, guard, along=axis)
             checkpoint.stored = {k for k in listing if checkpoint.owns(k)}
             layers[grid.name] = _substituted(layers[grid.name], checkpoint)
             checkpoints.append(checkpoint)
@@ -319,14 +325,19 @@ def _batched(graph, checkpoint, sink, batch_size, compute, every=False):
     """Compute blocks of a checkpoint's grid in batches; what `sink` gives of each.
 
     The blocks not stored (all, stored ones read, if `every`), in C order,
-    as many a batch as fit `batch_size` tasks (all in one if None). Returns the sinks' values
-    concatenated along their first axis (an empty array if no block is
-    computed).
+    as many a batch as fit `batch_size` tasks (all in one if None); a
+    sweep's a line of blocks at a time (:attr:`Checkpoint.along`), each
+    line in one batch. Returns the sinks' values concatenated along their
+    first axis (an empty array if no block is computed).
     """
-    indices = checkpoint.indices(every)
+    axis, lines = checkpoint.along, {}
+    for index in checkpoint.indices(every):
+        line = index if axis is None else index[:axis] + index[axis + 1 :]
+        lines.setdefault(line, []).append(index)
     name = checkpoint.coarse.name
 
-    def batch(part):
+    def batch(lines):
+        part = [index for line in lines for index in line]
         sinks = "localstats-settle-" + tokenize(name, part, sink.func.__name__)
         tasks = {}
         for k, index in enumerate(part):
@@ -341,8 +352,9 @@ def _batched(graph, checkpoint, sink, batch_size, compute, every=False):
         return da.Array(cull(with_sinks, list(tasks)), sinks, chunks, meta=meta)
 
     values = [np.empty((0, *sink.shape), sink.dtype)]
-    for collection in batches(indices, batch, lambda c: len(c.dask), batch_size):
+    made = batches(lines.values(), batch, lambda c: len(c.dask), batch_size)
+    for collection in made:
         files = checkpoint.unsaved(collection.dask)
-        values.append(compute(collection, files))
+        values.append(compute(collection, files if axis is None else []))
         checkpoint.saved(files)
     return np.concatenate(values)

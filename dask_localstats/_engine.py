@@ -47,6 +47,7 @@ import ctypes.util
 import functools
 import itertools
 import math
+import operator
 import os
 import uuid
 from typing import NamedTuple
@@ -572,10 +573,9 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
     With `boxes` (``{block index: ((lo, hi) per spatial axis)}``, see
     :func:`dask_localstats._fill.boxes`) each block is filled from its box
     alone. Without, the grid is swept along each axis in turn, the last
-    first (:func:`~dask_localstats._fill.sweep`), in chunks of whole lines
-    along the axis of at most :data:`SWEEP_SAMPLES` samples, and each block
-    is cut from the last sweep: the same values, and no task holds the
-    grid. `name` names the result (a writer gives a grid's blocks boxes
+    first (:func:`_sweeps`), and each block is assembled from its tiles of
+    the last sweep: the same values, and no task holds more than a line of
+    tiles. `name` names the result (a writer gives a grid's blocks boxes
     under the grid's name).
     """
     name = name or "localstats-filled-" + tokenize(flagged.name)
@@ -585,7 +585,7 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
     def block(key, index):
         spatial = spans(edges, index[:ndim])
         if boxes is None:
-            return Task(key, swept_values, region_task(sweeps[-1], spatial), ndim)
+            return Task(key, swept_values, region_task(sweeps[-1], spatial))
         box = boxes[index[:ndim]]
         inner = tuple(
             slice(a - lo, b - lo) for (a, b), (lo, _) in zip(spatial, box, strict=True)
@@ -600,49 +600,103 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
     return da.Array(graph, name, flagged.chunks, dtype=dtype, meta=meta)
 
 
-# Samples of a chunk of whole lines that one task sweeps (see fill_stage).
-SWEEP_SAMPLES = 2**20
+# Bytes of a line of tiles that one task sweeps, as far as one line allows.
+SWEEP_BYTES = 64 * 2**20
 
 
 def _sweeps(flagged, ndim, name):
-    """The sweeps of the nearest fill of `flagged`, the last axis first:
-    dask arrays whose chunks hold whole lines along their axis."""
+    """The sweeps of the nearest fill of `flagged`, the last axis first.
+
+    The grid's blocks are cut into tiles (:func:`sweep_tiles`); a sweep
+    along an axis is a task a line of tiles along it, which reads those
+    tiles of the sweep before (of the grid, for the first) and gives its
+    own, so a task holds a line of tiles. Returns the sweeps, dask arrays
+    of the spatial axes chunked in tiles, of
+    :func:`~dask_localstats._fill.swept_dtype` records; their names hold
+    the tiles'.
+    """
+    record = swept_dtype(flagged.dtype["value"], flagged.shape[ndim:])
+    tiles = sweep_tiles(flagged.chunks[:ndim], record.itemsize, SWEEP_BYTES)
+    name = f"{name}-{tokenize(tiles)}"
     current, sweeps = flagged, []
-    meta = np.empty((0,) * flagged.ndim, swept_dtype(flagged.dtype["value"]))
+    if tiles != flagged.chunks[:ndim]:
+        current = _tiled(flagged, ndim, tiles, f"{name}-tiles")
     for axis in reversed(range(ndim)):
-        chunks = line_chunks(flagged.chunks, ndim, axis, SWEEP_SAMPLES)
-        edges = edges_of(chunks[:ndim])
-
-        def block(key, index, before=current, edges=edges, axis=axis):
-            region = spans(edges, index)
-            return Task(key, sweep, region_task(before, region), ndim, axis)
-
-        swept = f"{name}-sweep{axis}"
-        layer = BlockLayer(swept, [len(c) for c in chunks], block)
-        graph = HighLevelGraph.from_collections(swept, layer, dependencies=[current])
-        current = da.Array(graph, swept, chunks, meta=meta)
+        current = _swept(current, ndim, axis, f"{name}-sweep{axis}", record)
         sweeps.append(current)
     return tuple(sweeps)
 
 
-def line_chunks(chunks, ndim, axis, most):
-    """`chunks` with `axis` whole and the other spatial axes' chunks halved
-    until a chunk holds at most `most` samples (or they are all 1).
+def _tiled(flagged, ndim, tiles, name):
+    """`flagged` in `tiles` (which cut its blocks), each tile a copy of a
+    part of one block, so that it does not hold the block."""
+    edges = edges_of(tiles)
+
+    def tile(key, index):
+        return Task(key, np.copy, region_task(flagged, spans(edges, index)))
+
+    numblocks = [len(t) for t in tiles] + [1] * (flagged.ndim - ndim)
+    layer = BlockLayer(name, numblocks, tile)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[flagged])
+    return da.Array(graph, name, tiles + flagged.chunks[ndim:], meta=flagged._meta)
+
+
+def _swept(before, ndim, axis, name, record):
+    """The sweep along `axis` of `before` (chunked in tiles): a task a line
+    of tiles, and a tile of the result cut from its line's."""
+    tiles = before.chunks[:ndim]
+    edges = edges_of(tiles)
+    lines = f"{name}-lines"
+
+    def line(key, index):
+        region = spans(edges, index)
+        region[axis] = (0, before.shape[axis])
+        return Task(key, sweep, region_task(before, region), ndim, axis)
+
+    def tile(key, index):
+        cut = [slice(None)] * ndim
+        cut[axis] = slice(*spans(edges, index)[axis])
+        at = (lines, *index[:axis], 0, *index[axis + 1 :])
+        return Task(key, operator.getitem, TaskRef(at), tuple(cut))
+
+    numblocks = [len(c) for c in tiles]
+    across = [1 if d == axis else n for d, n in enumerate(numblocks)]
+    layers = {
+        **before.dask.layers,
+        lines: BlockLayer(lines, across, line),
+        name: BlockLayer(name, numblocks, tile),
+    }
+    dependencies = {**before.dask.dependencies, lines: {before.name}, name: {lines}}
+    graph = HighLevelGraph(layers, dependencies)
+    return da.Array(graph, name, tiles, meta=np.empty((0,) * ndim, record))
+
+
+def sweep_tiles(chunks, itemsize, most):
+    """Tiles of a grid of blocks `chunks` for its sweeps.
+
+    The blocks are halved, along the axis of the largest tiles across the
+    worst line, until a line of tiles along any axis holds at most `most`
+    bytes of samples of `itemsize` (or the worst line is one tile wide).
 
     Examples
     --------
-    >>> line_chunks(((4, 4), (6,), (2,)), 2, 0, 32)
-    ((8,), (2, 1, 2, 1), (2,))
+    >>> sweep_tiles(((4, 4), (6,)), 8, 256)  # a line along 0: 8 x 6 samples
+    ((4, 4), (3, 3))
     """
     sizes = [list(c) for c in chunks]
-    sizes[axis] = [sum(chunks[axis])]
-    others = [d for d in range(ndim) if d != axis]
-    while others and math.prod(max(s, default=0) for s in sizes) > most:
-        d = max(others, key=lambda d: max(sizes[d], default=0))
-        if max(sizes[d], default=0) <= 1:
-            break
-        sizes[d] = [p for c in sizes[d] for p in (c - c // 2, c // 2) if p]
-    return tuple(map(tuple, sizes))
+    lengths = [sum(c) for c in chunks]
+
+    def across(d):  # the bytes of a line of tiles along d
+        widths = [max(s, default=0) for e, s in enumerate(sizes) if e != d]
+        return lengths[d] * math.prod(widths) * itemsize
+
+    while True:
+        worst = max(range(len(sizes)), key=across)
+        wide = [e for e in range(len(sizes)) if e != worst and max(sizes[e]) > 1]
+        if across(worst) <= most or not wide:
+            return tuple(map(tuple, sizes))
+        e = max(wide, key=lambda e: max(sizes[e]))
+        sizes[e] = [p for c in sizes[e] for p in (c - c // 2, c // 2) if p]
 
 
 def _block_coordinates(grid, align, start, stop):

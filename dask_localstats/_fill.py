@@ -287,9 +287,17 @@ def boxes(reaches, chunks, most=None):
 FAR = np.iinfo(np.int64).max // 4
 
 
-def swept_dtype(dtype):
-    """The record of a :func:`sweep`'s samples: values and squared distance."""
-    return np.dtype([("value", dtype), ("distance", np.int64)])
+def swept_dtype(dtype, fshape=()):
+    """The record of a :func:`sweep`'s samples: the values of the nearest
+    valid sample found (its components, `fshape`) and the squared distance
+    to it.
+
+    Examples
+    --------
+    >>> swept_dtype(np.float32, (2,))
+    dtype([('value', '<f4', (2,)), ('distance', '<i8')])
+    """
+    return np.dtype([("value", dtype, tuple(fshape)), ("distance", np.int64)])
 
 
 def sweep(block, ndim, axis):
@@ -299,17 +307,17 @@ def sweep(block, ndim, axis):
     ----------
     block : record ndarray
         A block of the grid holding whole lines along `axis`: flagged
-        (fields ``value`` and ``missing``, before the first pass) or the
-        result of the pass along the axis after `axis` (fields ``value``
-        and ``distance``).
+        (fields ``value`` and ``missing``, spatial axes then component
+        axes) before the first pass, else the result of the pass along the
+        axis after `axis` (of :func:`swept_dtype`, spatial axes only).
     ndim : int
-        Number of spatial axes (component axes follow).
+        Number of spatial axes.
     axis : int
         The axis to sweep along.
 
     Returns
     -------
-    record ndarray of :func:`swept_dtype`
+    record ndarray of :func:`swept_dtype`, of the spatial axes
         Each sample with the values of its nearest valid sample among those
         of the lines through it along `axis` and the axes after, and the
         squared distance to it (:data:`FAR` where there is none).
@@ -323,27 +331,26 @@ def sweep(block, ndim, axis):
     >>> swept["value"].tolist(), swept["distance"].tolist()
     ([5.0, 5.0, 7.0, 7.0], [0, 1, 0, 1])
     """
+    values = block["value"]
     if "missing" in block.dtype.names:  # the first sweep: to the nearest valid
         lines = np.moveaxis(_missing(block, ndim), axis, -1)
-        source, nearest_distance = _along_valid(lines.reshape(-1, lines.shape[-1]))
+        along = _along_valid
     else:
-        distance = block["distance"].reshape((*block.shape[:ndim], -1))[..., 0]
-        lines = np.moveaxis(distance, axis, -1)
-        source, nearest_distance = _along(lines.reshape(-1, lines.shape[-1]))
+        lines = np.moveaxis(block["distance"], axis, -1)
+        along = _along
+    source, distance = along(lines.reshape(-1, lines.shape[-1]))
     source = np.moveaxis(source.reshape(lines.shape), -1, axis)
-    extra = (1,) * (block.ndim - ndim)
-    out = np.empty(block.shape, swept_dtype(block.dtype["value"]))
-    out["value"] = np.take_along_axis(
-        block["value"], source.reshape(source.shape + extra), axis=axis
-    )
-    near = np.moveaxis(nearest_distance.reshape(lines.shape), -1, axis)
-    out["distance"] = near.reshape(near.shape + extra)
+    fshape = values.shape[ndim:]
+    out = np.empty(source.shape, swept_dtype(values.dtype, fshape))
+    index = source.reshape(source.shape + (1,) * len(fshape))
+    out["value"] = np.take_along_axis(values, index, axis=axis)
+    out["distance"] = np.moveaxis(distance.reshape(lines.shape), -1, axis)
     return out
 
 
-def swept_values(block, ndim):
-    """The values of a block swept along every axis: 0 where no sample of
-    the grid is valid, as :func:`fill_block` gives."""
+def swept_values(block):
+    """The values of a block swept along every axis (:func:`sweep`): 0 where
+    no sample of the grid is valid, as :func:`fill_block` gives."""
     values = block["value"].copy()
     if block.size and block["distance"].flat[0] >= FAR:  # then all of them
         values[...] = 0
@@ -381,10 +388,11 @@ def _along(g):
     lines = np.flatnonzero(~(far.all(axis=1) | (g == 0).all(axis=1)))
     if not len(lines):
         return source, distance
-    apex, count = _envelope(g[lines])
-    # a sample x is nearest the last apex whose interval starts before x
-    start = apex.starts // apex.over + 1  # the first x past each boundary
-    np.clip(start, 0, n, out=start)
+    mixed = g[lines]
+    apex, count = _envelope(mixed)
+    # x is nearest the last apex whose interval starts before x: after
+    # boundary ``whole + part``, with ``0 <= part < 1``, from ``whole + 1``
+    start = np.clip(apex.whole + 1, 0, n)
     offsets = np.arange(len(lines))[:, None] * (n + 1)
     kept = np.arange(n)[None, :] < count[:, None]
     kept[:, 0] = False  # the first apex's interval starts at -inf
@@ -394,17 +402,19 @@ def _along(g):
     k = np.searchsorted(keys, queries, side="right") - firsts[:, None]
     chosen = np.take_along_axis(apex.at, k, axis=1)
     source[lines] = chosen
-    gathered = np.take_along_axis(g[lines], chosen, axis=1)
+    gathered = np.take_along_axis(mixed, chosen, axis=1)
     distance[lines] = np.square(np.arange(n) - chosen) + gathered
     return source, distance
 
 
 class _Apexes(NamedTuple):
     """The lower envelope of lines of parabolas: apex ``at[j]`` is lowest from
-    ``starts[j] / over[j]`` (exclusive, ``j >= 1``) to the next start."""
+    ``whole[j] + rest[j] / over[j]`` (exclusive, ``j >= 1``, ``0 <= rest <
+    over``) to the next one's start."""
 
     at: np.ndarray
-    starts: np.ndarray
+    whole: np.ndarray
+    rest: np.ndarray
     over: np.ndarray
 
 
@@ -414,12 +424,14 @@ def _envelope(g):
 
     An apex is dropped where the next one's parabola meets the one before
     at or before its own interval starts: ties go to the earlier apex.
-    Boundaries are compared as integer fractions, exactly.
+    Where two parabolas meet is a fraction ``num / den``, kept as its
+    floor and remainder: compared exactly, and without products larger
+    than the denominators' (no overflow for any grid that fits a disk).
     """
     m, n = g.shape
     at = np.zeros((m, n), np.intp)
-    starts = np.zeros((m, n), np.int64)
-    over = np.ones((m, n), np.int64)
+    whole, rest, over = (np.zeros((m, n), np.int64) for _ in range(3))
+    over += 1
     top = np.full(m, -1)
     for q in range(n):
         todo = np.flatnonzero(g[:, q] < FAR)
@@ -429,14 +441,17 @@ def _envelope(g):
         while len(todo):
             k = top[todo]
             v = at[todo, k]
-            num = g[todo, q] + q * q - g[todo, v] - v * v
             den = 2 * (q - v)
-            drop = (k > 0) & (num * over[todo, k] <= starts[todo, k] * den)
-            keep = todo[~drop]
-            top[keep] += 1
-            at[keep, top[keep]] = q
-            starts[keep, top[keep]] = num[~drop]
-            over[keep, top[keep]] = den[~drop]
+            meet, part = np.divmod(g[todo, q] + q * q - g[todo, v] - v * v, den)
+            ahead = whole[todo, k]
+            drop = (k > 0) & (
+                (meet < ahead)
+                | ((meet == ahead) & (part * over[todo, k] <= rest[todo, k] * den))
+            )
+            keep, j = todo[~drop], top[todo[~drop]] + 1
+            top[keep] = j
+            at[keep, j], whole[keep, j] = q, meet[~drop]
+            rest[keep, j], over[keep, j] = part[~drop], den[~drop]
             todo = todo[drop]
             top[todo] -= 1
-    return _Apexes(at, starts, over), top + 1
+    return _Apexes(at, whole, rest, over), top + 1

@@ -725,6 +725,7 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
             stages = [
                 Stage("background", COARSE, coarse_voxels(array, c), c.missing)
                 for c in checkpoints
+                if c.along is None  # not a fill's sweep
             ]
             stages.append(Stage("write", WRITE, math.prod(unit), count))
             shown = None if not progress else Progress(stages, _stream(progress))

@@ -1,6 +1,7 @@
 """The nearest fill, whole and block by block, against the brute-force reference."""
 
 import itertools
+import math
 from unittest import mock
 
 import dask.array as da
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from strategies import booleans, chunkings
 
 from dask_localstats import _engine, _fill
-from dask_localstats._engine import fill_stage
+from dask_localstats._engine import fill_of, fill_stage
 from dask_localstats._fill import boxes, fill_block, nearest, reach
 from dask_localstats._kernels import flagged_dtype
 
@@ -72,20 +73,46 @@ def test_blocks_filled_from_their_boxes_equal_the_whole_fill(grid, data):
         np.testing.assert_array_equal(part, whole[block], strict=True)
 
 
-@given(grid=flagged_grids(), data=st.data(), most=st.integers(1, 64))
+@given(grid=flagged_grids(), data=st.data(), most=st.integers(1, 2000))
 def test_the_grid_swept_an_axis_at_a_time_equals_the_whole_fill(grid, data, most):
     # a lazy result's way, and a writer's where boxes are wide: sweeps along
-    # each axis in chunks of whole lines, as small as `most` samples
+    # each axis a line of tiles a task, lines as small as `most` bytes allow
     flagged, ndim = grid
     chunks = data.draw(chunkings(flagged.shape[:ndim]))
     lazy = da.from_array(
         flagged, chunks=chunks + tuple((n,) for n in flagged.shape[ndim:])
     )
-    with mock.patch.object(_engine, "SWEEP_SAMPLES", most):
+    with mock.patch.object(_engine, "SWEEP_BYTES", most):
         filled = fill_stage(lazy, ndim, np.float64)
     np.testing.assert_array_equal(filled.compute(), fill_block(flagged, ndim))
-    sweeps = [k for k in filled.dask.layers if "-sweep" in k]
-    assert len(sweeps) == ndim
+    assert len(fill_of(filled).sweeps) == ndim
+
+
+def test_a_sweep_task_reads_its_line_of_tiles_and_no_more():
+    # blocks of 16 x 16 x 8 cut in tiles so that a line of them holds at
+    # most 12 KiB (12-byte samples): each line task of each sweep depends
+    # on the tiles of one line, of the grid's tiles or the sweep's before
+    flagged = da.zeros(
+        (64, 48, 40), dtype=flagged_dtype(np.float32), chunks=(16, 16, 8)
+    )
+    with mock.patch.object(_engine, "SWEEP_BYTES", 12 * 1024):
+        filled = fill_stage(flagged, 3, np.float32)
+    graph = filled.__dask_graph__()
+    lines = [k for k in graph if k[0].endswith("-lines")]
+    assert len({k[0] for k in lines}) == 3
+    for key in lines:
+        inputs = graph[key].dependencies
+        (layer,) = {k[0] for k in inputs}  # one array's tiles
+        tiles = graph.layers[layer].numblocks[:3]
+        assert tiles == fill_of(filled).sweeps[0].numblocks  # not the blocks
+        axis = int(key[0].rsplit("-sweep", 1)[1].split("-")[0])
+        across = {tuple(i for d, i in enumerate(k[1:4]) if d != axis) for k in inputs}
+        assert len(across) == 1 and len(inputs) == tiles[axis]
+    widths = [max(c) for c in fill_of(filled).sweeps[0].chunks]
+    across = [
+        n * math.prod(widths) // w for n, w in zip(filled.shape, widths, strict=True)
+    ]
+    assert max(across) * 12 <= 12 * 1024 < 64 * 16 * 8 * 12  # blocks: too wide
 
 
 def test_a_sweep_keeps_the_first_of_equally_near_samples():
@@ -104,11 +131,44 @@ def test_a_sweep_keeps_the_first_of_equally_near_samples():
     assert distance.tolist() == [[0, 0], [far, far]]
 
 
+@given(
+    lines=st.lists(
+        st.lists(
+            st.one_of(
+                st.just(_fill.FAR), st.integers(0, 9), st.integers(0, _fill.FAR - 1)
+            ),
+            min_size=1,
+            max_size=12,
+        ),
+        min_size=1,
+        max_size=4,
+    ).filter(lambda lines: len({len(line) for line in lines}) == 1)
+)
+def test_a_sweep_compares_exactly_however_far(lines):
+    # any distances below FAR, compared in Python's integers: products of
+    # distances and denominators would overflow int64 (the grids that make
+    # such distances are huge; the arithmetic is the same)
+    g = np.array(lines, np.int64)
+    source, distance = _fill._along(g)
+    for row, chosen, found in zip(
+        lines, source.tolist(), distance.tolist(), strict=True
+    ):
+        for x in range(len(row)):
+            sums = [(x - q) ** 2 + int(v) for q, v in enumerate(row) if v < _fill.FAR]
+            if not sums:
+                assert found[x] == _fill.FAR
+                continue
+            assert found[x] == min(sums)
+            best = [q for q, v in enumerate(row) if v < _fill.FAR]
+            first = min(q for q in best if (x - q) ** 2 + row[q] == min(sums))
+            assert chosen[x] == first
+
+
 def test_a_grid_without_valid_samples_is_swept_to_zeros():
     flagged = np.ones((2, 3), flagged_dtype(np.float64))
     swept = _fill.sweep(_fill.sweep(flagged, 2, 1), 2, 0)
     assert (swept["distance"] >= _fill.FAR).all()
-    assert not _fill.swept_values(swept, 2).any()
+    assert not _fill.swept_values(swept).any()
 
 
 def test_of_equally_near_samples_the_first_in_c_order_wins():

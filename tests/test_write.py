@@ -713,15 +713,15 @@ def test_a_fill_resumes_from_its_stored_blocks_and_gives_up_wide_boxes(tmp_path,
     np.testing.assert_array_equal(written[:], expected, strict=True)
 
 
-def test_a_wide_gap_is_swept_in_batches_each_sweep_block_once(tmp_path):
-    # a 2-D grid mostly masked: swept along x, then y, in chunks of a few
-    # lines, batches of a few tasks; each chunk of each sweep computed once
+def test_a_wide_gap_is_swept_in_batches_each_line_once(tmp_path):
+    # a 2-D grid mostly masked: swept along x, then y, a line of tiles a
+    # task, in batches of a few tasks; each line of each sweep swept once
     image = np.random.default_rng(9).integers(0, 250, (96, 96)).astype(np.uint16)
     mask = np.zeros(image.shape, bool)
     mask[70:90, 5:20] = True
     options = dict(selem=6, interpolate=1, fill="nearest", mask=mask)
     expected = dls.local_percentile(image, 0.5, **options)
-    with mock.patch.object(_engine, "SWEEP_SAMPLES", 64):
+    with mock.patch.object(_engine, "SWEEP_BYTES", 600):
         result = dls.local_percentile(
             da.from_array(image, chunks=24), 0.5, block_bytes=1024, **options
         )
@@ -729,10 +729,10 @@ def test_a_wide_gap_is_swept_in_batches_each_sweep_block_once(tmp_path):
         with graphs:
             out = dls.to_zarr(result, tmp_path / "out.zarr", batch_size=30)
     np.testing.assert_array_equal(out[:], expected, strict=True)
-    sweeps = [result.dask.layers[k] for k in result.dask.layers if "-sweep" in k]
-    chunks = sum(math.prod(layer.numblocks) for layer in sweeps)
-    assert chunks > 4 and sorted(graphs.sweeps) == sorted(set(graphs.sweeps))
-    assert len(graphs.sweeps) == chunks and not graphs.fills
+    layers = result.dask.layers
+    lines = sum(math.prod(layers[k].numblocks) for k in layers if k.endswith("-lines"))
+    assert lines > 4 and sorted(graphs.sweeps) == sorted(set(graphs.sweeps))
+    assert len(graphs.sweeps) == lines and not graphs.fills
 
 
 def _coarse_name(result):
