@@ -254,46 +254,57 @@ def settle(array, checkpoints, batch_size, compute):
     `compute(collection, files)` computes one batch, which stores the
     blocks `files`, and returns its value.
     """
-    layers, dependencies = dict(array.dask.layers), dict(array.dask.dependencies)
+    graph = array.dask
     for layer in array.dask.layers.values():
         grid, extremes = checkpoint_of(layer), clip_of(layer)
         fill = None if grid is None else fill_of(grid)
-        if extremes is None and fill is None:
-            continue
-        graph = HighLevelGraph(layers, dependencies)
-        mine = _find(checkpoints, grid)
-        if mine is None:
-            continue  # not a grid of this result's
+        mine = None if grid is None else _find(checkpoints, grid)
+        if (extremes is None and fill is None) or mine is None:
+            continue  # nothing read whole, or not a grid of this result's
         flagged = None if fill is None else _find(checkpoints, fill.flagged)
         sweeps = [] if fill is None else [_find(checkpoints, s) for s in fill.sweeps]
         for checkpoint in checkpoints:
             name = checkpoint.coarse.name
             if checkpoint not in (mine, flagged, *sweeps) and name in grid.dask.layers:
                 _batched(graph, checkpoint, _DONE, batch_size, compute)
-        boxed = None
         if flagged is not None and mine.missing:
-            boxed = _boxed_fill(graph, fill, flagged, mine, batch_size, compute)
-        if boxed is not None:
-            layers[grid.name] = _substituted(boxed.dask.layers[grid.name], mine)
-            dependencies[grid.name] = {fill.flagged.name}
-            graph = HighLevelGraph(layers, dependencies)
-        elif flagged is not None and mine.missing:  # swept, an axis at a time
-            for checkpoint in sweeps:
-                _batched(graph, checkpoint, _DONE, batch_size, compute)
+            graph = _filled(graph, fill, (flagged, *sweeps, mine), batch_size, compute)
         if extremes is None:
             _batched(graph, mine, _DONE, batch_size, compute)
             continue
         ndim = grid.ndim - (extremes.ndim - 1)
-        fshape = tuple(extremes.shape[1:])
-        sink = _Sink(extremes_of, (ndim,), 2, fshape, np.float64)
+        sink = _Sink(extremes_of, (ndim,), 2, extremes.shape[1:], np.float64)
         parts = _batched(graph, mine, sink, batch_size, compute, every=True)
         parts = parts.reshape(-1, *extremes.shape)
         value = np.stack([parts[:, 0].min(axis=0), parts[:, 1].max(axis=0)])
         key = (extremes.name, *(0,) * extremes.ndim)
-        layers[key[0]] = MaterializedLayer({key: DataNode(key, value)})
-        dependencies[key[0]] = set()
-    graph = HighLevelGraph(layers, dependencies)
+        graph = _replaced(graph, key[0], MaterializedLayer({key: DataNode(key, value)}))
     return da.Array(graph, array.name, array.chunks, meta=array._meta)
+
+
+def _replaced(graph, name, layer, after=()):
+    """`graph` with its layer `name` replaced by `layer`, which reads `after`."""
+    layers = {**graph.layers, name: layer}
+    return HighLevelGraph(layers, {**graph.dependencies, name: set(after)})
+
+
+def _filled(graph, fill, checkpoints, batch_size, compute):
+    """`graph` with its grid filled by `fill` settled.
+
+    `checkpoints` are those of the grid flagged, of the sweeps, and of the
+    grid filled. From boxes where they are narrow (:func:`_boxed_fill`),
+    else swept: each sweep's blocks computed and stored, in order, so that
+    the filled grid's blocks read them.
+    """
+    flagged, *sweeps, mine = checkpoints
+    boxed = _boxed_fill(graph, fill, flagged, mine, batch_size, compute)
+    if boxed is None:
+        for checkpoint in sweeps:
+            _batched(graph, checkpoint, _DONE, batch_size, compute)
+        return graph
+    name = mine.coarse.name
+    layer = _substituted(boxed.dask.layers[name], mine)
+    return _replaced(graph, name, layer, [fill.flagged.name])
 
 
 def _boxed_fill(graph, fill, flagged, mine, batch_size, compute):
