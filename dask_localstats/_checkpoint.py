@@ -23,6 +23,7 @@ import hashlib
 import io
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -47,6 +48,7 @@ from ._lock import check_guard
 __all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "checkpointed", "settle"]
 
 CHECKPOINT_FOLDER = ".dask_localstats"
+_BLOCK = re.compile(r"\d+(-\d+)*\.npy")
 
 
 def _saved(block, place, key, guard=None):
@@ -125,7 +127,13 @@ class Checkpoint:
 
     def owns(self, file):
         """Whether `file` is one of this grid's blocks."""
-        return file.startswith(self.folder + "/") and file.endswith(".npy")
+        folder, _, name = file.rpartition("/")
+        return folder == self.folder and _BLOCK.fullmatch(name) is not None
+
+    @property
+    def extremes(self):
+        """The file of the grid's extremes (see :func:`settle`)."""
+        return f"{self.folder}/extremes.npy"
 
     def saved(self, files):
         """Note that a computation stored `files` (this grid's among them)."""
@@ -272,14 +280,26 @@ def settle(array, checkpoints, batch_size, compute):
         if extremes is None:
             _batched(graph, mine, _DONE, batch_size, compute)
             continue
-        ndim = grid.ndim - (extremes.ndim - 1)
-        sink = _Sink(extremes_of, (ndim,), 2, extremes.shape[1:], np.float64)
-        parts = _batched(graph, mine, sink, batch_size, compute, every=True)
-        parts = parts.reshape(-1, *extremes.shape)
-        value = np.stack([parts[:, 0].min(axis=0), parts[:, 1].max(axis=0)])
+        value = _extremes(graph, mine, extremes, batch_size, compute)
         key = (extremes.name, *(0,) * extremes.ndim)
         graph = _replaced(graph, key[0], MaterializedLayer({key: DataNode(key, value)}))
     return da.Array(graph, array.name, array.chunks, meta=array._meta)
+
+
+def _extremes(graph, mine, extremes, batch_size, compute):
+    """The extremes of the grid of `mine`, gathered from its blocks and
+    stored with them; read if stored and every block is (resuming)."""
+    if not mine.missing:
+        try:
+            return _load_block(mine.place, mine.extremes)
+        except FileNotFoundError:
+            pass
+    ndim = mine.coarse.ndim - (extremes.ndim - 1)
+    sink = _Sink(extremes_of, (ndim,), 2, extremes.shape[1:], np.float64)
+    parts = _batched(graph, mine, sink, batch_size, compute, every=True)
+    parts = parts.reshape(-1, *extremes.shape)
+    value = np.stack([parts[:, 0].min(axis=0), parts[:, 1].max(axis=0)])
+    return _saved(value, mine.place, mine.extremes, mine.guard)
 
 
 def _replaced(graph, name, layer, after=()):

@@ -96,7 +96,8 @@ _METADATA = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
 _CHUNK_KEY = re.compile(r"^(c([/.]\d+)*|\d+([/.]\d+)*)$")
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 _CHECKPOINT = re.compile(
-    r"^\.dask_localstats/coarse-[0-9a-f]{20}/\.?\d+(-\d+)*\.npy(\.[0-9a-f]{32}\.partial)?$"
+    r"^\.dask_localstats/coarse-[0-9a-f]{20}/\.?(\d+(-\d+)*|extremes)\.npy"
+    r"(\.[0-9a-f]{32}\.partial)?$"
 )
 
 try:  # recent zarr renames whole chunk files into place (zarr-python #3412)

@@ -801,3 +801,15 @@ def test_grids_read_whole_are_settled_once_before_the_batches(
     # the pass gathering the extremes, not by every batch (16 blocks: 1008
     # reads over 64 batches when each batch read them all)
     assert len(graphs.loads) <= 8 * blocks
+    # resuming the last output chunk reads the extremes stored, not the
+    # blocks they were gathered from: only the blocks its prefilter chunk
+    # and halo reach (6 of 16; 22 reads when the extremes were gathered)
+    z = zarr.open_array(tmp_path / "out.zarr", mode="r+")
+    z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
+    last = max(p for p in (tmp_path / "out.zarr" / "c").rglob("*") if p.is_file())
+    last.unlink()
+    resumed = _Graphs()
+    with resumed:
+        out = dls.to_zarr(result, tmp_path / "out.zarr", resume=True)
+    np.testing.assert_array_equal(out[:], expected, strict=True)
+    assert resumed.coarse == [] and 0 < len(resumed.loads) < blocks / 2
