@@ -786,7 +786,20 @@ def _subtract_block(image, background, dtype):
     return each_plane(_Subtraction(image, dtype), background, dtype)
 
 
+# Integers of twice the width: their difference, exact.
+_WIDER = {1: np.int16, 2: np.int32, 4: np.int64}
+
+
 def _subtract_plane(image, background, dtype):
+    image, background = np.asarray(image), np.asarray(background)
+    width = max(image.dtype.itemsize, background.dtype.itemsize)
+    kinds = image.dtype.kind + background.dtype.kind + dtype.kind
+    if set(kinds) <= set("iu") and width in _WIDER:  # exact, nothing to round
+        wide = _WIDER[width]
+        difference = np.subtract(image, background, dtype=wide)
+        info, room = np.iinfo(dtype), np.iinfo(wide)
+        low, high = max(info.min, room.min), min(info.max, room.max)
+        return np.clip(difference, low, high, out=difference)
     # an array even for the scalar planes of 1-D images, for the in-place steps
     difference = np.asarray(np.subtract(image, background, dtype=np.float64))
     if dtype.kind in "iu":

@@ -458,12 +458,17 @@ def test_bad_missing_data_options(kwargs, error, match):
         dls.local_percentile(np.zeros((8, 8)), 0.5, selem=(4, 4), **kwargs)
 
 
-@pytest.mark.parametrize("dtype", [None, np.int16, np.float32])
-def test_subtract_background_rounds_and_clips_like_numpy(dtype):
+@pytest.mark.parametrize("dtype", [None, np.int16, np.float32, np.uint8, np.int64])
+@pytest.mark.parametrize("kind", [np.float32, np.uint16, np.int8, np.uint32])
+def test_subtract_background_rounds_and_clips_like_numpy(dtype, kind):
+    # integer backgrounds are subtracted in integers, with the same values
     rng = np.random.default_rng(3)
     image = rng.integers(0, 4000, (6, 20, 30)).astype(np.uint16)
     background = rng.integers(-100, 9000, image.shape) / 2  # ties at .5
-    background = da.from_array(background.astype(np.float32), chunks=(4, 10, 30))
+    if np.dtype(kind).kind in "iu":
+        info = np.iinfo(kind)
+        background = rng.integers(info.min, min(info.max, 9000), image.shape)
+    background = da.from_array(background.astype(kind), chunks=(4, 10, 30))
     got = dls.subtract_background(image, background, dtype=dtype)
     out = np.dtype(image.dtype if dtype is None else dtype)
     difference = image.astype(np.float64) - background.compute().astype(np.float64)
