@@ -776,10 +776,10 @@ class _Subtraction:
 
 
 def _subtract_block(image, background, dtype):
-    """``image - background`` in float64, rounded and clipped to `dtype`.
+    """``image - background``, rounded and clipped to `dtype`.
 
-    One plane (first axis) at a time, so the float64 temporaries stay in
-    cache and each voxel is read once and written once.
+    One plane (first axis) at a time, so the temporaries stay in cache and
+    each voxel is read once and written once (:func:`_subtract_plane`).
     """
     if image.ndim == 0:
         return _subtract_plane(image, background, dtype).astype(dtype)
@@ -791,21 +791,36 @@ _WIDER = {1: np.int16, 2: np.int32, 4: np.int64}
 
 
 def _subtract_plane(image, background, dtype):
+    """One plane of ``image - background``, rounded and clipped to `dtype`'s
+    range (not yet cast): in integers of twice the width where both are
+    integers of up to 32 bits and `dtype` is an integer (exact), else in
+    float64, NaN (an unknown background) giving 0 for integer dtypes."""
+    # arrays even for the scalar planes of 1-D images, for the in-place steps
     image, background = np.asarray(image), np.asarray(background)
     width = max(image.dtype.itemsize, background.dtype.itemsize)
     kinds = image.dtype.kind + background.dtype.kind + dtype.kind
     if set(kinds) <= set("iu") and width in _WIDER:  # exact, nothing to round
         wide = _WIDER[width]
-        difference = np.subtract(image, background, dtype=wide)
-        info, room = np.iinfo(dtype), np.iinfo(wide)
-        low, high = max(info.min, room.min), min(info.max, room.max)
+        difference = np.asarray(np.subtract(image, background, dtype=wide))
+        low, high = _limits(dtype, wide)
         return np.clip(difference, low, high, out=difference)
-    # an array even for the scalar planes of 1-D images, for the in-place steps
     difference = np.asarray(np.subtract(image, background, dtype=np.float64))
     if dtype.kind in "iu":
-        info = np.iinfo(dtype)
         np.rint(difference, out=difference)
-        np.clip(difference, info.min, info.max, out=difference)
+        np.clip(difference, *_limits(dtype, np.float64), out=difference)
         if np.isnan(difference).any():  # where the background is unknown: 0
             np.nan_to_num(difference, copy=False, nan=0.0)
     return difference
+
+
+@functools.cache
+def _limits(dtype, within):
+    """The range of integer `dtype` that values of `within` can hold and cast
+    back without wrapping (float64 rounds 2**63 - 1 up to 2**63)."""
+    info = np.iinfo(dtype)
+    if np.dtype(within).kind == "f":
+        high = float(info.max)
+        high = high if int(high) <= info.max else np.nextafter(high, 0.0)
+        return float(info.min), high
+    room = np.iinfo(within)
+    return max(info.min, room.min), min(info.max, room.max)

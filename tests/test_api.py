@@ -479,6 +479,23 @@ def test_subtract_background_rounds_and_clips_like_numpy(dtype, kind):
     np.testing.assert_array_equal(got.compute(), difference.astype(out), strict=True)
 
 
+def test_subtracting_integers_from_1d_images_and_at_the_64_bit_limits():
+    # the planes of a 1-D image are scalars; 64-bit integers go through
+    # float64, which rounds 2**63 - 1 up: clipped below it, never wrapped
+    image = np.array([10, 20, 30, 40], np.uint16)
+    got = dls.subtract_background(image, np.array([1, 25, 3, 50], np.uint16))
+    np.testing.assert_array_equal(got.compute(), np.array([9, 0, 27, 0], np.uint16))
+    lazy = da.from_array(image, chunks=2)
+    background = dls.local_percentile(lazy, 0.5, selem=(2,), dtype=np.uint16)
+    fused = dls.subtract_background(image, background).compute()
+    separate = dls.subtract_background(image, background.compute()).compute()
+    np.testing.assert_array_equal(fused, separate, strict=True)
+    for dtype in (np.int64, np.uint64):
+        top = np.array([np.iinfo(dtype).max, 5], dtype)
+        got = dls.subtract_background(top, np.zeros(2, dtype)).compute()
+        assert got[0] > np.iinfo(dtype).max // 2 and got[1] == 5
+
+
 def test_subtract_background_checks():
     image = np.zeros((4, 4), np.uint16)
     with pytest.raises(ValueError, match=r"`background` must have the shape"):
