@@ -27,7 +27,9 @@ run is a fresh process; its wall time and peak RSS are its own.
   chunks of 32 x 128 x 128) against what a user holding the grid in memory
   would run, ``scipy.ndimage.distance_transform_edt`` with its indices and
   the values gathered from them. The time a sample shows whether the fill
-  grows linearly with the grid.
+  grows linearly with the grid. Speed only: scipy breaks ties between
+  equally near samples its own way (the tests check the values against
+  the brute-force reference).
 """
 
 from __future__ import annotations
@@ -211,7 +213,7 @@ def s3(size, method):
         "rss": peak_rss_mib(),
         "samples": flagged.size,
         "gap": float(flagged["missing"].mean()),
-        "checksum": float(filled.sum(dtype=np.float64)),
+        "filled": filled.shape == flagged.shape,
     }
 
 

@@ -13,8 +13,12 @@ of an interrupted job costs only their resampling.
 A step that reads a whole grid (the extremes a clip keeps values within, a
 fill of missing samples) would make every batch read every block. Such
 grids are settled first (:func:`settle`): their blocks computed and stored
-in batches of their own, the extremes gathered on the way and put in the
-graph as a value.
+in batches of their own, the extremes gathered on the way, stored as
+``extremes.npy`` beside the blocks (read back when resuming) and put in the
+graph as a value. A grid filled by sweeps along each axis
+(:func:`dask_localstats._engine.fill_stage`) has a folder for each sweep's
+tiles too, computed a line of tiles at a time and deleted once the filled
+grid is stored whole.
 """
 
 from __future__ import annotations
@@ -181,9 +185,10 @@ def checkpointed(array, place, guard=None):
     """`array` reading its coarse blocks stored in `place`, and their checkpoints.
 
     Every coarse grid that `array` resamples (see
-    :func:`dask_localstats._engine.checkpoint_of`) has a folder in
-    ``.dask_localstats/`` of the output's `place`, named from its dask name
-    (its computation), with one ``.npy`` file a block. Blocks stored there
+    :func:`dask_localstats._engine.checkpoint_of`), and each sweep of its
+    fill if it has one, has a folder in ``.dask_localstats/`` of the
+    output's `place`, named from its dask name (its computation), with one
+    ``.npy`` file a block. Blocks stored there
     when the returned array's tasks are made are read instead of computed;
     the others are stored by the tasks that compute them
     (:meth:`Checkpoint.unsaved` lists them in a graph).
@@ -199,7 +204,8 @@ def checkpointed(array, place, guard=None):
         coarse = checkpoint_of(layer)
         if coarse is None or coarse.name not in layers:
             continue
-        sweeps = fill_of(coarse).sweeps if fill_of(coarse) else ()
+        fill = fill_of(coarse)
+        sweeps = fill.sweeps if fill else ()
         along = [None, *reversed(range(len(sweeps)))]  # the last axis first
         for grid, axis in zip((coarse, *sweeps), along, strict=True):
             if _find(checkpoints, grid) is not None:
@@ -279,27 +285,41 @@ def settle(array, checkpoints, batch_size, compute):
             graph = _filled(graph, fill, (flagged, *sweeps, mine), batch_size, compute)
         if extremes is None:
             _batched(graph, mine, _DONE, batch_size, compute)
-            continue
-        value = _extremes(graph, mine, extremes, batch_size, compute)
-        key = (extremes.name, *(0,) * extremes.ndim)
-        graph = _replaced(graph, key[0], MaterializedLayer({key: DataNode(key, value)}))
+        else:
+            value = _extremes(graph, mine, extremes, batch_size, compute)
+            key = (extremes.name, *(0,) * extremes.ndim)
+            layer = MaterializedLayer({key: DataNode(key, value)})
+            graph = _replaced(graph, key[0], layer)
+        if not mine.missing:  # the sweeps' tiles have served: scratch
+            _discard([c for c in sweeps if c is not None and c.stored])
     return da.Array(graph, array.name, array.chunks, meta=array._meta)
 
 
 def _extremes(graph, mine, extremes, batch_size, compute):
     """The extremes of the grid of `mine`, gathered from its blocks and
-    stored with them; read if stored and every block is (resuming)."""
+    stored with them; read if stored and every block is (resuming), unless
+    the file is damaged (then gathered and stored again)."""
     if not mine.missing:
         try:
-            return _load_block(mine.place, mine.extremes)
-        except FileNotFoundError:
-            pass
+            value = _load_block(mine.place, mine.extremes)
+        except (FileNotFoundError, ValueError):  # absent, or not a whole .npy
+            value = None
+        if value is not None and value.shape == extremes.shape:
+            return value.astype(np.float64, copy=False)
     ndim = mine.coarse.ndim - (extremes.ndim - 1)
     sink = _Sink(extremes_of, (ndim,), 2, extremes.shape[1:], np.float64)
     parts = _batched(graph, mine, sink, batch_size, compute, every=True)
     parts = parts.reshape(-1, *extremes.shape)
     value = np.stack([parts[:, 0].min(axis=0), parts[:, 1].max(axis=0)])
     return _saved(value, mine.place, mine.extremes, mine.guard)
+
+
+def _discard(checkpoints):
+    """Delete the blocks `checkpoints` stored (only those: their files)."""
+    for checkpoint in checkpoints:
+        check_guard(checkpoint.guard)
+        checkpoint.place.delete(sorted(checkpoint.stored))
+        checkpoint.stored.clear()
 
 
 def _replaced(graph, name, layer, after=()):
@@ -367,8 +387,8 @@ def _batched(graph, checkpoint, sink, batch_size, compute, every=False):
         lines.setdefault(line, []).append(index)
     name = checkpoint.coarse.name
 
-    def batch(lines):
-        part = [index for line in lines for index in line]
+    def batch(run):
+        part = [index for line in run for index in line]
         sinks = "localstats-settle-" + tokenize(name, part, sink.func.__name__)
         tasks = {}
         for k, index in enumerate(part):

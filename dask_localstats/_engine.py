@@ -528,8 +528,9 @@ def coarse_stage(
     bounds = edges_of(chunks)
 
     def block(key, index):
-        start, stop = zip(*spans(bounds, index), strict=True)
-        region = [grid.region(d, *s) for d, s in enumerate(spans(bounds, index))]
+        span = spans(bounds, index)
+        start, stop = zip(*span, strict=True)
+        region = [grid.region(d, *s) for d, s in enumerate(span)]
         origin = tuple(lo for lo, _ in region)
         mask_task = kept and region_task(kept.ref, region, kept.cache)
         return Task(
@@ -570,13 +571,31 @@ def coarse_stage(
 def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
     """The grid `flagged` with its missing samples filled, a task a block.
 
-    With `boxes` (``{block index: ((lo, hi) per spatial axis)}``, see
-    :func:`dask_localstats._fill.boxes`) each block is filled from its box
-    alone. Without, the grid is swept along each axis in turn, the last
-    first (:func:`_sweeps`), and each block is assembled from its tiles of
-    the last sweep: the same values, and no task holds more than a line of
-    tiles. `name` names the result (a writer gives a grid's blocks boxes
-    under the grid's name).
+    Parameters
+    ----------
+    flagged : dask array
+        The coarse grid, of :func:`~dask_localstats._kernels.flagged_dtype`
+        records, spatial axes then whole component axes.
+    ndim : int
+        Number of spatial axes.
+    dtype : dtype
+        The values' dtype.
+    boxes : dict or None
+        ``{block index: ((lo, hi) per spatial axis)}`` (see
+        :func:`dask_localstats._fill.boxes`): each block filled from its box
+        alone. Without, the grid is swept along each axis in turn, the last
+        first (:func:`_sweeps`), and each block is assembled from its tiles
+        of the last sweep: the same values, and no task holds more than a
+        line of tiles (about :data:`SWEEP_BYTES`).
+    name : str or None
+        The result's name (a writer gives a grid's blocks boxes under the
+        grid's name).
+
+    Returns
+    -------
+    dask array
+        The values, chunked like `flagged`; its layer notes the
+        :class:`Fill`.
     """
     name = name or "localstats-filled-" + tokenize(flagged.name)
     edges = edges_of(flagged.chunks)
@@ -600,8 +619,10 @@ def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
     return da.Array(graph, name, flagged.chunks, dtype=dtype, meta=meta)
 
 
-# Bytes of a line of tiles that one task sweeps, as far as one line allows.
-SWEEP_BYTES = 64 * 2**20
+# Memory of a task sweeping a line of tiles, as far as one line allows: its
+# records and the envelope's temporaries (SWEEP_WORK bytes a sample).
+SWEEP_BYTES = DEFAULT_BLOCK_BYTES
+SWEEP_WORK = 128
 
 
 def _sweeps(flagged, ndim, name):
@@ -616,7 +637,8 @@ def _sweeps(flagged, ndim, name):
     the tiles'.
     """
     record = swept_dtype(flagged.dtype["value"], flagged.shape[ndim:])
-    tiles = sweep_tiles(flagged.chunks[:ndim], record.itemsize, SWEEP_BYTES)
+    per_sample = record.itemsize + SWEEP_WORK
+    tiles = sweep_tiles(flagged.chunks[:ndim], per_sample, SWEEP_BYTES)
     name = f"{name}-{tokenize(tiles)}"
     current, sweeps = flagged, []
     if tiles != flagged.chunks[:ndim]:
@@ -672,18 +694,30 @@ def _swept(before, ndim, axis, name, record):
 
 
 def sweep_tiles(chunks, itemsize, most):
-    """Tiles of a grid of blocks `chunks` for its sweeps.
+    """Tiles of a grid of blocks for its sweeps.
 
-    The blocks are halved, along the axis of the largest tiles across the
-    worst line, until a line of tiles along any axis holds at most `most`
-    bytes of samples of `itemsize` (or the worst line is one tile wide).
+    Parameters
+    ----------
+    chunks : tuple of tuple of int
+        The grid's blocks along each spatial axis.
+    itemsize : int
+        Bytes a sample needs in a sweep.
+    most : int
+        Bytes a line of tiles may need.
+
+    Returns
+    -------
+    tuple of tuple of int
+        The blocks (without empty ones) halved, along the axis of the
+        largest tiles across the worst line, until a line of tiles along
+        any axis needs at most `most` bytes (or the worst is one tile wide).
 
     Examples
     --------
     >>> sweep_tiles(((4, 4), (6,)), 8, 256)  # a line along 0: 8 x 6 samples
     ((4, 4), (3, 3))
     """
-    sizes = [list(c) for c in chunks]
+    sizes = [[n for n in c if n] or [0] for c in chunks]
     lengths = [sum(c) for c in chunks]
 
     def across(d):  # the bytes of a line of tiles along d

@@ -238,6 +238,9 @@ def boxes(reaches, chunks, most=None):
         Each block's :func:`reach`, on the grid of blocks.
     chunks : tuple of tuple of int
         The blocks' sizes along each spatial axis.
+    most : float or None
+        How many times the grid's samples the boxes may hold together
+        (default :data:`MAX_SPREAD`).
 
     Returns
     -------
@@ -349,8 +352,19 @@ def sweep(block, ndim, axis):
 
 
 def swept_values(block):
-    """The values of a block swept along every axis (:func:`sweep`): 0 where
-    no sample of the grid is valid, as :func:`fill_block` gives."""
+    """The values of a block swept along every axis.
+
+    Parameters
+    ----------
+    block : record ndarray of :func:`swept_dtype`
+        A block of the last :func:`sweep`.
+
+    Returns
+    -------
+    ndarray
+        Its values (spatial axes, then components): 0 where no sample of
+        the grid is valid, as :func:`fill_block` gives.
+    """
     values = block["value"].copy()
     if block.size and block["distance"].flat[0] >= FAR:  # then all of them
         values[...] = 0

@@ -88,14 +88,25 @@ def test_the_grid_swept_an_axis_at_a_time_equals_the_whole_fill(grid, data, most
     assert len(fill_of(filled).sweeps) == ndim
 
 
+def test_sweeps_of_a_grid_with_empty_blocks():
+    rng = np.random.default_rng(0)
+    flagged = np.empty((5, 7), flagged_dtype(np.float64))
+    flagged["value"] = rng.random((5, 7))
+    flagged["missing"] = rng.random((5, 7)) < 0.6
+    lazy = da.from_array(flagged, chunks=((2, 0, 3), (3, 0, 4)))
+    filled = fill_stage(lazy, 2, np.float64)
+    np.testing.assert_array_equal(filled.compute(), fill_block(flagged, 2))
+
+
 def test_a_sweep_task_reads_its_line_of_tiles_and_no_more():
     # blocks of 16 x 16 x 8 cut in tiles so that a line of them holds at
-    # most 12 KiB (12-byte samples): each line task of each sweep depends
+    # most 1024 samples: each line task of each sweep depends
     # on the tiles of one line, of the grid's tiles or the sweep's before
     flagged = da.zeros(
         (64, 48, 40), dtype=flagged_dtype(np.float32), chunks=(16, 16, 8)
     )
-    with mock.patch.object(_engine, "SWEEP_BYTES", 12 * 1024):
+    per_sample = 12 + _engine.SWEEP_WORK  # a record and the temporaries
+    with mock.patch.object(_engine, "SWEEP_BYTES", per_sample * 1024):
         filled = fill_stage(flagged, 3, np.float32)
     graph = filled.__dask_graph__()
     lines = [k for k in graph if k[0].endswith("-lines")]
@@ -112,7 +123,7 @@ def test_a_sweep_task_reads_its_line_of_tiles_and_no_more():
     across = [
         n * math.prod(widths) // w for n, w in zip(filled.shape, widths, strict=True)
     ]
-    assert max(across) * 12 <= 12 * 1024 < 64 * 16 * 8 * 12  # blocks: too wide
+    assert max(across) <= 1024 < 64 * 16 * 8  # lines of blocks: too wide
 
 
 def test_a_sweep_keeps_the_first_of_equally_near_samples():

@@ -733,6 +733,9 @@ def test_a_wide_gap_is_swept_in_batches_each_line_once(tmp_path):
     lines = sum(math.prod(layers[k].numblocks) for k in layers if k.endswith("-lines"))
     assert lines > 4 and sorted(graphs.sweeps) == sorted(set(graphs.sweeps))
     assert len(graphs.sweeps) == lines and not graphs.fills
+    # the sweeps' tiles deleted once the filled grid is stored: its folder
+    # and the flagged grid's are left
+    assert len(list((tmp_path / "out.zarr" / ".dask_localstats").iterdir())) == 2
 
 
 def _coarse_name(result):
@@ -813,3 +816,11 @@ def test_grids_read_whole_are_settled_once_before_the_batches(
         out = dls.to_zarr(result, tmp_path / "out.zarr", resume=True)
     np.testing.assert_array_equal(out[:], expected, strict=True)
     assert resumed.coarse == [] and 0 < len(resumed.loads) < blocks / 2
+    if clip:  # a damaged file of extremes: gathered again, the same result
+        (stored,) = (tmp_path / "out.zarr").rglob("extremes.npy")
+        stored.write_bytes(stored.read_bytes()[:40])
+        z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
+        last.unlink()
+        out = dls.to_zarr(result, tmp_path / "out.zarr", resume=True)
+        np.testing.assert_array_equal(out[:], expected, strict=True)
+        assert np.load(stored).shape == (2, *np.shape(percentile)[:1])
