@@ -313,20 +313,16 @@ def _assemble(shape, dtype, parts):
     return out
 
 
-def _meeting(bounds, lo, hi):
-    """The chunks of one axis (`bounds`: their edges) meeting ``[lo, hi)``."""
-    return range(bisect.bisect_right(bounds, lo) - 1, bisect.bisect_left(bounds, hi))
-
-
 def _pieces(bounds, lo, hi):
     """Chunks of one axis meeting ``[lo, hi)``: (index, src slice, dst slice)."""
+    first = bisect.bisect_right(bounds, lo) - 1
     return [
         (
             i,
             slice(max(lo, bounds[i]) - bounds[i], min(hi, bounds[i + 1]) - bounds[i]),
             slice(max(lo, bounds[i]) - lo, min(hi, bounds[i + 1]) - lo),
         )
-        for i in _meeting(bounds, lo, hi)
+        for i in range(first, bisect.bisect_left(bounds, hi))
     ]
 
 

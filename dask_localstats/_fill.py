@@ -177,19 +177,11 @@ def fill_block(flagged, ndim, block=None):
     points = np.argwhere(missing[block]) + start
     if not len(points):
         return values
-    candidates = _border(missing)
-    found = flagged["value"][tuple(candidates.T)]
-    return _filled(values, points, start, candidates, found)
-
-
-def _filled(values, points, start, candidates, found):
-    """`values`, a block from `start` on, its missing `points` (grid indices)
-    taken from the nearest of `candidates` (in C order; their values
-    `found`); all 0 without candidates (no valid sample in the grid)."""
-    if not len(candidates):
+    found = nearest(missing, points)
+    if found is None:  # no valid sample in the grid
         values[...] = 0
-        return values
-    values[tuple((points - start).T)] = found[_nearest_of(candidates, points)]
+    else:
+        values[tuple((points - start).T)] = flagged["value"][tuple(found.T)]
     return values
 
 

@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import zarr
 
@@ -96,13 +96,16 @@ class Folder:
             os.fsync(file.fileno())
 
     def delete(self, keys):
-        """Delete the files `keys`, then the folders they leave empty."""
+        """Delete the files `keys`, then the folders they leave empty (only
+        those: no walk through the rest of the folder)."""
+        folders = set()
         for key in keys:
             (self.path / key).unlink(missing_ok=True)
-        for folder, dirs, _ in os.walk(self.path, topdown=False):
-            for name in dirs:
-                with contextlib.suppress(OSError):  # not empty: not ours
-                    (Path(folder) / name).rmdir()
+            folders.update(PurePosixPath(key).parents)
+        folders.discard(PurePosixPath("."))
+        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: not ours
+                (self.path / folder).rmdir()
 
     def store(self):
         return str(self.path)
