@@ -26,7 +26,10 @@ Paths
   1. One ``np.bincount`` per row of tiles gives each tile's histogram of
      the values (:meth:`_PhaseTiles.histograms`), in *columns*: a lookup
      table maps each value, offset by the block's least kept value, to its
-     column. Work: one pass over the samples, whatever the windows.
+     column. Work: one pass over the samples, whatever the windows. Tiles
+     of many samples (windows that do not overlap, ClearMap's default
+     spacing) are counted one call a tile, on the values themselves where
+     the columns are single values (:meth:`_PhaseTiles._by_tile`).
   2. A window's histogram is the sum of its tiles' histograms: running sums
      over the tiles, axis by axis, then a difference per window
      (:func:`_window_sums`). Work: tiles times columns.
@@ -37,7 +40,9 @@ Paths
      fall is first estimated from every k-th row of the block's first
      tiling (about an eighth of its samples, :func:`_estimate`), and the
      columns carry over to the block's next tilings, whose windows have
-     like percentiles, so a tiling is usually counted once.
+     like percentiles, so a tiling is usually counted once. Where tiles
+     times values are few (at most 1 / :data:`_SINGLE` of the samples), the
+     columns are single values from the start: one pass, no estimate.
 
 - *Sorted tiles* (percentiles of values spanning more than ``_MAX_TABLE``
   values, too many for lookup tables; :class:`_SortedTiles`). Each tile's
@@ -78,7 +83,9 @@ _MAX_TABLE = 1 << 22  # values a percentile's lookup tables may span
 _LOOPED = 256
 _STRIP = 1 << 16  # counts a bincount call makes: they stay in cache
 _SAMPLES = 1 << 16  # samples a bincount call counts: its keys stay in cache
+_WHOLE = 1 << 15  # samples of a tile counted alone (:meth:`_PhaseTiles._by_tile`)
 _THIN = 8  # the estimate of where ranks fall reads 1 / _THIN of the samples
+_SINGLE = 8  # single-value columns at once where tiles x values x this <= samples
 
 
 class AxisTiling(NamedTuple):
@@ -278,6 +285,9 @@ class _PhaseTiles:
             shape[d] = len(index)
             inner = inner * self.shape[d] + (index - 1).reshape(shape)
         self.inner = inner
+        self.edges = [axis.bounds - axis.bounds[0] for axis in tiling]
+        self.used = [np.flatnonzero(_used_tiles(axis)) for axis in tiling]
+        self.masked = None if mask is None else mask[region].astype(bool, copy=False)
         self.bounds0 = tiling[0].bounds - tiling[0].bounds[0]
         self.bounds1 = (
             tiling[1].bounds - tiling[1].bounds[0] if block.ndim > 1 else None
@@ -293,17 +303,23 @@ class _PhaseTiles:
         ``np.bincount`` per strip of a row of tiles (a few tiles along axis
         1, so that its counts stay in cache, and about :data:`_SAMPLES`
         samples, so that its keys do), on keys ``tile * ncols + column``
-        (``uint32`` when they fit). Counts are of the narrowest dtype that
-        holds a window's (:func:`_count_dtype`). `check`, if given, is
-        called with the least and greatest kept value of each strip first.
+        (``uint16`` or ``uint32`` when they fit); tiles of at least
+        :data:`_WHOLE` samples one call a tile (:meth:`_by_tile`). Counts
+        are of the narrowest dtype that holds a window's
+        (:func:`_count_dtype`). `check`, if given, is called with the least
+        and greatest kept value of each strip (or tile) first.
         """
+        if self._whole():
+            return self._by_tile(table, ncols, check)
         per_row = math.prod(self.shape[1:])
         across = self.shape[1] if len(self.shape) > 1 else 1
         stride = per_row // across  # tiles per tile of axis 1
         group = max(1, _STRIP // (stride * ncols))
-        key = np.uint32 if min(group, across) * stride * ncols < 2**32 else np.intp
+        span = min(group, across) * stride * ncols  # keys of a strip, and one
+        key = next(k for k in (np.uint16, np.uint32, np.intp) if span < np.iinfo(k).max)
+        bits = 8 * np.dtype(key).itemsize
         inner = self.inner.astype(key) * key(ncols)
-        keys_of = self._keys(table, key)
+        keys_of = self._keys(table, key, ncols)
         out = np.empty((self.shape[0], per_row * ncols), dtype=self.count)
         for t, a in itertools.product(range(self.shape[0]), range(0, across, group)):
             b = min(a + group, across)
@@ -313,7 +329,8 @@ class _PhaseTiles:
                 across_part = (slice(self.bounds1[a], self.bounds1[b]),)
                 width = int(self.bounds1[b] - self.bounds1[a])
                 plane = width * math.prod(self.sub.shape[2:])
-            offsets = inner[(slice(None), *across_part)] - key(lo)
+            # modulo the key's range, like `inner`: the strip's offsets fit
+            offsets = inner[(slice(None), *across_part)] - key(lo % (1 << bits))
             first, last = self.bounds0[t], self.bounds0[t + 1]
             # runs of at least as many samples as counts: each call zeroes those
             rows = max(1, max(_SAMPLES, 4 * (hi - lo)) // max(plane, 1))
@@ -334,8 +351,63 @@ class _PhaseTiles:
             out[t, lo:hi] = total
         return out.reshape((*self.shape, ncols))
 
-    def _keys(self, table, key):
-        """What maps sample values to their columns, in the dtype `key`."""
+    def _whole(self):
+        """Whether every used tile holds at least :data:`_WHOLE` samples."""
+        smallest = [
+            np.diff(edges)[used].min() if len(used) else 0
+            for edges, used in zip(self.edges, self.used, strict=True)
+        ]
+        return math.prod(int(n) for n in smallest) >= _WHOLE
+
+    def _by_tile(self, table, ncols, check):
+        """:meth:`histograms` by one ``np.bincount`` a tile (large tiles).
+
+        A tile of that many samples needs no tile index in its keys; with
+        `table` None, unsigned values of up to 16 bits are counted as they
+        are (counts below `low` are dropped), saving a pass over the
+        samples.
+        """
+        out = np.zeros((*self.shape, ncols), dtype=self.count)
+        as_is = (
+            table is None
+            and self.sub.dtype.kind == "u"
+            and self.sub.dtype.itemsize <= 2
+        )
+        keys_of = None if as_is else self._keys(table, np.intp, ncols)
+        for index in itertools.product(*self.used):
+            box = tuple(
+                slice(edges[i], edges[i + 1])
+                for edges, i in zip(self.edges, index, strict=True)
+            )
+            values = self.sub[box]
+            if self.masked is not None:
+                values = values[self.masked[box]]
+            if not values.size:
+                continue
+            if check is not None:
+                check(int(values.min()), int(values.max()))
+            if as_is:
+                counts = np.bincount(values.ravel(), minlength=self.low + ncols)
+                out[index] = counts[self.low :]
+            else:
+                out[index] = np.bincount(keys_of(values).ravel(), minlength=ncols)
+        return out
+
+    def _keys(self, table, key, ncols):
+        """What maps sample values to their columns, in the dtype `key`.
+
+        One column a value (`table` None) maps 8 and 16-bit unsigned
+        values through a table too: one pass, where subtracting `low` and
+        casting takes three.
+        """
+        if (
+            table is None
+            and self.sub.dtype.kind == "u"
+            and self.sub.dtype.itemsize <= 2
+        ):
+            table = np.arange(min(ncols, (1 << 8 * self.sub.dtype.itemsize) - self.low))
+        if table is not None:  # its columns are below `ncols`: they fit
+            table = table.astype(key, copy=False)
         raw = _raw_table(table, self.low, self.sub.dtype)
         if raw is not None:
             return lambda values: raw.take(values).astype(key, copy=False)
@@ -577,10 +649,15 @@ class _Columns:
         the memory budget).
     """
 
-    def __init__(self, nbins, budget):
+    def __init__(self, nbins, budget, single=False):
         self.nbins, self.budget = nbins, budget
-        self.edges = np.arange(0, nbins, 1 << _fine_shift(nbins))
-        self.estimated = False  # whether a sample of the block split them
+        self.edges = np.arange(0, nbins, 1 if single else 1 << _fine_shift(nbins))
+        self.estimated = single  # whether a sample of the block split them
+
+    @property
+    def single(self):
+        """Whether every column holds a single value."""
+        return len(self.edges) == self.nbins
 
     def table(self):
         """The column of each offset (uint32)."""
@@ -633,7 +710,8 @@ def _thinned(tiling, steps):
 def _cumulative(samples, tiling, columns):
     """Each window's cumulative counts over `columns`, and its kept count."""
     windows = math.prod(len(axis.rows) for axis in tiling)
-    counts = samples.histograms(columns.table(), len(columns.edges))
+    table = None if columns.single else columns.table()
+    counts = samples.histograms(table, len(columns.edges))
     counts = _window_sums(counts, tiling).reshape(windows, -1)
     total = np.int32 if samples.most < 2**31 else np.int64  # window totals
     cumulative = np.cumsum(counts, axis=1, dtype=total)
@@ -755,6 +833,8 @@ def tile_reduce(
         ``(values, kept counts)`` of the windows of centers ``start:stop``,
         or None when declined.
     """
+    # a view of an array in memory: NumPy reduces and copies it row by row
+    block = np.ascontiguousarray(block)
     tilings = _block_phases(origin, grid, start, stop)
     budget = max(block.size, _MAX_ENTRIES)
     most = min(grid.full_count, block.size)  # samples a window holds, at most
@@ -770,7 +850,9 @@ def tile_reduce(
         if tiles * first > budget:
             return None
         if not histogram:
-            columns = _Columns(nbins, budget // tiles)
+            # where their window sums cost less than an estimate would
+            single = tiles * nbins * _SINGLE <= block.size
+            columns = _Columns(nbins, budget // tiles, single)
     shape = tuple(b - a for a, b in zip(start, stop, strict=True))
     out = np.zeros(shape + statistic.fshape, dtype=dtype)
     counts = np.zeros(shape, dtype=np.int64)

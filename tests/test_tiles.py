@@ -90,7 +90,7 @@ def test_histogram_columns_are_exact_within_any_budget(
     mask = data.draw(masks(geometry[0]))
     columns = _tiles._Columns
 
-    def tight(nbins, budget):
+    def tight(nbins, budget, single=False):  # coarse columns, whatever fits
         tight = columns(nbins, budget)
         tight.budget = len(tight.edges) + room
         return tight
@@ -98,6 +98,51 @@ def test_histogram_columns_are_exact_within_any_budget(
     with mock.patch.object(_tiles, "_Columns", tight):
         result, expected = coarse(source, percentile, geometry, mask)
     np.testing.assert_array_equal(result, expected, strict=True)
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["strips", "by-tile"])
+@pytest.mark.parametrize("single", [False, True], ids=["estimated", "single"])
+@given(data=st.data(), geometry=geometries(footprints=False), percentile=percentiles)
+def test_every_way_of_counting_matches_the_reference(
+    whole, single, data, geometry, percentile
+):
+    # tiles counted one bincount a tile (large tiles) or in strips; columns
+    # of one value from the start (few tiles and values) or estimated
+    high = data.draw(st.sampled_from([3, 300, 65535]))
+    source = data.draw(arrays(np.uint16, geometry[0], st.integers(0, high)))
+    mask = data.draw(masks(geometry[0]))
+    with (
+        mock.patch.object(_tiles, "_WHOLE", 1 if whole else 1 << 62),
+        mock.patch.object(_tiles, "_SINGLE", 1 if single else 1 << 62),
+    ):
+        result, expected = coarse(source, percentile, geometry, mask)
+        histograms = dls.local_histogram(
+            source, max_bin=high + 1, selem=geometry[1], spacing=geometry[2],
+            step=geometry[3], mask=mask, interpolate=None,
+        )  # fmt: skip
+    np.testing.assert_array_equal(result, expected, strict=True)
+    expected = reference.local_histogram(
+        source, max_bin=high + 1, selem=geometry[1], spacing=geometry[2],
+        step=geometry[3], mask=mask, interpolate=None,
+    )  # fmt: skip
+    np.testing.assert_array_equal(histograms, expected)
+
+
+def test_large_tiles_are_counted_one_call_a_tile():
+    # ClearMap's default spacing, the window's extent: 8 windows of 32**3
+    source = np.random.default_rng(0).integers(100, 900, (64, 64, 64), np.uint16)
+    grid = make_grid(source.shape, (32, 32, 32))
+    tiling = _tiles._block_phases((0,) * 3, grid, (0,) * 3, grid.counts)[0]
+    samples = _tiles._PhaseTiles(source, None, tiling, (1, 1, 1), 100)
+    with mock.patch.object(np, "bincount", wraps=np.bincount) as bincount:
+        counts = samples.histograms(None, 800)
+    assert bincount.call_count == 8
+    expected = [
+        np.bincount(w.ravel() - 100, minlength=800)
+        for w in (source[:32, :32, :32], source[32:, 32:, 32:])
+    ]
+    np.testing.assert_array_equal(counts[0, 0, 0], expected[0])
+    np.testing.assert_array_equal(counts[1, 1, 1], expected[1])
 
 
 @given(data=st.data(), geometry=geometries(footprints=False), percentile=percentiles)
