@@ -792,13 +792,19 @@ _WIDER = {1: np.int16, 2: np.int32, 4: np.int64}
 
 def _subtract_plane(image, background, dtype):
     """One plane of ``image - background``, rounded and clipped to `dtype`'s
-    range (not yet cast): in integers of twice the width where both are
-    integers of up to 32 bits and `dtype` is an integer (exact), else in
-    float64, NaN (an unknown background) giving 0 for integer dtypes."""
+    range (not yet cast): ``image - minimum(image, background)`` where both
+    are unsigned and `image` is of `dtype` (the difference clipped at 0,
+    two passes in the image's dtype); in integers of twice the width where
+    both are integers of up to 32 bits and `dtype` is an integer (exact);
+    else in float64, NaN (an unknown background) giving 0 for integer
+    dtypes."""
     # arrays even for the scalar planes of 1-D images, for the in-place steps
     image, background = np.asarray(image), np.asarray(background)
     width = max(image.dtype.itemsize, background.dtype.itemsize)
     kinds = image.dtype.kind + background.dtype.kind + dtype.kind
+    if kinds == "uuu" and image.dtype == dtype:  # in [0, image]: in range
+        below = np.asarray(np.minimum(image, background))
+        return np.subtract(image, below, out=below)
     if set(kinds) <= set("iu") and width in _WIDER:  # exact, nothing to round
         wide = _WIDER[width]
         difference = np.asarray(np.subtract(image, background, dtype=wide))
@@ -808,7 +814,7 @@ def _subtract_plane(image, background, dtype):
     if dtype.kind in "iu":
         np.rint(difference, out=difference)
         np.clip(difference, *_limits(dtype, np.float64), out=difference)
-        if np.isnan(difference).any():  # where the background is unknown: 0
+        if np.isnan(difference.max()):  # where the background is unknown: 0
             np.nan_to_num(difference, copy=False, nan=0.0)
     return difference
 
