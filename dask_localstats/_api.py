@@ -793,8 +793,8 @@ _WIDER = {1: np.int16, 2: np.int32, 4: np.int64}
 def _subtract_plane(image, background, dtype):
     """One plane of ``image - background``, rounded and clipped to `dtype`'s
     range (not yet cast): ``image - minimum(image, background)`` where both
-    are unsigned and `image` is of `dtype` (the difference clipped at 0,
-    two passes in the image's dtype); in integers of twice the width where
+    are unsigned and `image` is of `dtype` (the difference clipped at 0, in
+    the wider of their dtypes: two passes); in integers of twice the width where
     both are integers of up to 32 bits and `dtype` is an integer (exact);
     else in float64, NaN (an unknown background) giving 0 for integer
     dtypes."""
@@ -814,7 +814,7 @@ def _subtract_plane(image, background, dtype):
     if dtype.kind in "iu":
         np.rint(difference, out=difference)
         np.clip(difference, *_limits(dtype, np.float64), out=difference)
-        if np.isnan(difference.max()):  # where the background is unknown: 0
+        if difference.size and np.isnan(difference.max()):  # unknown: 0
             np.nan_to_num(difference, copy=False, nan=0.0)
     return difference
 

@@ -29,7 +29,8 @@ Paths
      column. Work: one pass over the samples, whatever the windows. Tiles
      of many samples (windows that do not overlap, ClearMap's default
      spacing) are counted one call a tile, on the values themselves where
-     the columns are single values (:meth:`_PhaseTiles._by_tile`).
+     the columns are single values and the values unsigned of up to 16
+     bits (:meth:`_PhaseTiles._by_tile`).
   2. A window's histogram is the sum of its tiles' histograms: running sums
      over the tiles, axis by axis, then a difference per window
      (:func:`_window_sums`). Work: tiles times columns.
@@ -242,9 +243,9 @@ class _PhaseTiles:
 
     The tile histograms path and the moments path read the samples through
     this class, one row of tiles (along axis 0) at a time, each sample
-    labelled with its flat tile index. Samples outside every window (gaps
-    between windows) and masked ones are left out. Values are offset by
-    `low`.
+    labelled with its flat tile index, or large tiles one tile at a time.
+    Samples outside every window (gaps between windows) and masked ones are
+    left out. Values are offset by `low`.
 
     Parameters
     ----------
@@ -266,7 +267,8 @@ class _PhaseTiles:
         self.sub, self.low = block[region], low
         self.most = block.size if most is None else most
         self.count = _count_dtype(self.most)
-        keep = None if mask is None else mask[region].astype(bool, copy=False)
+        self.masked = None if mask is None else mask[region].astype(bool, copy=False)
+        keep = self.masked
         for d, axis in enumerate(tiling):
             used = _used_samples(axis)
             if used is not None:
@@ -287,7 +289,6 @@ class _PhaseTiles:
         self.inner = inner
         self.edges = [axis.bounds - axis.bounds[0] for axis in tiling]
         self.used = [np.flatnonzero(_used_tiles(axis)) for axis in tiling]
-        self.masked = None if mask is None else mask[region].astype(bool, copy=False)
         self.bounds0 = tiling[0].bounds - tiling[0].bounds[0]
         self.bounds1 = (
             tiling[1].bounds - tiling[1].bounds[0] if block.ndim > 1 else None
@@ -362,10 +363,10 @@ class _PhaseTiles:
     def _by_tile(self, table, ncols, check):
         """:meth:`histograms` by one ``np.bincount`` a tile (large tiles).
 
-        A tile of that many samples needs no tile index in its keys; with
-        `table` None, unsigned values of up to 16 bits are counted as they
-        are (counts below `low` are dropped), saving a pass over the
-        samples.
+        A tile of that many samples needs no tile index in its keys, and
+        tiles no window uses are skipped; with `table` None, unsigned values
+        of up to 16 bits are counted as they are (counts below `low` are
+        dropped), saving a pass over the samples.
         """
         out = np.zeros((*self.shape, ncols), dtype=self.count)
         as_is = (
@@ -373,7 +374,8 @@ class _PhaseTiles:
             and self.sub.dtype.kind == "u"
             and self.sub.dtype.itemsize <= 2
         )
-        keys_of = None if as_is else self._keys(table, np.intp, ncols)
+        key = np.uint32 if ncols < 2**32 else np.intp
+        keys_of = None if as_is else self._keys(table, key, ncols)
         for index in itertools.product(*self.used):
             box = tuple(
                 slice(edges[i], edges[i + 1])
@@ -833,7 +835,8 @@ def tile_reduce(
         ``(values, kept counts)`` of the windows of centers ``start:stop``,
         or None when declined.
     """
-    # a view of an array in memory: NumPy reduces and copies it row by row
+    # a view of an array in memory, which NumPy reduces and copies row by
+    # row, is copied once (what a read from storage would have allocated)
     block = np.ascontiguousarray(block)
     tilings = _block_phases(origin, grid, start, stop)
     budget = max(block.size, _MAX_ENTRIES)

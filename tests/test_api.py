@@ -549,6 +549,9 @@ def test_subtracting_an_unknown_background():
     )
     as_float = dls.subtract_background(image, background, dtype=np.float32).compute()
     assert np.isnan(as_float[0, 0]) and as_float[0, 1] == 40
+    # planes of no voxels
+    empty = dls.subtract_background(np.zeros((2, 0, 3), np.uint16), np.zeros((2, 0, 3)))
+    assert empty.compute().shape == (2, 0, 3)
 
 
 @given(
