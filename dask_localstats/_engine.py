@@ -465,6 +465,7 @@ def read_through(graph, source, chunks):
         return Task(key, _read_shared, TaskRef(reader.key), slices, cache, nbytes)
 
     layer = BlockLayer(name, [len(c) for c in chunks], block)
+    layer.notes["inline"] = block  # see fused
     layers = dict(graph.layers) | {name: layer}
     dependencies = dict(graph.dependencies) | {name: {reader.layer}}
     meta = np.empty((0,) * len(chunks), source.dtype)
@@ -773,19 +774,28 @@ def fused(resampled, name, then, operands, dtype):
     cache, to ``then(*blocks)`` (``blocks``: that chunk of each of the dask
     arrays `operands`, chunked like `resampled`): a callable
     ``(i, plane) -> plane`` whose ``dtype`` is `dtype` (see
-    :func:`~dask_localstats._interpolate.resample_block`). Returns None
-    when `resampled` is not a resampling stage.
+    :func:`~dask_localstats._interpolate.resample_block`). An operand read
+    through a coarse stage's chunk cache (:func:`read_through`) is read
+    inside the chunk's task, after the coarse blocks that task waits for,
+    which have just decoded its chunks (a task of its own would be ready
+    at once, and would run before them). Returns None when `resampled` is
+    not a resampling stage.
     """
     layer = resampled.dask.layers.get(resampled.name)
     resample = note(layer, "resample")
     if resample is None or any(a.chunks != resampled.chunks for a in operands):
         return None
 
+    inline = [note(a.dask.layers.get(a.name), "inline") for a in operands]
+
     def block(key, index):
-        blocks = [TaskRef((a.name, *index)) for a in operands]
+        blocks = [
+            make(None, index) if make else TaskRef((a.name, *index))
+            for a, make in zip(operands, inline, strict=True)
+        ]
         return resample(key, index, Task(None, then, *blocks))
 
-    graph = _restaged(resampled, name, block, operands)
+    graph = _restaged(resampled, name, block, operands, inline)
     graph.layers[name].notes.update(
         coarse=checkpoint_of(layer), extremes=clip_of(layer)
     )
@@ -793,18 +803,22 @@ def fused(resampled, name, then, operands, dtype):
     return da.Array(graph, name, resampled.chunks, dtype=dtype, meta=meta)
 
 
-def _restaged(resampled, name, block, operands=()):
+def _restaged(resampled, name, block, operands=(), inline=()):
     """The graph of `resampled` with its resampling layer replaced by one of
-    tasks ``block(key, index)`` named `name`, which also reads `operands`."""
+    tasks ``block(key, index)`` named `name`, which also reads `operands`
+    (those flagged in `inline` inside its tasks: it reads what they read)."""
     old = resampled.name
     layers = {k: v for k, v in resampled.dask.layers.items() if k != old}
     dependencies = {k: v for k, v in resampled.dask.dependencies.items() if k != old}
-    for a in operands:
-        layers.update(a.dask.layers)
-        dependencies.update(a.dask.dependencies)
+    after = set(resampled.dask.dependencies[old])
+    for a, inside in itertools.zip_longest(operands, inline):
+        skip = a.name if inside else None  # its layer, read inside `block`
+        layers.update((k, v) for k, v in a.dask.layers.items() if k != skip)
+        deps = a.dask.dependencies
+        dependencies.update((k, v) for k, v in deps.items() if k != skip)
+        after |= deps[a.name] if inside else {a.name}
     layers[name] = BlockLayer(name, resampled.dask.layers[old].numblocks, block)
-    after = resampled.dask.dependencies[old]
-    dependencies[name] = {a.name for a in operands} | after
+    dependencies[name] = after
     return HighLevelGraph(layers, dependencies)
 
 

@@ -540,6 +540,32 @@ def test_a_stored_source_is_decoded_once_for_background_and_subtraction(
     np.testing.assert_array_equal(got[...], expected.compute(), strict=True)
 
 
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_a_subtraction_reads_its_image_after_the_blocks_it_waits_for(
+    tmp_path, scheduler
+):
+    # a cache of a few blocks' chunks: each output chunk reads its image
+    # inside its own task, right after the coarse blocks it needs have
+    # decoded it, not in a task of its own that would run before them
+    image = np.random.default_rng(6).integers(0, 900, (16, 128, 128), np.uint16)
+    path = write_zarr(tmp_path / "a.zarr", image, (8, 16, 16))
+    store = LoggingStore(LocalStore(path, read_only=True), log_level="DEBUG")
+    z = zarr.open_array(store, mode="r")
+    kwargs = dict(selem=(1, 12, 12), spacing=(1, 4, 4), dtype=np.float32)
+    background = dls.local_percentile(z, 0.25, block_bytes=20000, **kwargs)
+    got = dls.subtract_background(z, background)
+    layers = [name.split("-")[1] for name in got.dask.layers]
+    assert "read" not in layers  # no task of its own
+    store.counter.clear()
+    got = got.compute(scheduler=scheduler)
+    # each of the 128 chunks about once (reads of their own: 200 times)
+    assert store.counter["get"] <= 1.2 * 128
+    expected = dls.subtract_background(
+        image, dls.local_percentile(image, 0.25, **kwargs)
+    )
+    np.testing.assert_array_equal(got, expected.compute(), strict=True)
+
+
 def test_subtracting_an_unknown_background():
     image = np.full((2, 2), 50, np.int32)
     background = np.array([[np.nan, 10.0], [20.0, np.nan]])
