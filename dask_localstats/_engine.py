@@ -27,9 +27,10 @@ held whole.
 
 A step that needs the image beside its resampled background (a
 subtraction) reads it through the coarse stage's chunk cache
-(:func:`read_through`): the chunks the coarse blocks decoded around an
-output chunk are still held when its turn comes, so each stored chunk is
-decoded about once for both stages. The cache then grows with each chunk
+(:func:`read_through`), inside the output chunk's own task (:func:`fused`),
+which runs right after the coarse blocks it waits for: the chunks they
+decoded around it are still held, so each stored chunk is decoded about
+once for both stages. The cache then grows with each chunk
 read through it, from :data:`CACHE_BLOCKS` block budgets up to
 :data:`SHARED_CACHE_BLOCKS`, about a band of blocks and the output chunks
 under it.

@@ -515,14 +515,25 @@ def test_subtractions_of_different_sources_are_different_computations():
     assert (lazy.compute() == 180).all()
 
 
+def logged(tmp_path, image, chunks):
+    """A zarr array of `image` in `chunks`, and its store, which counts reads."""
+    path = write_zarr(tmp_path / "a.zarr", image, chunks)
+    store = LoggingStore(LocalStore(path, read_only=True), log_level="DEBUG")
+    return store, zarr.open_array(store, mode="r")
+
+
+def subtracted(image, **kwargs):
+    """`image` less its 25th percentile background, computed in memory."""
+    background = dls.local_percentile(image, 0.25, **kwargs)
+    return dls.subtract_background(image, background).compute()
+
+
 @pytest.mark.parametrize("write", [False, True])
 def test_a_stored_source_is_decoded_once_for_background_and_subtraction(
     tmp_path, write
 ):
     image = np.random.default_rng(5).integers(0, 900, (6, 40, 36), np.uint16)
-    path = write_zarr(tmp_path / "a.zarr", image, (3, 10, 9))
-    store = LoggingStore(LocalStore(path, read_only=True), log_level="DEBUG")
-    z = zarr.open_array(store, mode="r")
+    store, z = logged(tmp_path, image, (3, 10, 9))
     kwargs = dict(selem=(1, 12, 10), spacing=(1, 4, 4), dtype=np.float32)
     with mock.patch.object(_engine, "CACHE_BLOCKS", 100):  # holds every chunk
         background = dls.local_percentile(z, 0.25, block_bytes=3000, **kwargs)
@@ -534,10 +545,7 @@ def test_a_stored_source_is_decoded_once_for_background_and_subtraction(
     else:
         got = got.compute()
     assert store.counter["get"] == 2 * 4 * 4  # each chunk once
-    expected = dls.subtract_background(
-        image, dls.local_percentile(image, 0.25, **kwargs)
-    )
-    np.testing.assert_array_equal(got[...], expected.compute(), strict=True)
+    np.testing.assert_array_equal(got[...], subtracted(image, **kwargs), strict=True)
 
 
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
@@ -548,9 +556,7 @@ def test_a_subtraction_reads_its_image_after_the_blocks_it_waits_for(
     # inside its own task, right after the coarse blocks it needs have
     # decoded it, not in a task of its own that would run before them
     image = np.random.default_rng(6).integers(0, 900, (16, 128, 128), np.uint16)
-    path = write_zarr(tmp_path / "a.zarr", image, (8, 16, 16))
-    store = LoggingStore(LocalStore(path, read_only=True), log_level="DEBUG")
-    z = zarr.open_array(store, mode="r")
+    store, z = logged(tmp_path, image, (8, 16, 16))
     kwargs = dict(selem=(1, 12, 12), spacing=(1, 4, 4), dtype=np.float32)
     background = dls.local_percentile(z, 0.25, block_bytes=20000, **kwargs)
     got = dls.subtract_background(z, background)
@@ -560,10 +566,7 @@ def test_a_subtraction_reads_its_image_after_the_blocks_it_waits_for(
     got = got.compute(scheduler=scheduler)
     # each of the 128 chunks about once (reads of their own: 200 times)
     assert store.counter["get"] <= 1.2 * 128
-    expected = dls.subtract_background(
-        image, dls.local_percentile(image, 0.25, **kwargs)
-    )
-    np.testing.assert_array_equal(got, expected.compute(), strict=True)
+    np.testing.assert_array_equal(got, subtracted(image, **kwargs), strict=True)
 
 
 def test_subtracting_an_unknown_background():
