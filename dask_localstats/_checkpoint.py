@@ -28,6 +28,7 @@ import io
 import itertools
 import math
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -64,8 +65,16 @@ def _saved(block, place, key, guard=None):
     return block
 
 
+# NumPy parses a .npy header with ast.literal_eval, whose AST construction
+# CPython 3.11 does not keep right in concurrent threads (a spurious
+# SystemError, python/cpython#106905): blocks are parsed one at a time
+_PARSING = threading.Lock()
+
+
 def _load_block(place, key):
-    return np.load(io.BytesIO(place.read(key)), allow_pickle=False)
+    data = io.BytesIO(place.read(key))
+    with _PARSING:
+        return np.load(data, allow_pickle=False)
 
 
 @dataclass(eq=False)  # one grid's; compared as objects, not by their arrays

@@ -450,7 +450,9 @@ def read_through(graph, source, chunks):
     itself (the same array object) through a chunk cache, the chunks of
     the result are read through that cache too: a step that needs the
     image beside its background (a subtraction) then finds most chunks
-    decoded already. Returns None when no coarse stage reads `source` so.
+    decoded already. :func:`fused` reads these blocks inside its own tasks
+    (the layer's ``inline`` note) and leaves this layer out of its graph.
+    Returns None when no coarse stage reads `source` so.
     """
     readers = (note(layer, "reader") for layer in graph.layers.values())
     reader = next((r for r in readers if r and r.source is source), None)
@@ -813,10 +815,11 @@ def _restaged(resampled, name, block, operands=(), inline=()):
     dependencies = {k: v for k, v in resampled.dask.dependencies.items() if k != old}
     after = set(resampled.dask.dependencies[old])
     for a, inside in itertools.zip_longest(operands, inline):
-        skip = a.name if inside else None  # its layer, read inside `block`
-        layers.update((k, v) for k, v in a.dask.layers.items() if k != skip)
+        # the layer replaced, and an operand read inside `block`: left out
+        skip = {old, a.name} if inside else {old}
+        layers.update((k, v) for k, v in a.dask.layers.items() if k not in skip)
         deps = a.dask.dependencies
-        dependencies.update((k, v) for k, v in deps.items() if k != skip)
+        dependencies.update((k, v) for k, v in deps.items() if k not in skip)
         after |= deps[a.name] if inside else {a.name}
     layers[name] = BlockLayer(name, resampled.dask.layers[old].numblocks, block)
     dependencies[name] = after

@@ -563,7 +563,7 @@ def test_a_subtraction_reads_its_image_after_the_blocks_it_waits_for(
     layers = [name.split("-")[1] for name in got.dask.layers]
     assert "read" not in layers  # no task of its own
     store.counter.clear()
-    got = got.compute(scheduler=scheduler)
+    got = got.compute(scheduler=scheduler, num_workers=2)  # more overflow it
     # each of the 128 chunks about once (reads of their own: 200 times)
     assert store.counter["get"] <= 1.2 * 128
     np.testing.assert_array_equal(got, subtracted(image, **kwargs), strict=True)
