@@ -794,10 +794,10 @@ def _subtract_plane(image, background, dtype):
     """One plane of ``image - background``, rounded and clipped to `dtype`'s
     range (not yet cast): ``image - minimum(image, background)`` where both
     are unsigned and `image` is of `dtype` (the difference clipped at 0, in
-    the wider of their dtypes: two passes); in integers of twice the width where
-    both are integers of up to 32 bits and `dtype` is an integer (exact);
-    else in float64, NaN (an unknown background) giving 0 for integer
-    dtypes."""
+    the wider of their dtypes: two passes); in integers of twice the width
+    where both are integers of up to 32 bits and `dtype` is an integer
+    (exact); else in float64, NaN (an unknown background) giving 0 for
+    integer dtypes."""
     # arrays even for the scalar planes of 1-D images, for the in-place steps
     image, background = np.asarray(image), np.asarray(background)
     width = max(image.dtype.itemsize, background.dtype.itemsize)

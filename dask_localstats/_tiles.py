@@ -194,13 +194,18 @@ def _offsets(values, low, dtype=np.intp):
     return difference.astype(dtype)
 
 
+def _small_unsigned(dtype):
+    """Whether values of `dtype` (8 or 16-bit unsigned) can index a table."""
+    return dtype.kind == "u" and dtype.itemsize <= 2
+
+
 def _raw_table(table, low, dtype):
     """`table` indexed by raw values of `dtype` (8 or 16 bits unsigned), or None.
 
     Saves subtracting `low` from every sample: the table is shifted by `low`
     and covers the whole dtype (masked samples may hold any value).
     """
-    if table is None or dtype.kind != "u" or dtype.itemsize > 2:
+    if table is None or not _small_unsigned(dtype):
         return None
     raw = np.zeros(1 << (8 * dtype.itemsize), dtype=table.dtype)
     raw[low : low + len(table)] = table
@@ -369,11 +374,7 @@ class _PhaseTiles:
         dropped), saving a pass over the samples.
         """
         out = np.zeros((*self.shape, ncols), dtype=self.count)
-        as_is = (
-            table is None
-            and self.sub.dtype.kind == "u"
-            and self.sub.dtype.itemsize <= 2
-        )
+        as_is = table is None and _small_unsigned(self.sub.dtype)
         key = np.uint32 if ncols < 2**32 else np.intp
         keys_of = None if as_is else self._keys(table, key, ncols)
         for index in itertools.product(*self.used):
@@ -402,11 +403,7 @@ class _PhaseTiles:
         values through a table too: one pass, where subtracting `low` and
         casting takes three.
         """
-        if (
-            table is None
-            and self.sub.dtype.kind == "u"
-            and self.sub.dtype.itemsize <= 2
-        ):
+        if table is None and _small_unsigned(self.sub.dtype):
             table = np.arange(min(ncols, (1 << 8 * self.sub.dtype.itemsize) - self.low))
         if table is not None:  # its columns are below `ncols`: they fit
             table = table.astype(key, copy=False)
