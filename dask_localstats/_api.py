@@ -29,7 +29,7 @@ from ._engine import (
     resampled_into,
 )
 from ._grid import make_grid
-from ._interpolate import ALIGNS, each_plane
+from ._interpolate import ALIGNS, each_slab
 from ._io import open_source
 from ._kernels import Function, Histogram, Missing, Percentile
 from ._public import public
@@ -762,28 +762,30 @@ def subtract_background(source, background, *, dtype=None, storage_options=None)
 
 @dataclass(frozen=True)
 class _Subtraction:
-    """``image - background`` plane by plane (:func:`_subtract_plane`).
+    """``image - background`` a slab of planes at a time (:func:`_subtract_plane`).
 
-    The step :func:`~dask_localstats._engine.fused` passes each resampled
-    background plane `i` to, for one image block.
+    The step :func:`~dask_localstats._engine.fused` passes each slab of
+    resampled background planes to, for one image block: ``where`` is a
+    slice of the block's first axis.
     """
 
     image: np.ndarray
     dtype: np.dtype
 
-    def __call__(self, i, background):
-        return _subtract_plane(self.image[i], background, self.dtype)
+    def __call__(self, where, background):
+        return _subtract_plane(self.image[where], background, self.dtype)
 
 
 def _subtract_block(image, background, dtype):
     """``image - background``, rounded and clipped to `dtype`.
 
-    One plane (first axis) at a time, so the temporaries stay in cache and
-    each voxel is read once and written once (:func:`_subtract_plane`).
+    A slab of planes (first axis) at a time, so the temporaries stay in
+    cache and each voxel is read once and written once
+    (:func:`_subtract_plane`).
     """
     if image.ndim == 0:
         return _subtract_plane(image, background, dtype).astype(dtype)
-    return each_plane(_Subtraction(image, dtype), background, dtype)
+    return each_slab(_Subtraction(image, dtype), background, dtype)
 
 
 # Integers of twice the width: their difference, exact.
@@ -791,7 +793,7 @@ _WIDER = {1: np.int16, 2: np.int32, 4: np.int64}
 
 
 def _subtract_plane(image, background, dtype):
-    """One plane of ``image - background``, rounded and clipped to `dtype`'s
+    """Planes of ``image - background``, rounded and clipped to `dtype`'s
     range (not yet cast): ``image - minimum(image, background)`` where both
     are unsigned and `image` is of `dtype` (the difference clipped at 0, in
     the wider of their dtypes: two passes); in integers of twice the width

@@ -154,10 +154,10 @@ def resample_block(
     bounds : (2, ...) array or None
         Minimum and maximum (per trailing component) to clip values to.
     then : callable or None
-        A step fused into the same pass: ``then(i, plane)`` maps output
-        plane `i` (first axis), in `dtype`, to the plane returned, of dtype
-        ``then.dtype`` (a subtraction from the image, say), while the plane
-        is in cache.
+        A step fused into the same pass: ``then(where, planes)`` maps the
+        output planes ``where`` (a slice of the first axis), in `dtype`, to
+        the planes returned, of dtype ``then.dtype`` (a subtraction from the
+        image, say), while they are in cache.
     ahead : bool or None
         Whether the axes after the first are contracted before the first
         (else after it). It sets the order of the float sums, so a chunked
@@ -186,18 +186,19 @@ def resample_block(
         for axis in axes if ahead else axes[-1:] + axes[:-1]:
             values = _contract(values, axis, *taps[axis], order == 1, finite)
         values = cast(_clip(values, bounds), dtype, inside=inside)
-        values = values if then is None else each_plane(then, values, then.dtype)
+        values = values if then is None else each_slab(then, values, then.dtype)
         if into is None:
             return values
         into[...] = values
         return into
-    # The output is made one plane (first axis) at a time, so that the
-    # float64 temporaries stay in cache and only the result is written.
+    # The output is made a slab of planes (first axis) at a time, so that
+    # the float64 temporaries stay in cache and only the result is written.
     # When the first axis expands (more output planes than twice the coarse
     # ones), the other axes are contracted first, once for all the coarse
     # planes, and each output plane is a sum of a few of those; else (an
     # axis of spacing about 1) each output plane is made from the coarse
-    # planes it needs.
+    # planes it needs: where that is one coarse plane as it is, a slab of
+    # them at once (fewer NumPy calls, the same arithmetic).
     if ahead:
         for axis in reversed(range(1, len(coords))):
             values = _contract(values, axis, *taps[axis], order == 1, finite)
@@ -207,34 +208,65 @@ def resample_block(
     )
     # float64 planes that need no more steps are summed in place in `out`
     direct = ahead and then is None and bounds is None and out.dtype == values.dtype
+    index, weights = taps[0]
+    whole = not ahead and index.shape[1] == 1 and bool((weights == 1).all())
+    depth = slab_depth(math.prod(shape[1:])) if whole else 1
     scratch = np.empty(values.shape[1:], values.dtype)
     pairs = {} if order == 1 else None  # see _combine
-    for i, (index, weights) in enumerate(zip(*taps[0], strict=True)):
+    for start in range(0, len(index), depth):
+        where = slice(start, start + depth)
         if direct:
-            _combine(values, index, weights, out[i], scratch, pairs, finite)
+            _combine(
+                values, index[start], weights[start], out[start], scratch, pairs, finite
+            )
             continue
-        plane = _combine(values, index, weights, None, scratch, pairs, finite)
-        for axis in () if ahead else reversed(range(1, len(coords))):
-            plane = _contract(plane, axis - 1, *taps[axis], order == 1, finite)
-        if then is None:
-            cast(_clip(plane, bounds), dtype, out[i], inside)
+        if whole:
+            slab = np.take(values, index[where, 0], axis=0)
         else:
-            out[i] = then(i, cast(_clip(plane, bounds), dtype, inside=inside))
+            slab = _combine(
+                values, index[start], weights[start], None, scratch, pairs, finite
+            )[None]
+        for axis in () if ahead else reversed(range(1, len(coords))):
+            slab = _contract(slab, axis, *taps[axis], order == 1, finite)
+        if then is None:
+            cast(_clip(slab, bounds), dtype, out[where], inside)
+        else:
+            out[where] = then(where, cast(_clip(slab, bounds), dtype, inside=inside))
     return out
 
 
-def each_plane(step, planes, dtype):
-    """``step(i, plane)`` for each plane `i` (first axis) of `planes`, as one array.
+# Voxels of a slab of output planes made at once (1 MiB of float64): its
+# temporaries, and those of a step fused after it, stay in cache.
+_SLAB_VOXELS = 1 << 17
+
+
+def slab_depth(plane):
+    """Planes of `plane` voxels in a slab.
 
     Examples
     --------
-    >>> each_plane(lambda i, plane: plane + i, np.zeros((2, 3)), np.int8)
-    array([[0, 0, 0],
-           [1, 1, 1]], dtype=int8)
+    >>> slab_depth(256 * 256), slab_depth(2048 * 2048)
+    (2, 1)
+    """
+    return max(1, _SLAB_VOXELS // max(plane, 1))
+
+
+def each_slab(step, planes, dtype):
+    """``step(where, planes[where])`` for slabs ``where`` of `planes` (a slice
+    of the first axis, :func:`slab_depth` planes), as one array.
+
+    Examples
+    --------
+    >>> each_slab(lambda where, planes: 2 * planes, np.ones((3, 2)), np.int8)
+    array([[2, 2],
+           [2, 2],
+           [2, 2]], dtype=int8)
     """
     out = np.empty(planes.shape, dtype)
-    for i, plane in enumerate(planes):
-        out[i] = step(i, plane)
+    depth = slab_depth(math.prod(planes.shape[1:]))
+    for start in range(0, len(planes), depth):
+        where = slice(start, start + depth)
+        out[where] = step(where, planes[where])
     return out
 
 

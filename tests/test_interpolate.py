@@ -225,3 +225,41 @@ def test_a_block_split_anywhere_gives_the_same_bits(ahead, order):
     small = [coords[0], coords[1][:20], coords[2][:3]]  # 60 voxels a plane
     tiny = resample_block(*args, small, coarse.shape, order, np.float64, ahead=ahead)
     np.testing.assert_array_equal(tiny, whole[:, :20, :3], strict=True)
+
+
+@pytest.mark.parametrize("then", [None, "subtract"])
+@pytest.mark.parametrize("depth", [1, 3, 64])
+def test_slabs_of_planes_give_the_bits_of_single_planes(monkeypatch, then, depth):
+    # an axis of spacing 1 (ClearMap's z): output planes are coarse planes as
+    # they are, made a slab at a time, whatever the slab's depth
+    from dask_localstats import _interpolate
+
+    coarse = np.random.default_rng(2).normal(size=(10, 5, 6)) * 1000
+    shape = (10, 90, 70)
+    coords = [
+        coordinates(s, m, 0, 1, "corners")
+        for s, m in zip(shape, coarse.shape, strict=True)
+    ]
+    image = np.random.default_rng(3).integers(0, 2000, shape, dtype=np.uint16)
+    steps = []
+
+    class Subtract:
+        dtype = np.dtype(np.int32)
+
+        def __call__(self, where, planes):
+            steps.append(where)
+            return image[where].astype(np.int32) - planes
+
+    step = None if then is None else Subtract()
+
+    def resampled(voxels):
+        monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
+        args = (coarse, (0, 0, 0), coords, coarse.shape, 1, np.int32)
+        return resample_block(*args, then=step, ahead=False)
+
+    alone = resampled(1)
+    assert len(steps) == (0 if then is None else 10)
+    slabs = resampled(depth * 90 * 70)
+    np.testing.assert_array_equal(slabs, alone, strict=True)
+    if then is not None:
+        assert steps[10:] == [slice(k, k + depth) for k in range(0, 10, depth)]
