@@ -191,14 +191,16 @@ def resample_block(
             return values
         into[...] = values
         return into
-    # The output is made a slab of planes (first axis) at a time, so that
-    # the float64 temporaries stay in cache and only the result is written.
-    # When the first axis expands (more output planes than twice the coarse
-    # ones), the other axes are contracted first, once for all the coarse
-    # planes, and each output plane is a sum of a few of those; else (an
-    # axis of spacing about 1) each output plane is made from the coarse
-    # planes it needs: where that is one coarse plane as it is, a slab of
-    # them at once (fewer NumPy calls, the same arithmetic).
+    # The output is made a piece at a time: a slab of planes (first axis),
+    # or a band of rows (second axis) of one plane where a plane is large,
+    # so that the float64 temporaries stay in cache and only the result is
+    # written. When the first axis expands (more output planes than twice
+    # the coarse ones), the other axes are contracted first, once for all
+    # the coarse planes, and each output plane is a sum of a few of those;
+    # else (an axis of spacing about 1) each output plane is made from the
+    # coarse planes it needs: where that is one coarse plane as it is, a
+    # slab of them at once (fewer NumPy calls), and the second axis is
+    # contracted band by band. Every voxel gets the same arithmetic.
     if ahead:
         for axis in reversed(range(1, len(coords))):
             values = _contract(values, axis, *taps[axis], order == 1, finite)
@@ -211,28 +213,47 @@ def resample_block(
     index, weights = taps[0]
     whole = not ahead and index.shape[1] == 1 and bool((weights == 1).all())
     depth = slab_depth(math.prod(shape[1:])) if whole else 1
+    bands = _bands(shape)
     scratch = np.empty(values.shape[1:], values.dtype)
     pairs = {} if order == 1 else None  # see _combine
     for start in range(0, len(index), depth):
-        where = slice(start, start + depth)
+        planes = slice(start, start + depth)
         if direct:
             _combine(
                 values, index[start], weights[start], out[start], scratch, pairs, finite
             )
             continue
         if whole:
-            slab = np.take(values, index[where, 0], axis=0)
+            slab = np.take(values, index[planes, 0], axis=0)
         else:
             slab = _combine(
                 values, index[start], weights[start], None, scratch, pairs, finite
             )[None]
-        for axis in () if ahead else reversed(range(1, len(coords))):
+        for axis in () if ahead else reversed(range(2, len(coords))):
             slab = _contract(slab, axis, *taps[axis], order == 1, finite)
-        if then is None:
-            cast(_clip(slab, bounds), dtype, out[where], inside)
-        else:
-            out[where] = then(where, cast(_clip(slab, bounds), dtype, inside=inside))
+        for rows in bands:
+            where = (planes, rows)
+            piece = slab[:, rows]
+            if not ahead and len(coords) > 1:
+                lerp = order == 1
+                piece = _contract(slab, 1, *(t[rows] for t in taps[1]), lerp, finite)
+            if then is None:
+                cast(_clip(piece, bounds), dtype, out[where], inside)
+            else:
+                out[where] = then(
+                    where, cast(_clip(piece, bounds), dtype, inside=inside)
+                )
     return out
+
+
+def _bands(shape):
+    """Slices of the second axis of `shape` into bands of rows that hold at
+    most :data:`_SLAB_VOXELS` voxels a plane (the whole axis if they fit)."""
+    if len(shape) < 2:
+        return [slice(None)]
+    row = math.prod(shape[2:])
+    step = max(1, _SLAB_VOXELS // max(row, 1))
+    return [slice(start, start + step) for start in range(0, shape[1], step)]
 
 
 # Voxels of a slab of output planes made at once (1 MiB of float64): its
