@@ -22,6 +22,7 @@ from ._engine import (
     OUTPUT_CHUNK_BYTES,
     auto_chunks,
     coarse_stage,
+    frozen_objects,
     fused,
     identity,
     read_through,
@@ -179,11 +180,12 @@ def _computed(result):
     out = np.empty(result.shape, result.dtype)
     # the threaded scheduler itself: naming it would import distributed
     written = resampled_into(result, out)
-    if written is None:
-        result.store(out, lock=False, scheduler=dask.threaded.get)
-    else:
-        graph, keys = written
-        dask.threaded.get(da.Array.__dask_optimize__(graph, keys), keys)
+    with frozen_objects():
+        if written is None:
+            result.store(out, lock=False, scheduler=dask.threaded.get)
+        else:
+            graph, keys = written
+            dask.threaded.get(da.Array.__dask_optimize__(graph, keys), keys)
     return out
 
 

@@ -43,9 +43,11 @@ stored grid, which makes resuming an interrupted write nearly instant.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import gc
 import itertools
 import math
 import operator
@@ -395,6 +397,28 @@ def _coarse_block(*args):
             trim(0)
             _TRIMMED["rss"] = rss()
     return result
+
+
+@contextlib.contextmanager
+def frozen_objects():
+    """The objects that exist on entry, left out of Python's garbage
+    collections until the block exits (``gc.freeze``).
+
+    A computation makes many objects (dask's tasks, NumPy arrays), so
+    Python collects often, and each full collection walks every object of
+    the process, those of the imported modules too, holding the GIL: the
+    computation's own objects are then all it walks. Where objects are
+    frozen already (by the caller, or a computation running beside), this
+    does nothing.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _component_bytes(fshape, dtype):

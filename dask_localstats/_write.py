@@ -75,7 +75,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._checkpoint import checkpointed, coarse_voxels, settle
-from ._engine import region_task
+from ._engine import frozen_objects, region_task
 from ._graph import batches, cull
 from ._layout import layout_of
 from ._lock import LOCK, check_guard, holder, locked
@@ -452,7 +452,7 @@ def _compute(collections, progress=None, tasks=None):
         if progress is None
         else progress.following(client, tasks)
     )
-    with shown:
+    with shown, frozen_objects():
         if client is None:
             workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
             pool = ThreadPoolExecutor(workers)

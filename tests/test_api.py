@@ -603,3 +603,20 @@ def test_a_resampled_background_is_subtracted_in_the_same_pass(
     assert not any(name.startswith("localstats-resample") for name in got.dask.layers)
     separate = dls.subtract_background(image, background.compute(), dtype=dtype)
     np.testing.assert_array_equal(got.compute(), separate.compute(), strict=True)
+
+
+def test_in_memory_results_are_computed_with_the_objects_before_frozen():
+    import gc
+    import threading
+
+    counts = []
+
+    def mean(values):  # probed first, in this thread, at the graph's making
+        if threading.current_thread() is not threading.main_thread():
+            counts.append(gc.get_freeze_count())
+        return values.mean()
+
+    image = np.arange(512.0).reshape(8, 8, 8)
+    result = dls.apply_local_function(image, mean, selem=4, interpolate=None)
+    assert result.shape == (2, 2, 2) and counts and min(counts) > 0
+    assert gc.get_freeze_count() == 0

@@ -300,3 +300,30 @@ def test_prefilter_chunks_follow_the_grid_not_the_blocks():
     computed = [r.compute() for r in results]
     for other in computed[1:]:
         np.testing.assert_array_equal(other, computed[0], strict=True)
+
+
+def test_a_computation_leaves_the_objects_before_it_out_of_collections():
+    import gc
+
+    from dask_localstats._engine import frozen_objects
+
+    seen = []
+
+    def record(block):
+        seen.append(gc.get_freeze_count())
+        return block
+
+    image = da.from_array(np.arange(64.0).reshape(8, 8), chunks=4)
+    with frozen_objects():
+        assert gc.get_freeze_count() > 0
+        image.map_blocks(record).compute(scheduler="threads")
+    assert gc.get_freeze_count() == 0 and min(seen) > 0
+    # objects frozen by the caller stay frozen
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_objects():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

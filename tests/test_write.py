@@ -824,3 +824,19 @@ def test_grids_read_whole_are_settled_once_before_the_batches(
         out = dls.to_zarr(result, tmp_path / "out.zarr", resume=True)
         np.testing.assert_array_equal(out[:], expected, strict=True)
         assert np.load(stored).shape == (2, *np.shape(percentile)[:1])
+
+
+def test_a_write_runs_with_the_objects_before_it_frozen(tmp_path):
+    import gc
+
+    counts = []
+
+    def record(block):  # dask calls it on tiny blocks too, to infer the dtype
+        if block.size > 1:
+            counts.append(gc.get_freeze_count())
+        return block
+
+    image = da.from_array(np.arange(512, dtype=np.uint16).reshape(8, 8, 8), chunks=4)
+    dls.to_zarr(image.map_blocks(record), tmp_path / "out.zarr")
+    assert len(counts) >= 8 and min(counts) > 0
+    assert gc.get_freeze_count() == 0
