@@ -73,6 +73,7 @@ not to sort, where sorted tiles would be needed;
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import NamedTuple
@@ -269,29 +270,11 @@ class _PhaseTiles:
 
     def __init__(self, block, mask, tiling, steps, low, most=None):
         region = tuple(axis.region(s) for axis, s in zip(tiling, steps, strict=True))
-        self.sub, self.low = block[region], low
+        self.sub, self.low, self.tiling = block[region], low, tiling
         self.most = block.size if most is None else most
         self.count = _count_dtype(self.most)
         self.masked = None if mask is None else mask[region].astype(bool, copy=False)
-        keep = self.masked
-        for d, axis in enumerate(tiling):
-            used = _used_samples(axis)
-            if used is not None:
-                shape = [1] * block.ndim
-                shape[d] = len(used)
-                used = np.broadcast_to(used.reshape(shape), self.sub.shape)
-                keep = used if keep is None else keep & used
-        self.keep = keep
         self.shape = tuple(axis.ntiles for axis in tiling)
-        # flat tile index of each sample along axes 1.. (axis 0 goes row by row)
-        inner = np.zeros((1,) * block.ndim, dtype=np.intp)
-        for d, axis in enumerate(tiling[1:], start=1):
-            bounds = axis.bounds
-            index = np.searchsorted(bounds, np.arange(bounds[0], bounds[-1]), "right")
-            shape = [1] * block.ndim
-            shape[d] = len(index)
-            inner = inner * self.shape[d] + (index - 1).reshape(shape)
-        self.inner = inner
         self.edges = [axis.bounds - axis.bounds[0] for axis in tiling]
         self.used = [np.flatnonzero(_used_tiles(axis)) for axis in tiling]
         self.bounds0 = tiling[0].bounds - tiling[0].bounds[0]
@@ -300,6 +283,36 @@ class _PhaseTiles:
         )
         # where the tiles of axes 1.. start, within the samples
         self.starts = [axis.bounds[:-1] - axis.bounds[0] for axis in tiling[1:]]
+
+    @functools.cached_property
+    def keep(self):
+        """Which samples count (unmasked, and in some window), or None: all.
+
+        Only the strips and the sums read it; tiles counted alone skip the
+        gaps between windows and apply the mask themselves.
+        """
+        keep = self.masked
+        for d, axis in enumerate(self.tiling):
+            used = _used_samples(axis)
+            if used is not None:
+                shape = [1] * self.sub.ndim
+                shape[d] = len(used)
+                used = np.broadcast_to(used.reshape(shape), self.sub.shape)
+                keep = used if keep is None else keep & used
+        return keep
+
+    @functools.cached_property
+    def inner(self):
+        """Flat tile index of each sample along axes 1.. (the strips go along
+        axis 0 a row of tiles at a time)."""
+        inner = np.zeros((1,) * self.sub.ndim, dtype=np.intp)
+        for d, axis in enumerate(self.tiling[1:], start=1):
+            bounds = axis.bounds
+            index = np.searchsorted(bounds, np.arange(bounds[0], bounds[-1]), "right")
+            shape = [1] * self.sub.ndim
+            shape[d] = len(index)
+            inner = inner * self.shape[d] + (index - 1).reshape(shape)
+        return inner
 
     def histograms(self, table, ncols, check=None):
         """Histograms ``(*shape, ncols)`` of the samples' columns, per tile.
