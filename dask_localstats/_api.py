@@ -755,7 +755,7 @@ def subtract_background(source, background, *, dtype=None, storage_options=None)
     name = f"localstats-subtract-{token}"
     subtraction = functools.partial(_Subtraction, dtype=dtype)
     in_one_pass = fused(background, name, subtraction, [image], dtype)
-    if in_one_pass is not None:  # a resampled background: subtracted plane by plane
+    if in_one_pass is not None:  # a resampled background: subtracted piece by piece
         return in_one_pass
     return da.map_blocks(
         _subtract_block, image, background, dtype, dtype=dtype, name=name

@@ -779,7 +779,7 @@ def _resample(
 ):  # fmt: skip
     """One output chunk: components `part` (a slice of the first trailing axis).
 
-    `then` is a step fused into the same pass, plane by plane, and `into`
+    `then` is a step fused into the same pass, piece by piece, and `into`
     where to write the chunk (see
     :func:`~dask_localstats._interpolate.resample_block`).
     """
@@ -797,10 +797,10 @@ def _resample(
 def fused(resampled, name, then, operands, dtype):
     """`resampled` (from :func:`resample_stage`) and a step, in one task a chunk.
 
-    Each chunk's task resamples its planes and passes each, while it is in
-    cache, to ``then(*blocks)`` (``blocks``: that chunk of each of the dask
-    arrays `operands`, chunked like `resampled`): a callable
-    ``(i, plane) -> plane`` whose ``dtype`` is `dtype` (see
+    Each chunk's task resamples it a piece at a time and passes each piece,
+    while it is in cache, to ``then(*blocks)`` (``blocks``: that chunk of
+    each of the dask arrays `operands`, chunked like `resampled`): a
+    callable ``(where, piece) -> piece`` whose ``dtype`` is `dtype` (see
     :func:`~dask_localstats._interpolate.resample_block`). An operand read
     through a coarse stage's chunk cache (:func:`read_through`) is read
     inside the chunk's task, after the coarse blocks that task waits for,

@@ -13,9 +13,10 @@ axis. We split the work the same way:
 2. :func:`resample_block` evaluates any rectangular block of the output: for
    each axis it builds the taps and weights of the block's coordinates
    (:func:`_taps`) and contracts the coefficients axis after axis, the
-   first axis last, one output plane at a time so that temporaries stay in
-   cache (the other axes first, on the coarse planes, when the first axis
-   expands). Cost: about ``k + 1`` multiply-adds per output voxel for the
+   first axis last, a piece of the output at a time so that temporaries
+   stay in cache: a slab of planes (first axis), or a band of rows of a
+   large plane (the other axes first, on the coarse planes, when the first
+   axis expands). Cost: about ``k + 1`` multiply-adds per output voxel for the
    last contraction, much less for the others; taps of weight 0 (order 1
    on an axis of spacing 1) are skipped, and order 1 interpolates
    ``a + w * (b - a)``, the difference of two coarse planes computed once
