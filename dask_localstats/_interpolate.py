@@ -214,7 +214,7 @@ def resample_block(
     index, weights = taps[0]
     whole = not ahead and index.shape[1] == 1 and bool((weights == 1).all())
     depth = slab_depth(math.prod(shape[1:])) if whole else 1
-    bands = _bands(shape)
+    bands = _bands(shape) if len(coords) > 1 else [slice(None)]
     scratch = np.empty(values.shape[1:], values.dtype)
     pairs = {} if order == 1 else None  # see _combine
     for start in range(0, len(index), depth):
@@ -233,9 +233,10 @@ def resample_block(
         for axis in () if ahead else reversed(range(2, len(coords))):
             slab = _contract(slab, axis, *taps[axis], order == 1, finite)
         for rows in bands:
-            where = (planes, rows)
-            piece = slab[:, rows]
-            if not ahead and len(coords) > 1:
+            where = (planes, rows) if len(coords) > 1 else planes
+            if ahead or len(coords) == 1:
+                piece = slab[:, rows]
+            else:
                 lerp = order == 1
                 piece = _contract(slab, 1, *(t[rows] for t in taps[1]), lerp, finite)
             if then is None:
@@ -250,8 +251,6 @@ def resample_block(
 def _bands(shape):
     """Slices of the second axis of `shape` into bands of rows that hold at
     most :data:`_SLAB_VOXELS` voxels a plane (the whole axis if they fit)."""
-    if len(shape) < 2:
-        return [slice(None)]
     row = math.prod(shape[2:])
     step = max(1, _SLAB_VOXELS // max(row, 1))
     return [slice(start, start + step) for start in range(0, shape[1], step)]
