@@ -764,18 +764,18 @@ def subtract_background(source, background, *, dtype=None, storage_options=None)
 
 @dataclass(frozen=True)
 class _Subtraction:
-    """``image - background`` a slab of planes at a time (:func:`_subtract_plane`).
+    """``image - background`` a piece at a time (:func:`_subtract_piece`).
 
-    The step :func:`~dask_localstats._engine.fused` passes each slab of
-    resampled background planes to, for one image block: ``where`` is a
-    slice of the block's first axis.
+    The step :func:`~dask_localstats._engine.fused` passes each piece of
+    resampled background to, for one image block: ``where`` indexes the
+    block (a slice of its planes, and of its rows where planes are large).
     """
 
     image: np.ndarray
     dtype: np.dtype
 
     def __call__(self, where, background):
-        return _subtract_plane(self.image[where], background, self.dtype)
+        return _subtract_piece(self.image[where], background, self.dtype)
 
 
 def _subtract_block(image, background, dtype):
@@ -783,10 +783,10 @@ def _subtract_block(image, background, dtype):
 
     A slab of planes (first axis) at a time, so the temporaries stay in
     cache and each voxel is read once and written once
-    (:func:`_subtract_plane`).
+    (:func:`_subtract_piece`).
     """
     if image.ndim == 0:
-        return _subtract_plane(image, background, dtype).astype(dtype)
+        return _subtract_piece(image, background, dtype).astype(dtype)
     return each_slab(_Subtraction(image, dtype), background, dtype)
 
 
@@ -794,15 +794,15 @@ def _subtract_block(image, background, dtype):
 _WIDER = {1: np.int16, 2: np.int32, 4: np.int64}
 
 
-def _subtract_plane(image, background, dtype):
-    """Planes of ``image - background``, rounded and clipped to `dtype`'s
+def _subtract_piece(image, background, dtype):
+    """A piece of ``image - background``, rounded and clipped to `dtype`'s
     range (not yet cast): ``image - minimum(image, background)`` where both
     are unsigned and `image` is of `dtype` (the difference clipped at 0, in
     the wider of their dtypes: two passes); in integers of twice the width
     where both are integers of up to 32 bits and `dtype` is an integer
     (exact); else in float64, NaN (an unknown background) giving 0 for
     integer dtypes."""
-    # arrays even for the scalar planes of 1-D images, for the in-place steps
+    # arrays even for 0-d images, for the in-place steps
     image, background = np.asarray(image), np.asarray(background)
     width = max(image.dtype.itemsize, background.dtype.itemsize)
     kinds = image.dtype.kind + background.dtype.kind + dtype.kind

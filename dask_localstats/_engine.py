@@ -52,6 +52,7 @@ import itertools
 import math
 import operator
 import os
+import threading
 import uuid
 from typing import NamedTuple
 
@@ -399,26 +400,48 @@ def _coarse_block(*args):
     return result
 
 
-@contextlib.contextmanager
+class _Freezer:
+    """Counts the computations running with frozen objects (:func:`frozen_objects`)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = 0
+        self.froze = False  # whether the first of them froze the objects
+
+    @contextlib.contextmanager
+    def frozen(self):
+        with self.lock:
+            if not self.running:
+                self.froze = not gc.get_freeze_count()
+                if self.froze:
+                    gc.freeze()
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.running -= 1
+                if not self.running and self.froze:
+                    gc.unfreeze()
+
+
+_FREEZER = _Freezer()
+
+
 def frozen_objects():
-    """The objects that exist on entry, left out of Python's garbage
-    collections until the block exits (``gc.freeze``).
+    """A context in which the objects that exist on entry are left out of
+    Python's garbage collections (``gc.freeze``).
 
     A computation makes many objects (dask's tasks, NumPy arrays), so
     Python collects often, and each full collection walks every object of
     the process, those of the imported modules too, holding the GIL: the
-    computation's own objects are then all it walks. Where objects are
-    frozen already (by the caller, or a computation running beside), this
-    does nothing.
+    computation's own objects are then all it walks. Computations running
+    at once share one freeze, undone when the last ends; where the caller
+    froze objects first, nothing is done. Unreachable objects frozen with
+    the rest are freed after the computation, not during it; objects the
+    caller freezes meanwhile are unfrozen with ours.
     """
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
+    return _FREEZER.frozen()
 
 
 def _component_bytes(fshape, dtype):

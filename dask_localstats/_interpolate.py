@@ -32,6 +32,7 @@ Integer outputs are rounded half away from zero and clipped, as scipy does.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -155,10 +156,11 @@ def resample_block(
     bounds : (2, ...) array or None
         Minimum and maximum (per trailing component) to clip values to.
     then : callable or None
-        A step fused into the same pass: ``then(where, planes)`` maps the
-        output planes ``where`` (a slice of the first axis), in `dtype`, to
-        the planes returned, of dtype ``then.dtype`` (a subtraction from the
-        image, say), while they are in cache.
+        A step fused into the same pass: ``then(where, piece)`` maps the
+        piece ``out[where]`` of the output, in `dtype`, to the piece
+        returned, of dtype ``then.dtype`` (a subtraction from the image, say),
+        while it is in cache. ``where`` indexes the output: a slice of its
+        planes (first axis), or that and a slice of its rows (second axis).
     ahead : bool or None
         Whether the axes after the first are contracted before the first
         (else after it). It sets the order of the float sums, so a chunked
@@ -182,7 +184,8 @@ def resample_block(
     finite = order != 1 or bool(np.isfinite(low) and np.isfinite(high))  # see _mix
     if ahead is None:
         ahead = expands(len(coords[0]), values.shape[0])
-    if math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :]) < _SLAB:
+    plane = math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :])
+    if plane < _SMALL:  # the whole block at once
         axes = list(reversed(range(len(coords))))  # the others, then the first
         for axis in axes if ahead else axes[-1:] + axes[:-1]:
             values = _contract(values, axis, *taps[axis], order == 1, finite)
@@ -192,16 +195,6 @@ def resample_block(
             return values
         into[...] = values
         return into
-    # The output is made a piece at a time: a slab of planes (first axis),
-    # or a band of rows (second axis) of one plane where a plane is large,
-    # so that the float64 temporaries stay in cache and only the result is
-    # written. When the first axis expands (more output planes than twice
-    # the coarse ones), the other axes are contracted first, once for all
-    # the coarse planes, and each output plane is a sum of a few of those;
-    # else (an axis of spacing about 1) each output plane is made from the
-    # coarse planes it needs: where that is one coarse plane as it is, a
-    # slab of them at once (fewer NumPy calls), and the second axis is
-    # contracted band by band. Every voxel gets the same arithmetic.
     if ahead:
         for axis in reversed(range(1, len(coords))):
             values = _contract(values, axis, *taps[axis], order == 1, finite)
@@ -209,43 +202,74 @@ def resample_block(
     out = (
         np.empty(shape, dtype if then is None else then.dtype) if into is None else into
     )
+    spline = _Spline(order, finite, inside, bounds, np.dtype(dtype), then)
+    return _by_pieces(values, taps, out, ahead, spline)
+
+
+class _Spline(NamedTuple):
+    """What each piece of :func:`resample_block`'s output is made with."""
+
+    order: int
+    finite: bool  # every coefficient is finite (see _mix)
+    inside: bool  # the values need no clipping to `dtype` (see cast)
+    bounds: np.ndarray | None  # (2, ...) extremes to clip the values to
+    dtype: np.dtype  # of the values
+    then: object  # the step fused after, or None
+
+
+def _by_pieces(values, taps, out, ahead, spline):
+    """The output of :func:`resample_block`, a piece at a time, into `out`.
+
+    A piece is a slab of planes (first axis), or a band of rows (second
+    axis) of one plane where a plane is large, so that the float64
+    temporaries stay in cache and only the result is written. When the
+    first axis expands (`ahead`: more output planes than twice the coarse
+    ones), `values` come contracted on the other axes already, once for
+    all the coarse planes, and each output plane is a sum of a few of
+    those; else (an axis of spacing about 1) each output plane is made
+    from the coarse planes it needs: where that is one coarse plane as it
+    is, a slab of them at once (fewer NumPy calls), and the second axis is
+    contracted band by band. Every voxel gets the same arithmetic.
+    """
+    lerp, finite, ndim = spline.order == 1, spline.finite, len(taps)
     # float64 planes that need no more steps are summed in place in `out`
-    direct = ahead and then is None and bounds is None and out.dtype == values.dtype
+    direct = ahead and spline.then is None and spline.bounds is None
+    direct = direct and out.dtype == values.dtype
     index, weights = taps[0]
-    whole = not ahead and index.shape[1] == 1 and bool((weights == 1).all())
-    depth = slab_depth(math.prod(shape[1:])) if whole else 1
-    bands = _bands(shape) if len(coords) > 1 else [slice(None)]
+    copies = not ahead and index.shape[1] == 1 and bool((weights == 1).all())
+    depth = slab_depth(math.prod(out.shape[1:])) if copies else 1
+    bands = _bands(out.shape) if ndim > 1 else [slice(None)]
     scratch = np.empty(values.shape[1:], values.dtype)
-    pairs = {} if order == 1 else None  # see _combine
+    pairs = {} if lerp else None  # see _combine
     for start in range(0, len(index), depth):
         planes = slice(start, start + depth)
+        terms = (values, index[start], weights[start])
         if direct:
-            _combine(
-                values, index[start], weights[start], out[start], scratch, pairs, finite
-            )
+            _combine(*terms, out[start], scratch, pairs, finite)
             continue
-        if whole:
+        if copies:
             slab = np.take(values, index[planes, 0], axis=0)
         else:
-            slab = _combine(
-                values, index[start], weights[start], None, scratch, pairs, finite
-            )[None]
-        for axis in () if ahead else reversed(range(2, len(coords))):
-            slab = _contract(slab, axis, *taps[axis], order == 1, finite)
+            slab = _combine(*terms, None, scratch, pairs, finite)[None]
+        for axis in () if ahead else reversed(range(2, ndim)):
+            slab = _contract(slab, axis, *taps[axis], lerp, finite)
         for rows in bands:
-            where = (planes, rows) if len(coords) > 1 else planes
-            if ahead or len(coords) == 1:
+            if ahead or ndim == 1:
                 piece = slab[:, rows]
             else:
-                lerp = order == 1
                 piece = _contract(slab, 1, *(t[rows] for t in taps[1]), lerp, finite)
-            if then is None:
-                cast(_clip(piece, bounds), dtype, out[where], inside)
-            else:
-                out[where] = then(
-                    where, cast(_clip(piece, bounds), dtype, inside=inside)
-                )
+            _finish(piece, (planes, rows) if ndim > 1 else planes, out, spline)
     return out
+
+
+def _finish(piece, where, out, spline):
+    """A piece of values clipped, cast and passed on, into ``out[where]``."""
+    piece = _clip(piece, spline.bounds)
+    if spline.then is None:
+        cast(piece, spline.dtype, out[where], spline.inside)
+    else:
+        cast_piece = cast(piece, spline.dtype, inside=spline.inside)
+        out[where] = spline.then(where, cast_piece)
 
 
 def _bands(shape):
@@ -256,7 +280,7 @@ def _bands(shape):
     return [slice(start, start + step) for start in range(0, shape[1], step)]
 
 
-# Voxels of a slab of output planes made at once (1 MiB of float64): its
+# Voxels of a piece of output made at once (1 MiB of float64): its
 # temporaries, and those of a step fused after it, stay in cache.
 _SLAB_VOXELS = 1 << 17
 
@@ -349,7 +373,9 @@ def _clip(values, bounds):
     )
 
 
-_SLAB = 4096
+# Output voxels a plane (components included) below which a block is made
+# whole, at once: its few NumPy calls cost less than pieces would.
+_SMALL = 4096
 
 
 def _needed_taps(x, count, order):

@@ -620,3 +620,20 @@ def test_in_memory_results_are_computed_with_the_objects_before_frozen():
     result = dls.apply_local_function(image, mean, selem=4, interpolate=None)
     assert result.shape == (2, 2, 2) and counts and min(counts) > 0
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("voxels", [70, 2**17])  # bands of a row, slabs of planes
+def test_a_subtraction_fused_piece_by_piece_equals_it_apart(voxels):
+    from dask_localstats import _interpolate
+
+    image = np.random.default_rng(6).integers(0, 900, (5, 90, 70), np.uint16)
+    kwargs = dict(selem=(1, 20, 20), spacing=(1, 8, 8), dtype=np.float32)
+    with mock.patch.object(_interpolate, "_SLAB_VOXELS", voxels):
+        fused = dls.subtract_background(
+            image, dls.local_percentile(da.from_array(image), 0.25, **kwargs)
+        )
+        assert not any(n.startswith("localstats-resample") for n in fused.dask.layers)
+        fused = fused.compute()
+    resampled = dls.local_percentile(image, 0.25, **kwargs)
+    apart = dls.subtract_background(image, resampled).compute()
+    np.testing.assert_array_equal(fused, apart, strict=True)

@@ -276,7 +276,7 @@ def test_coefficients_chunk_by_chunk_are_those_of_the_whole_grid(
 
 @pytest.mark.parametrize("order", [1, 3])
 def test_large_chunks_resample_to_the_same_bits_however_cut(order):
-    # planes of 7200 voxels take the plane-by-plane path, whose order of
+    # planes of 7200 voxels are made a piece at a time, whose order of
     # float sums the engine fixes for all chunks (it followed each chunk's
     # shape: one plane a chunk summed otherwise than twelve)
     source = np.random.default_rng(4).normal(size=(12, 80, 90))
@@ -318,6 +318,13 @@ def test_a_computation_leaves_the_objects_before_it_out_of_collections():
         assert gc.get_freeze_count() > 0
         image.map_blocks(record).compute(scheduler="threads")
     assert gc.get_freeze_count() == 0 and min(seen) > 0
+    # computations running at once share the freeze, undone by the last;
+    # an error inside still undoes it
+    with frozen_objects():
+        with pytest.raises(ZeroDivisionError), frozen_objects():
+            1 / 0  # noqa: B018
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
     # objects frozen by the caller stay frozen
     gc.freeze()
     try:

@@ -207,7 +207,7 @@ def test_a_block_split_anywhere_gives_the_same_bits(ahead, order):
     # the order of the float sums is the caller's (the engine's, the same for
     # every chunk), not each block's: chunked results are bit-identical
     coarse = np.random.default_rng(1).normal(size=(6, 7, 5)) * 1000
-    shape = (60, 300, 40)  # planes past _SLAB: the plane-by-plane path
+    shape = (60, 300, 40)  # planes past _SMALL: made a piece at a time
     coefficients = prefilter(coarse, order, 3)
     coords = [
         coordinates(s, m, 0, 1, "corners")
@@ -227,38 +227,72 @@ def test_a_block_split_anywhere_gives_the_same_bits(ahead, order):
     np.testing.assert_array_equal(tiny, whole[:, :20, :3], strict=True)
 
 
-@pytest.mark.parametrize("then", [None, "subtract"])
-@pytest.mark.parametrize("voxels", [1, 3 * 70, 3 * 90 * 70, 2**20])
-def test_pieces_of_any_size_give_the_same_bits(monkeypatch, then, voxels):
-    # an axis of spacing 1 (ClearMap's z): output planes are coarse planes as
-    # they are, made a slab of planes or a band of rows at a time, whatever
-    # their size; a fused step sees each voxel once
+@pytest.mark.parametrize("voxels", [1, 3 * 70 * 2, 2**20])
+@pytest.mark.parametrize("planes", [6, 10])  # 10: coarse planes copied as they are
+@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("order", [0, 1, 3])
+@pytest.mark.parametrize("step", [None, "subtract"])
+def test_pieces_of_any_size_give_the_bits_of_the_whole_block(
+    monkeypatch, step, order, ahead, planes, voxels
+):
+    # made a slab of planes or a band of rows at a time, whatever their size,
+    # against the block made whole (the path of small blocks); a fused step
+    # sees each voxel once
     from dask_localstats import _interpolate
 
-    coarse = np.random.default_rng(2).normal(size=(10, 5, 6)) * 1000
+    rng = np.random.default_rng(2)
+    coarse = rng.normal(size=(planes, 5, 6, 2)) * 1000  # and a component axis
     shape = (10, 90, 70)
     coords = [
         coordinates(s, m, 0, 1, "corners")
-        for s, m in zip(shape, coarse.shape, strict=True)
+        for s, m in zip(shape, coarse.shape[:3], strict=True)
     ]
-    image = np.random.default_rng(3).integers(0, 2000, shape, dtype=np.uint16)
-    seen = np.zeros(shape, dtype=int)
+    coefficients = prefilter(coarse, order, 3)
+    image = rng.integers(-2000, 2000, (*shape, 2), dtype=np.int32)
+    seen = np.zeros(image.shape, dtype=int)
 
     class Subtract:
         dtype = np.dtype(np.int32)
 
-        def __call__(self, where, planes):
+        def __call__(self, where, piece):
             seen[where] += 1
-            return image[where].astype(np.int32) - planes
+            return image[where] - piece
 
-    def resampled(voxels):
+    bounds = np.array([[-900.0, -800.0], [700.0, 800.0]]) if step else None
+    dtype = np.int32 if step else np.float64  # float64 alone: summed in place
+
+    def resampled(voxels, small):
+        seen[...] = 0
         monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
-        args = (coarse, (0, 0, 0), coords, coarse.shape, 1, np.int32)
-        step = None if then is None else Subtract()
-        return resample_block(*args, then=step, ahead=False)
+        monkeypatch.setattr(_interpolate, "_SMALL", small)
+        args = (coefficients, (0, 0, 0), coords, coarse.shape[:3], order, dtype)
+        then = None if step is None else Subtract()
+        result = resample_block(*args, bounds, then=then, ahead=ahead)
+        assert step is None or (seen == 1).all()
+        return result
 
-    alone = resampled(1)  # a row at a time
-    pieces = resampled(voxels)
-    np.testing.assert_array_equal(pieces, alone, strict=True)
-    if then is not None:
-        assert (seen == 2).all()
+    whole = resampled(voxels, 2**30)
+    pieces = resampled(voxels, 1)
+    np.testing.assert_array_equal(pieces, whole, strict=True)
+
+
+@pytest.mark.parametrize("voxels", [1, 2**20])
+def test_pieces_keep_infinities_as_whole_blocks_do(monkeypatch, voxels):
+    from dask_localstats import _interpolate
+
+    coarse = np.random.default_rng(4).normal(size=(10, 5, 6))
+    coarse[3, 2, 2] = np.inf
+    coords = [
+        coordinates(s, m, 0, 1, "corners")
+        for s, m in zip((10, 90, 70), coarse.shape, strict=True)
+    ]
+
+    def resampled(small):
+        monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
+        monkeypatch.setattr(_interpolate, "_SMALL", small)
+        args = (coarse, (0, 0, 0), coords, coarse.shape, 1, np.float64)
+        return resample_block(*args, ahead=False)
+
+    whole = resampled(2**30)
+    np.testing.assert_array_equal(resampled(1), whole, strict=True)
+    assert np.isinf(whole).any() and not np.isnan(whole).any()
