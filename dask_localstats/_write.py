@@ -452,12 +452,13 @@ def _compute(collections, progress=None, tasks=None):
         if progress is None
         else progress.following(client, tasks)
     )
-    with shown, frozen_objects():
-        if client is None:
+    with shown:
+        if client is None:  # the tasks run here: their objects are collected here
             workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
             pool = ThreadPoolExecutor(workers)
             try:
-                return dask.compute(*collections, scheduler="threads", pool=pool)
+                with frozen_objects():
+                    return dask.compute(*collections, scheduler="threads", pool=pool)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         futures = client.compute(collections)
