@@ -68,6 +68,7 @@ from typing import NamedTuple
 
 import dask
 import dask.array as da
+import dask.threaded
 import numpy as np
 import zarr
 from dask._task_spec import Task
@@ -457,8 +458,12 @@ def _compute(collections, progress=None, tasks=None):
             workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
             pool = ThreadPoolExecutor(workers)
             try:
+                # the threaded scheduler itself: naming it "threads" would
+                # import dask.distributed (a second or so) to look for a client
                 with frozen_objects():
-                    return dask.compute(*collections, scheduler="threads", pool=pool)
+                    return dask.compute(
+                        *collections, scheduler=dask.threaded.get, pool=pool
+                    )
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         futures = client.compute(collections)

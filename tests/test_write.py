@@ -840,3 +840,17 @@ def test_a_write_runs_with_the_objects_before_it_frozen(tmp_path):
     dls.to_zarr(image.map_blocks(record), tmp_path / "out.zarr")
     assert len(counts) >= 8 and min(counts) > 0
     assert gc.get_freeze_count() == 0
+
+
+def test_a_local_write_does_not_import_dask_distributed(tmp_path):
+    # importing it, to look for a client, costs a second of a short write
+    code = """
+        import sys
+        import numpy as np
+        import dask_localstats as dls
+
+        dls.to_zarr(np.arange(64, dtype=np.uint16).reshape(4, 4, 4), sys.argv[1])
+        assert "distributed" not in sys.modules, "dask.distributed was imported"
+    """
+    argv = [sys.executable, "-c", textwrap.dedent(code), str(tmp_path / "out.zarr")]
+    subprocess.run(argv, check=True)
