@@ -596,8 +596,10 @@ def _window_sums(tiles, tiling):
 
     `tiles` has the tiling's shape, then any trailing axes. Axis by axis:
     running sums over the tiles, then the difference between each window's
-    last and first tile. Integer sums wrap modulo the dtype's range, so
-    every window total that fits in the dtype is exact.
+    last and first tile (two slices of the running sums where the windows
+    are evenly spaced and of one width, as windows away from the image's
+    borders are). Integer sums wrap modulo the dtype's range, so every
+    window total that fits in the dtype is exact.
     """
     for d, axis in enumerate(tiling):
         if np.array_equal(axis.first, np.arange(axis.ntiles)) and np.array_equal(
@@ -612,8 +614,22 @@ def _window_sums(tiles, tiling):
                 np.add(running[i], part, out=running[i + 1])
         else:
             np.cumsum(moved, axis=0, out=running[1:])
-        tiles = np.moveaxis(running[axis.last] - running[axis.first], 0, d)
+        first, last = _as_slices(axis.first, axis.last)
+        tiles = np.moveaxis(running[last] - running[first], 0, d)
     return tiles
+
+
+def _as_slices(first, last):
+    """`first` and `last` (indices) as slices where they are evenly spaced and
+    a fixed width apart (indexing with them then copies nothing), else as
+    they are."""
+    width, steps = np.unique(last - first), np.unique(np.diff(first))
+    if len(first) < 2 or len(width) != 1 or len(steps) != 1 or steps[0] < 1:
+        return first, last
+    step, start = int(steps[0]), int(first[0])
+    stop = start + step * len(first)
+    width = int(width[0])
+    return slice(start, stop, step), slice(start + width, stop + width, step)
 
 
 def _window_tiles(tiling):
@@ -724,17 +740,21 @@ def _cumulative(samples, tiling, columns):
     windows = math.prod(len(axis.rows) for axis in tiling)
     table = None if columns.single else columns.table()
     counts = samples.histograms(table, len(columns.edges))
-    counts = _window_sums(counts, tiling).reshape(windows, -1)
+    counts = _window_sums(counts, tiling)
     total = np.int32 if samples.most < 2**31 else np.int64  # window totals
-    cumulative = np.cumsum(counts, axis=1, dtype=total)
+    # read where the counts lie (often out of order), summed in order
+    cumulative = np.empty(counts.shape, total)
+    np.cumsum(counts, axis=-1, dtype=total, out=cumulative)
+    cumulative = cumulative.reshape(windows, -1)
     return cumulative, cumulative[:, -1].astype(np.int64)
 
 
 def _column_of(cumulative, rank):
-    """The column holding each window's value of `rank`."""
-    return np.count_nonzero(
-        cumulative <= rank.astype(cumulative.dtype)[:, None], axis=1
-    )
+    """The column holding each window's value of `rank`: the first whose
+    cumulative count exceeds it (the number of columns where none does)."""
+    above = cumulative > rank.astype(cumulative.dtype)[:, None]
+    # the counts never decrease along a row: the last column tells if any does
+    return np.where(above[:, -1], np.argmax(above, axis=1), cumulative.shape[1])
 
 
 def _hit_columns(cumulative, n, ranks):

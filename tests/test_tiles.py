@@ -213,6 +213,41 @@ def test_columns_split_the_runs_holding_ranks():
     assert not columns.refine(np.array([1, 16, 21, 24]))  # single values already
 
 
+@given(
+    first=st.lists(st.integers(0, 20), min_size=1, max_size=6).map(sorted),
+    width=st.lists(st.integers(1, 4), min_size=1, max_size=6),
+    regular=st.booleans(),
+)
+def test_window_bounds_index_as_slices_where_they_can(first, width, regular):
+    if regular:  # evenly spaced, of one width
+        first = [first[0] + i * width[0] for i in range(len(first))]
+        width = width[:1]
+    first = np.array(first)
+    last = first + np.resize(width, len(first))
+    running = np.arange(100)
+    lo, hi = _tiles._as_slices(first, last)
+    np.testing.assert_array_equal(running[lo], first)
+    np.testing.assert_array_equal(running[hi], last)
+    evenly = len(first) > 1 and len(set(np.diff(first))) == 1 and np.diff(first)[0]
+    if regular and evenly:
+        assert isinstance(lo, slice) and isinstance(hi, slice)
+    if len(set(last - first)) > 1 or len(set(np.diff(first))) > 1:
+        assert lo is first and hi is last
+
+
+@given(
+    counts=st.lists(
+        st.lists(st.integers(0, 3), min_size=3, max_size=3), min_size=1, max_size=5
+    ),
+    ranks=st.data(),
+)
+def test_the_column_of_a_rank_is_the_first_to_exceed_it(counts, ranks):
+    cumulative = np.cumsum(np.array(counts, dtype=np.int32), axis=1)
+    rank = np.array([ranks.draw(st.integers(0, 10)) for _ in counts])
+    expected = np.count_nonzero(cumulative <= rank[:, None], axis=1)  # 3 if none
+    np.testing.assert_array_equal(_tiles._column_of(cumulative, rank), expected)
+
+
 def test_axis_tilings_split_windows_by_step_phase():
     grid = make_grid((8,), (4,), (2,), (2,))  # windows [0,3) [1,5) [3,7) [5,8)
     even, odd = _tiles._axis_phases(grid.windows(0, 0, grid.counts[0]), 0)
