@@ -602,10 +602,8 @@ def _window_sums(tiles, tiling):
     window total that fits in the dtype is exact.
     """
     for d, axis in enumerate(tiling):
-        if np.array_equal(axis.first, np.arange(axis.ntiles)) and np.array_equal(
-            axis.last, axis.first + 1
-        ):
-            continue  # one tile per window, in order: nothing to sum
+        if _one_tile_each(axis):
+            continue  # nothing to sum
         moved = np.moveaxis(tiles, d, 0)
         running = np.empty((len(moved) + 1, *moved.shape[1:]), dtype=moved.dtype)
         running[0] = 0
@@ -614,22 +612,53 @@ def _window_sums(tiles, tiling):
                 np.add(running[i], part, out=running[i + 1])
         else:
             np.cumsum(moved, axis=0, out=running[1:])
-        first, last = _as_slices(axis.first, axis.last)
-        tiles = np.moveaxis(running[last] - running[first], 0, d)
+        tiles = np.moveaxis(_differences(running, axis.first, axis.last), 0, d)
     return tiles
 
 
-def _as_slices(first, last):
-    """`first` and `last` (indices) as slices where they are evenly spaced and
-    a fixed width apart (indexing with them then copies nothing), else as
-    they are."""
-    width, steps = np.unique(last - first), np.unique(np.diff(first))
-    if len(first) < 2 or len(width) != 1 or len(steps) != 1 or steps[0] < 1:
-        return first, last
-    step, start = int(steps[0]), int(first[0])
-    stop = start + step * len(first)
-    width = int(width[0])
-    return slice(start, stop, step), slice(start + width, stop + width, step)
+def _one_tile_each(axis):
+    """Whether each window of `axis` is one tile, in order."""
+    ntiles = axis.ntiles
+    return np.array_equal(axis.first, np.arange(ntiles)) and np.array_equal(
+        axis.last, axis.first + 1
+    )
+
+
+def _differences(running, first, last):
+    """``running[last] - running[first]``: for the evenly spaced windows of
+    one width (those away from the image's borders), of two slices of
+    `running`, which copy nothing (:func:`_regular_run`)."""
+    out = np.empty((len(first), *running.shape[1:]), running.dtype)
+    lo, hi = _regular_run(first, last)
+    if hi > lo:
+        step = int(first[lo + 1] - first[lo])
+        width, start = int(last[lo] - first[lo]), int(first[lo])
+        stop = start + step * (hi - lo)
+        below, above = (
+            slice(start, stop, step),
+            slice(start + width, stop + width, step),
+        )
+        np.subtract(running[above], running[below], out=out[lo:hi])
+    for part in (slice(0, lo), slice(hi, None)):
+        np.subtract(running[last[part]], running[first[part]], out=out[part])
+    return out
+
+
+def _regular_run(first, last):
+    """The longest range ``lo:hi`` of at least three windows evenly spaced
+    (increasing) and of one width, or ``(0, 0)``."""
+    if len(first) < 3:
+        return 0, 0
+    steps, widths = np.diff(first), last - first
+    # window i + 2 continues the run of windows i and i + 1
+    same = (steps[1:] == steps[:-1]) & (steps[1:] > 0)
+    same &= (widths[1:-1] == widths[:-2]) & (widths[2:] == widths[1:-1])
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], same.astype(np.int8), [0]])))
+    if not len(edges):
+        return 0, 0
+    starts, stops = edges[::2], edges[1::2]
+    best = int(np.argmax(stops - starts))
+    return int(starts[best]), int(stops[best]) + 2
 
 
 def _window_tiles(tiling):

@@ -213,26 +213,34 @@ def test_columns_split_the_runs_holding_ranks():
     assert not columns.refine(np.array([1, 16, 21, 24]))  # single values already
 
 
+def _longest_regular(first, last):
+    """The longest run of >= 3 evenly spaced windows of one width, brute force."""
+    best = 0
+    for lo in range(len(first)):
+        for hi in range(lo + 3, len(first) + 1):
+            steps, widths = np.diff(first[lo:hi]), (last - first)[lo:hi]
+            if len(set(steps)) == 1 and steps[0] > 0 and len(set(widths)) == 1:
+                best = max(best, hi - lo)
+    return best
+
+
 @given(
-    first=st.lists(st.integers(0, 20), min_size=1, max_size=6).map(sorted),
-    width=st.lists(st.integers(1, 4), min_size=1, max_size=6),
-    regular=st.booleans(),
+    first=st.lists(st.integers(0, 6), min_size=1, max_size=12).map(np.cumsum),
+    width=st.lists(st.integers(1, 3), min_size=1, max_size=12),
+    regular=st.integers(0, 8),
 )
-def test_window_bounds_index_as_slices_where_they_can(first, width, regular):
-    if regular:  # evenly spaced, of one width
-        first = [first[0] + i * width[0] for i in range(len(first))]
-        width = width[:1]
-    first = np.array(first)
+def test_window_sums_take_evenly_spaced_windows_as_slices(first, width, regular):
+    if regular:  # a run of windows away from the borders
+        at = len(first) // 2
+        run = first[at] + 2 * np.arange(1, regular + 1)
+        first = np.concatenate([first[: at + 1], run, run[-1] + first[at + 1 :]])
     last = first + np.resize(width, len(first))
-    running = np.arange(100)
-    lo, hi = _tiles._as_slices(first, last)
-    np.testing.assert_array_equal(running[lo], first)
-    np.testing.assert_array_equal(running[hi], last)
-    evenly = len(first) > 1 and len(set(np.diff(first))) == 1 and np.diff(first)[0]
-    if regular and evenly:
-        assert isinstance(lo, slice) and isinstance(hi, slice)
-    if len(set(last - first)) > 1 or len(set(np.diff(first))) > 1:
-        assert lo is first and hi is last
+    running = np.random.default_rng(0).integers(0, 9, (int(last.max()) + 1, 2, 3))
+    lo, hi = _tiles._regular_run(first, last)
+    assert hi - lo == _longest_regular(first, last)
+    np.testing.assert_array_equal(
+        _tiles._differences(running, first, last), running[last] - running[first]
+    )
 
 
 @given(
