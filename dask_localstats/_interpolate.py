@@ -31,7 +31,6 @@ Integer outputs are rounded half away from zero and clipped, as scipy does.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import NamedTuple
 
@@ -422,9 +421,6 @@ def _contract(values, axis, index, weights, lerp=False, finite=True):
         return np.take(values, index[:, 0], axis=axis)
     shape = [1] * values.ndim
     shape[axis] = len(index)
-    runs = _runs(index) if lerp and finite and index.shape[1] == 2 else None
-    if runs is not None:
-        return _lerp_runs(values, axis, index, weights[:, 1], runs)
     if lerp and index.shape[1] == 2:
         a = np.take(values, index[:, 0], axis=axis)
         b = np.take(values, index[:, 1], axis=axis)
@@ -438,41 +434,6 @@ def _contract(values, axis, index, weights, lerp=False, finite=True):
         term *= weights[:, j].reshape(shape)
         result = term if result is None else np.add(result, term, out=result)
     return result
-
-
-# Outputs a run between the same two taps holds, on average, from which
-# :func:`_lerp_runs` takes over: its NumPy calls are a run's, not a pass's.
-_RUN = 4
-
-
-def _runs(index):
-    """Bounds ``(lo, hi)`` of the runs of outputs between the same two taps
-    (`index`: their taps, two a row), or None where runs are short."""
-    changes = np.flatnonzero((np.diff(index, axis=0) != 0).any(axis=1)) + 1
-    if len(index) < _RUN * (len(changes) + 1):
-        return None
-    bounds = [0, *changes.tolist(), len(index)]
-    return list(itertools.pairwise(bounds))
-
-
-def _lerp_runs(values, axis, index, w1, runs):
-    """Order 1 along `axis`, run by run (:func:`_runs`): ``a + w1 * (b - a)``
-    as :func:`_mix` makes it, with ``a`` and ``b - a`` one slice of `values`
-    each, broadcast over the run, where a pass of its own copied them for
-    every output: two passes over the output, not five."""
-    shape = list(values.shape)
-    shape[axis] = len(index)
-    out = np.empty(shape, values.dtype)
-    before = (slice(None),) * axis
-    for lo, hi in runs:
-        i, j = (int(k) for k in index[lo])
-        a = values[(*before, slice(i, i + 1))]
-        difference = values[(*before, slice(j, j + 1))] - a
-        weight = w1[lo:hi].reshape([-1 if d == axis else 1 for d in range(len(shape))])
-        run = out[(*before, slice(lo, hi))]
-        np.multiply(difference, weight, out=run)
-        run += a
-    return out
 
 
 def cast(values, dtype, out=None, inside=False):

@@ -1,8 +1,5 @@
 """B-spline resampling against scipy.ndimage."""
 
-import itertools
-from unittest import mock
-
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -299,29 +296,3 @@ def test_pieces_keep_infinities_as_whole_blocks_do(monkeypatch, voxels):
     whole = resampled(2**30)
     np.testing.assert_array_equal(resampled(1), whole, strict=True)
     assert np.isinf(whole).any() and not np.isnan(whole).any()
-
-
-@given(
-    count=st.integers(1, 7),
-    size=st.integers(1, 60),
-    axis=st.integers(0, 2),
-    align=st.sampled_from(["corners", "centers"]),
-)
-def test_order_1_by_runs_of_outputs_gives_the_bits_of_each_output(
-    count, size, axis, align
-):
-    # the outputs between the same two taps share a and b - a: the same sums
-    from dask_localstats import _interpolate
-
-    shape = [3, 4, 5]
-    shape[axis] = count
-    values = np.random.default_rng(count * size).normal(size=shape) * 1000
-    x = coordinates(size, count, 0, 25, align)
-    index, weights = _interpolate._needed_taps(x, count, 1)
-    runs = _interpolate._contract(values, axis, index, weights, lerp=True)
-    with mock.patch.object(_interpolate, "_RUN", 10**9):  # one output at a time
-        each = _interpolate._contract(values, axis, index, weights, lerp=True)
-    np.testing.assert_array_equal(runs, each, strict=True)
-    if index.shape[1] == 2:
-        pairs = 1 + sum(tuple(p) != tuple(q) for p, q in itertools.pairwise(index))
-        assert (_interpolate._runs(index) is None) == (size < 4 * pairs)
