@@ -771,7 +771,7 @@ def _cumulative(samples, tiling, columns):
     counts = samples.histograms(table, len(columns.edges))
     counts = _window_sums(counts, tiling)
     total = np.int32 if samples.most < 2**31 else np.int64  # window totals
-    # read where the counts lie (often out of order), summed in order
+    # the sums are a strided view: cumsum reads them once into C order
     cumulative = np.empty(counts.shape, total)
     np.cumsum(counts, axis=-1, dtype=total, out=cumulative)
     cumulative = cumulative.reshape(windows, -1)

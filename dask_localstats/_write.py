@@ -459,7 +459,7 @@ def _compute(collections, progress=None, tasks=None):
             pool = ThreadPoolExecutor(workers)
             try:
                 # the threaded scheduler itself: naming it "threads" would
-                # import dask.distributed (a second or so) to look for a client
+                # import dask.distributed (0.2 s) to look for a client
                 with frozen_objects():
                     return dask.compute(
                         *collections, scheduler=dask.threaded.get, pool=pool

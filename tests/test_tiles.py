@@ -229,13 +229,15 @@ def _longest_regular(first, last):
     width=st.lists(st.integers(1, 3), min_size=1, max_size=12),
     regular=st.integers(0, 8),
 )
-def test_window_sums_take_evenly_spaced_windows_as_slices(first, width, regular):
+def test_running_sums_differ_by_slices_for_evenly_spaced_windows(first, width, regular):
     if regular:  # a run of windows away from the borders
         at = len(first) // 2
         run = first[at] + 2 * np.arange(1, regular + 1)
         first = np.concatenate([first[: at + 1], run, run[-1] + first[at + 1 :]])
     last = first + np.resize(width, len(first))
-    running = np.random.default_rng(0).integers(0, 9, (int(last.max()) + 1, 2, 3))
+    # uint16 counts, whose differences wrap as the window sums' do
+    shape = (int(last.max()) + 1, 2, 3)
+    running = np.random.default_rng(0).integers(0, 2**16, shape, dtype=np.uint16)
     lo, hi = _tiles._regular_run(first, last)
     assert hi - lo == _longest_regular(first, last)
     np.testing.assert_array_equal(
@@ -248,9 +250,10 @@ def test_window_sums_take_evenly_spaced_windows_as_slices(first, width, regular)
         st.lists(st.integers(0, 3), min_size=3, max_size=3), min_size=1, max_size=5
     ),
     ranks=st.data(),
+    dtype=st.sampled_from([np.int32, np.int64]),
 )
-def test_the_column_of_a_rank_is_the_first_to_exceed_it(counts, ranks):
-    cumulative = np.cumsum(np.array(counts, dtype=np.int32), axis=1)
+def test_the_column_of_a_rank_is_the_first_to_exceed_it(counts, ranks, dtype):
+    cumulative = np.cumsum(np.array(counts, dtype=dtype), axis=1)
     rank = np.array([ranks.draw(st.integers(0, 10)) for _ in counts])
     expected = np.count_nonzero(cumulative <= rank[:, None], axis=1)  # 3 if none
     np.testing.assert_array_equal(_tiles._column_of(cumulative, rank), expected)
