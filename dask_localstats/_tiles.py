@@ -275,14 +275,9 @@ class _PhaseTiles:
         self.count = _count_dtype(self.most)
         self.masked = None if mask is None else mask[region].astype(bool, copy=False)
         self.shape = tuple(axis.ntiles for axis in tiling)
+        # tile bounds per axis, within the samples
         self.edges = [axis.bounds - axis.bounds[0] for axis in tiling]
         self.used = [np.flatnonzero(_used_tiles(axis)) for axis in tiling]
-        self.bounds0 = tiling[0].bounds - tiling[0].bounds[0]
-        self.bounds1 = (
-            tiling[1].bounds - tiling[1].bounds[0] if block.ndim > 1 else None
-        )
-        # where the tiles of axes 1.. start, within the samples
-        self.starts = [axis.bounds[:-1] - axis.bounds[0] for axis in tiling[1:]]
 
     @functools.cached_property
     def keep(self):
@@ -345,12 +340,12 @@ class _PhaseTiles:
             lo, hi = stride * ncols * a, stride * ncols * b
             across_part, plane = (), math.prod(self.sub.shape[1:])  # samples a row
             if len(self.shape) > 1:
-                across_part = (slice(self.bounds1[a], self.bounds1[b]),)
-                width = int(self.bounds1[b] - self.bounds1[a])
+                across_part = (slice(self.edges[1][a], self.edges[1][b]),)
+                width = int(self.edges[1][b] - self.edges[1][a])
                 plane = width * math.prod(self.sub.shape[2:])
             # modulo the key's range, like `inner`: the strip's offsets fit
             offsets = inner[(slice(None), *across_part)] - key(lo % (1 << bits))
-            first, last = self.bounds0[t], self.bounds0[t + 1]
+            first, last = self.edges[0][t], self.edges[0][t + 1]
             # runs of at least as many samples as counts: each call zeroes those
             rows = max(1, max(_SAMPLES, 4 * (hi - lo)) // max(plane, 1))
             total = 0
@@ -437,7 +432,7 @@ class _PhaseTiles:
         """
         out = np.empty((*self.shape, 3), dtype=np.int64)
         for t in range(self.shape[0]):
-            part = slice(self.bounds0[t], self.bounds0[t + 1])
+            part = slice(self.edges[0][t], self.edges[0][t + 1])
             x = _offsets(self.sub[part], self.low, np.int64)
             if self.keep is None:
                 n = np.full(x.shape[1:], len(x))
@@ -446,8 +441,8 @@ class _PhaseTiles:
                 x[~keep] = 0
                 n = keep.sum(axis=0)
             for k, total in enumerate((n, x.sum(axis=0), np.square(x).sum(axis=0))):
-                for d, starts in enumerate(self.starts):
-                    total = np.add.reduceat(total, starts, axis=d)
+                for d, edges in enumerate(self.edges[1:]):
+                    total = np.add.reduceat(total, edges[:-1], axis=d)
                 out[t, ..., k] = total
         return out
 
@@ -618,8 +613,7 @@ def _window_sums(tiles, tiling):
 
 def _one_tile_each(axis):
     """Whether each window of `axis` is one tile, in order."""
-    ntiles = axis.ntiles
-    return np.array_equal(axis.first, np.arange(ntiles)) and np.array_equal(
+    return np.array_equal(axis.first, np.arange(axis.ntiles)) and np.array_equal(
         axis.last, axis.first + 1
     )
 
@@ -634,11 +628,8 @@ def _differences(running, first, last):
         step = int(first[lo + 1] - first[lo])
         width, start = int(last[lo] - first[lo]), int(first[lo])
         stop = start + step * (hi - lo)
-        below, above = (
-            slice(start, stop, step),
-            slice(start + width, stop + width, step),
-        )
-        np.subtract(running[above], running[below], out=out[lo:hi])
+        above = running[start + width : stop + width : step]
+        np.subtract(above, running[start:stop:step], out=out[lo:hi])
     for part in (slice(0, lo), slice(hi, None)):
         np.subtract(running[last[part]], running[first[part]], out=out[part])
     return out
