@@ -290,7 +290,43 @@ def _split(total, size, shift=0):
 def _read(array, slices, cache=None):
     if cache is None:
         return read_region(array, slices)
-    return cache.read(array, slices)
+    out = _SPARE.take(tuple(s.stop - s.start for s in slices), array.dtype)
+    return cache.read(array, slices, out=out)
+
+
+class _Spare(threading.local):
+    """Each thread's spare region (:func:`_read`, :func:`_coarse_block`).
+
+    A coarse block's source region takes up to a block budget; freshly
+    allocated, its pages are faulted in and zeroed by the system, which
+    costs more than pasting the chunks into it. A thread's next region is
+    pasted into the memory its last block gave back instead. Only what was
+    taken here is given back, and only when the block's result does not
+    share its memory. A thread keeps at most one spare, of its largest
+    region; it goes with the thread (a local computation's pool).
+    """
+
+    def __init__(self):
+        self.spare, self.lent = None, []
+
+    def take(self, shape, dtype):
+        """An uninitialized array of `shape` and `dtype`, in the spare if it fits."""
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        buffer, self.spare = self.spare, None
+        if buffer is None or buffer.nbytes < nbytes:
+            buffer = np.empty(nbytes, np.uint8)
+        self.lent.append(buffer)
+        return buffer[:nbytes].view(dtype).reshape(shape)
+
+    def give(self, region, result):
+        """`region` is no longer needed: keep its memory if it was taken here."""
+        lent, self.lent = self.lent, []
+        mine = next((b for b in lent if region.base is b), None)
+        if mine is not None and not np.may_share_memory(mine, result):
+            self.spare = mine
+
+
+_SPARE = _Spare()
 
 
 def _read_shared(array, slices, cache, most):
@@ -299,10 +335,25 @@ def _read_shared(array, slices, cache, most):
     The chunks a subtraction reads were decoded by the coarse blocks
     around them, a band of blocks earlier: the cache grows with the reads
     that need it to hold them, so a small computation keeps a small cache.
+    A region of exactly one chunk is that chunk itself, read-only (not a
+    copy): the subtraction only reads it.
     """
     region = array.dtype.itemsize * math.prod(s.stop - s.start for s in slices)
     cache.grow(region, most)
+    index = _chunk_at(array, slices)
+    if index is not None:
+        return cache.chunk(array, index)
     return cache.read(array, slices)
+
+
+def _chunk_at(array, slices):
+    """The index of the storage chunk `slices` covers exactly, or None."""
+    index = tuple(s.start // c for s, c in zip(slices, array.chunks, strict=True))
+    exact = all(
+        s.start == i * c and s.stop == min((i + 1) * c, n)
+        for s, i, c, n in zip(slices, index, array.chunks, array.shape, strict=True)
+    )
+    return index if exact else None
 
 
 def _assemble(shape, dtype, parts):
@@ -380,7 +431,8 @@ _TRIMMED = {"rss": 0}
 
 
 def _coarse_block(*args):
-    """:func:`reduce_block`, then freed memory goes back to the system.
+    """:func:`reduce_block`, then its region is the thread's spare (:class:`_Spare`)
+    and freed memory goes back to the system.
 
     A block's temporaries are large and made in several threads (ours and
     zarr's); glibc keeps much of what they free in per-thread heaps, which
@@ -391,6 +443,7 @@ def _coarse_block(*args):
     system must be faulted in again.
     """
     result = reduce_block(*args)
+    _SPARE.give(args[0], result)
     tools = _trim_tools()
     if tools is not None:
         trim, rss = tools

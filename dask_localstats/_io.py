@@ -85,16 +85,18 @@ class ChunkCache:
         """Hold `nbytes` more from now on, up to `most` in all."""
         self.nbytes = max(self.nbytes, min(self.nbytes + int(nbytes), int(most)))
 
-    def read(self, array, slices):
+    def read(self, array, slices, out=None):
         """``array[slices]`` (unit steps), pasted together from whole chunks.
 
         The chunks not held are claimed first, then decoded in runs along
         the last axis, one read each (zarr decodes a read's chunks
         concurrently); a chunk another thread is decoding is waited for.
         Each chunk is pasted as soon as it is at hand, so a read holds the
-        region and one run of chunks, whatever the cache keeps.
+        region and one run of chunks, whatever the cache keeps. The region
+        is pasted into `out` if given (of its shape and the array's dtype).
         """
-        out = np.empty(tuple(s.stop - s.start for s in slices), array.dtype)
+        shape = tuple(s.stop - s.start for s in slices)
+        out = np.empty(shape, array.dtype) if out is None else out
 
         def paste(index, chunk):
             dst, src = [], []
@@ -108,17 +110,7 @@ class ChunkCache:
             range(s.start // c, -(-s.stop // c))
             for s, c in zip(slices, array.chunks, strict=True)
         ]
-        held, waiting, mine = [], [], []
-        with self._lock:
-            for index in itertools.product(*ranges):
-                if index in self._chunks:
-                    self._chunks.move_to_end(index)
-                    held.append((index, self._chunks[index][0]))
-                elif index in self._pending:
-                    waiting.append((index, self._pending[index]))
-                else:
-                    mine.append(index)
-                    self._pending[index] = Future()
+        held, waiting, mine = self._claim(itertools.product(*ranges))
         for index, chunk in held:
             paste(index, chunk)
         del held
@@ -128,6 +120,40 @@ class ChunkCache:
         for index, pending in waiting:
             paste(index, pending.result())
         return out
+
+    def chunk(self, array, index):
+        """The whole chunk at `index` (chunk coordinates), decoded once.
+
+        The cache's own array, read-only: no copy is made (a step that only
+        reads a region of exactly one chunk needs none).
+        """
+        held, waiting, mine = self._claim([tuple(index)])
+        if held:
+            chunk = held[0][1]
+        elif waiting:
+            chunk = waiting[0][1].result()
+        else:
+            chunk = self._decode(array, mine)[mine[0]]
+        view = chunk.view()
+        view.flags.writeable = False
+        return view
+
+    def _claim(self, indices):
+        """Sort chunk `indices` into those held ``(index, chunk)``, those
+        another thread is decoding ``(index, future)``, and those not held,
+        claimed for the caller to decode (:meth:`_decode`)."""
+        held, waiting, mine = [], [], []
+        with self._lock:
+            for index in indices:
+                if index in self._chunks:
+                    self._chunks.move_to_end(index)
+                    held.append((index, self._chunks[index][0]))
+                elif index in self._pending:
+                    waiting.append((index, self._pending[index]))
+                else:
+                    mine.append(index)
+                    self._pending[index] = Future()
+        return held, waiting, mine
 
     def _decode(self, array, run):
         """Decode chunks consecutive along the last axis, claimed by us."""

@@ -235,6 +235,41 @@ def test_read_through_reads_the_source_through_its_coarse_stage_cache(tmp_path):
     # alone: its graph keeps the source and the cache, not the coarse blocks
     np.testing.assert_array_equal(image_through.compute(), image, strict=True)
     assert image_through.chunks == chunks
+    # a block of exactly one storage chunk is the cache's chunk, read-only
+    whole = read_through(coarse.dask, z, ((4, 4), (7, 7, 7, 7, 2), (9, 9, 7)))
+    blocks = dask.compute(*whole.to_delayed().ravel())
+    assert all(not b.flags.writeable for b in blocks)
+    np.testing.assert_array_equal(whole.compute(), image, strict=True)
+
+
+def test_a_threads_spare_region_is_reused_only_when_free():
+    spare = _engine._Spare()
+    first = spare.take((4, 6), np.uint16)
+    spare.give(first, np.zeros(3))
+    second = spare.take((3, 5), np.uint16)  # smaller: the same memory
+    assert second.shape == (3, 5) and second.dtype == np.uint16
+    assert np.shares_memory(first, second)
+    spare.give(second, second[0])  # the result is a view of it: not kept
+    assert not np.shares_memory(spare.take((3, 5), np.uint16), first)
+    spare.give(np.empty((3, 5), np.uint16), None)  # not taken here: not kept
+    assert spare.spare is None
+    small = spare.take((2,), np.float64)
+    spare.give(small, None)
+    assert spare.take((4,), np.float64).nbytes == 32  # larger: new memory
+
+
+def test_coarse_blocks_paste_into_the_last_blocks_region(tmp_path):
+    image = np.random.default_rng(3).integers(0, 900, (12, 40, 33), np.uint16)
+    z = zarr.open_array(write_zarr(tmp_path / "a.zarr", image, (4, 9, 8)))
+    kwargs = dict(selem=(3, 9, 7), spacing=(2, 4, 5), interpolate=None)
+    expected = dls.local_percentile(image, 0.3, **kwargs)
+    _engine._SPARE.spare = None
+    budget = 5 * 17 * 15 * 2  # blocks of a few planes: edge blocks are smaller
+    lazy = dls.local_percentile(z, 0.3, block_bytes=budget, **kwargs)
+    assert lazy.numblocks[0] > 2
+    # one thread: each block pastes into the region of the block before
+    np.testing.assert_array_equal(lazy.compute(scheduler="sync"), expected, strict=True)
+    assert _engine._SPARE.spare is not None
 
 
 @pytest.mark.parametrize("order", [1, 3])

@@ -189,6 +189,24 @@ def test_chunk_cache_decodes_each_chunk_once_within_its_budget(tmp_path, image):
     assert len(pickle.loads(pickle.dumps(cache))) == 0  # arrives empty
 
 
+def test_chunk_cache_gives_whole_chunks_read_only_and_pastes_into_out(tmp_path, image):
+    z = Counting(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
+    cache = ChunkCache(2**20)
+    inner, edge = cache.chunk(z, (1, 2, 0)), cache.chunk(z, [3, 4, 2])
+    np.testing.assert_array_equal(inner, image[5:10, 14:21, 0:9], strict=True)
+    np.testing.assert_array_equal(edge, image[15:, 28:, 18:], strict=True)  # clipped
+    with pytest.raises(ValueError, match="read-only"):
+        inner[0, 0, 0] = 1
+    again = cache.chunk(z, (1, 2, 0))
+    assert np.shares_memory(again, inner)  # the cache's own, not a copy
+    out = np.zeros((3, 4, 5), image.dtype)
+    region = (slice(4, 7), slice(12, 16), slice(5, 10))
+    assert cache.read(z, region, out=out) is out
+    np.testing.assert_array_equal(out, image[region])
+    assert len(z.chunks_read) == len(set(z.chunks_read))  # each decoded once
+    assert (1, 2, 0) in z.chunks_read
+
+
 def test_chunk_cache_read_errors_propagate_and_are_not_cached(tmp_path, image):
     z = Counting(_write(tmp_path / "image.zarr", image))
     cache = ChunkCache(2**20)
