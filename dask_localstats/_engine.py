@@ -891,16 +891,18 @@ def fused(resampled, name, then, operands, dtype):
 
     inline = [note(a.dask.layers.get(a.name), "inline") for a in operands]
 
-    def block(key, index):
+    def block(key, index, deferred=False):
         blocks = [
             make(None, index) if make else TaskRef((a.name, *index))
             for a, make in zip(operands, inline, strict=True)
         ]
-        return resample(key, index, Task(None, then, *blocks))
+        return resample(key, index, Task(None, then, *blocks), deferred=deferred)
 
     graph = _restaged(resampled, name, block, operands, inline)
     graph.layers[name].notes.update(
-        coarse=checkpoint_of(layer), extremes=clip_of(layer)
+        coarse=checkpoint_of(layer),
+        extremes=clip_of(layer),
+        pieces=functools.partial(block, None, deferred=True),
     )
     meta = np.empty((0,) * resampled.ndim, dtype)
     return da.Array(graph, name, resampled.chunks, dtype=dtype, meta=meta)
@@ -1055,7 +1057,7 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
         parts = [None] if len(parts) == 1 else parts
     edges = edges_of(chunks)
 
-    def block(key, index, then=None, into=None):
+    def block(key, index, then=None, into=None, deferred=False):
         start, stop = zip(*spans(edges, index[:ndim]), strict=True)
         coords = _block_coordinates(grid, align, start, stop)
         region = [
@@ -1063,9 +1065,10 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
         ]
         offset = tuple(lo for lo, _ in region)
         part = parts[index[ndim]] if fshape else None
+        call = (functools.partial, _resample) if deferred else (_resample,)
         return Task(
             key,
-            _resample,
+            *call,
             region_task(coefficients, region),
             offset,
             grid,
@@ -1083,8 +1086,15 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
     out_chunks = tuple(chunks) + tuple(fchunks)
     layer = BlockLayer(name, [len(c) for c in out_chunks], block)
     # block maker with a fused step or a destination (fused, resampled_into);
-    # the grid a writer stores (checkpoint_of); the extremes clipped to
-    layer.notes.update(resample=block, coarse=coarse, extremes=extremes)
+    # a chunk's computation to call with its destination (the writer's
+    # pieces, also on fused layers); the grid a writer stores
+    # (checkpoint_of); the extremes clipped to
+    layer.notes.update(
+        resample=block,
+        pieces=functools.partial(block, None, deferred=True),
+        coarse=coarse,
+        extremes=extremes,
+    )
     graph = HighLevelGraph.from_collections(name, layer, dependencies=dependencies)
     meta = np.empty((0,) * len(out_chunks), coarse.dtype)
     return da.Array(graph, name, out_chunks, dtype=coarse.dtype, meta=meta)

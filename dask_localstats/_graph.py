@@ -253,5 +253,22 @@ def cull(graph, keys):
         layers[name] = culled
         keys.update(*deps.values())
         keys.difference_update(deps)
-    dependencies = {name: graph.dependencies[name] & layers.keys() for name in layers}
+    dependencies = {name: _kept(graph.dependencies, name, layers) for name in layers}
     return HighLevelGraph(layers, dependencies)
+
+
+def _kept(dependencies, name, kept):
+    """The layers among `kept` that layer `name` depends on, directly or
+    through layers left out (a task may read a block of a layer its own
+    layer's dependencies depend on)."""
+    found, seen, stack = set(), set(), list(dependencies[name])
+    while stack:
+        layer = stack.pop()
+        if layer in seen:
+            continue
+        seen.add(layer)
+        if layer in kept:
+            found.add(layer)
+        else:
+            stack.extend(dependencies[layer])
+    return found

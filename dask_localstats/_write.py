@@ -71,13 +71,13 @@ import dask.array as da
 import dask.threaded
 import numpy as np
 import zarr
-from dask._task_spec import Task
+from dask._task_spec import Task, parse_input
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._checkpoint import checkpointed, coarse_voxels, settle
-from ._engine import frozen_objects, region_task
-from ._graph import batches, cull
+from ._engine import _SPARE, frozen_objects, region_task
+from ._graph import batches, cull, edges_of, note, spans
 from ._layout import layout_of
 from ._lock import LOCK, check_guard, holder, locked
 from ._place import place_of
@@ -399,25 +399,71 @@ def _written(target, place, indices, check=not ATOMIC_CHUNKS):
     return done
 
 
+def _write_pieces(target, shape, dtype, pieces, region, guard=None):
+    """Compute one whole unit chunk by chunk into one array, and write it.
+
+    `pieces` are ``(where, compute)``: ``compute(into=...)`` writes the
+    chunk ``where`` of the unit (a task of the write graph). The unit's
+    array is the thread's spare (:class:`~dask_localstats._engine._Spare`):
+    zarr has encoded it when the write returns.
+    """
+    unit = _SPARE.take(shape, dtype)
+    for where, compute in pieces:
+        compute(into=unit[where])
+    done = _write_chunk(target, unit, region, guard)
+    _SPARE.give(unit, done)
+    return done
+
+
+def _unit_task(array, key, target, region, guard):
+    """The task writing `region` of `target`.
+
+    Where `array` is a resampling (or a step fused into one: its layer's
+    note ``pieces``) whose chunks tile the region, the task computes them
+    itself, one after the other, into one array (:func:`_write_pieces`):
+    a shard is then not pasted together from chunks that other tasks made
+    and that waited for it, in fresh memory. Else it assembles the region
+    from the chunks' tasks.
+    """
+    pieces = note(array.dask.layers.get(array.name), "pieces")
+    edges = edges_of(array.chunks)
+    tiled = all(
+        r.start in e and r.stop in e for e, r in zip(edges, region, strict=True)
+    )
+    if pieces is None or not tiled:
+        bounds = [(r.start, r.stop) for r in region]
+        block = region_task(array, bounds)
+        return Task(key, _write_chunk, target, block, region, guard)
+    ranges = zip(edges, region, strict=True)
+    inside = [range(e.index(r.start), e.index(r.stop)) for e, r in ranges]
+    parts = [
+        (
+            tuple(
+                slice(lo - r.start, hi - r.start)
+                for (lo, hi), r in zip(spans(edges, index), region, strict=True)
+            ),
+            pieces(index),
+        )
+        for index in itertools.product(*inside)
+    ]
+    shape = tuple(r.stop - r.start for r in region)
+    computed = (target, shape, array.dtype, parse_input(parts), region, guard)
+    return Task(key, _write_pieces, *computed)
+
+
 def _write_graph(array, target, todo, guard=None):
     """A dask array whose computation writes the units `todo` of `array`.
 
     `todo` lists ``(index, region)`` of the units (whole chunks or shards of
-    `target`); each unit's task assembles its region from the chunks of
-    `array` (no rechunking layer over the whole array), and the graph is
-    culled to what the units need.
+    `target`); each unit's task computes the chunks of `array` in its region
+    into one array where `array` is a resampling (:func:`_unit_task`), else
+    assembles them (no rechunking layer over the whole array), and the
+    graph is culled to what the units need.
     """
     indices = [index for index, _ in todo]
     name = "localstats-write-" + tokenize(array.name, str(locate(target)), indices)
     layer = {
-        (name, i): Task(
-            (name, i),
-            _write_chunk,
-            target,
-            region_task(array, [(r.start, r.stop) for r in region]),
-            region,
-            guard,
-        )
+        (name, i): _unit_task(array, (name, i), target, region, guard)
         for i, (_, region) in enumerate(todo)
     }
     graph = HighLevelGraph.from_collections(name, layer, dependencies=[array])

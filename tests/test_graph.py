@@ -109,6 +109,23 @@ def test_cull_keeps_layer_names_and_dependencies():
     )
 
 
+def test_cull_keeps_dependencies_through_layers_left_out():
+    # a task of `last` reads a block of `first` itself, not of `middle`
+    first = da.from_array(np.arange(6), chunks=3)
+    middle = first + 1
+    layer = {
+        ("last", 0): dask._task_spec.Task(
+            ("last", 0), np.negative, dask._task_spec.TaskRef((first.name, 1))
+        )
+    }
+    graph = dask.highlevelgraph.HighLevelGraph.from_collections("last", layer, [middle])
+    part = cull(graph, [("last", 0)])
+    assert set(part.layers) == {"last", first.name}  # `middle` left out
+    assert part.dependencies["last"] == {first.name}
+    last = da.Array(part, "last", ((3,),), dtype=int, meta=np.empty((0,), int))
+    np.testing.assert_array_equal(last.compute(), [-3, -4, -5])
+
+
 def test_cull_takes_only_the_chunks_wanted_of_materialized_layers():
     x = da.from_array(np.arange(8), chunks=4)  # materialized layers of 2 chunks
     y = da.from_array(np.arange(8, 16), chunks=4)

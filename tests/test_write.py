@@ -23,7 +23,7 @@ from slowly import kill_when
 from strategies import write_zarr
 
 import dask_localstats as dls
-from dask_localstats import _engine
+from dask_localstats import _engine, _write
 from dask_localstats._checkpoint import _load_block
 from dask_localstats._engine import _coarse_block
 from dask_localstats._fill import fill_block, reach, sweep
@@ -345,6 +345,26 @@ def test_shards_and_codecs(tmp_path, spec, codec):
     np.testing.assert_array_equal(again[:], image, strict=True)
     with pytest.raises(RefusedError, match="written by another computation"):
         dls.to_zarr(lazy, tmp_path / "s.zarr", chunks=(8, 8, 8), resume=True)
+
+
+def test_a_shard_of_a_resampling_is_computed_chunk_by_chunk_into_one_array(
+    tmp_path, image
+):
+    source = write_zarr(tmp_path / "in.zarr", image, chunks=(4, 10, 5))
+    kwargs = dict(selem=(3, 9, 7), spacing=(2, 5, 5), dtype=np.float32)
+    result = dls.subtract_background(
+        source, dls.local_percentile(source, 0.3, **kwargs)
+    )
+    expected = result.compute()
+    for shards, pieces in [((8, 20, 10), True), ((8, 15, 10), False)]:
+        out = tmp_path / f"{pieces}.zarr"
+        with mock.patch.object(_write, "_compute", wraps=_write._compute) as computed:
+            z = dls.to_zarr(result, out, chunks=(4, 5, 5), shards=shards)
+        np.testing.assert_array_equal(z[:], expected, strict=True)
+        keys = [k for call in computed.call_args_list for k in call.args[0][0].dask]
+        # where the result's chunks tile a shard, its write task computes
+        # them itself; else they are tasks (assembled)
+        assert any(k[0] == result.name for k in keys) is not pieces
 
 
 def test_large_outputs_are_sharded_by_default(tmp_path):
