@@ -22,7 +22,7 @@ from ._engine import (
     OUTPUT_CHUNK_BYTES,
     auto_chunks,
     coarse_stage,
-    frozen_objects,
+    computing,
     fused,
     identity,
     read_through,
@@ -180,7 +180,7 @@ def _computed(result):
     out = np.empty(result.shape, result.dtype)
     # the threaded scheduler itself: naming it would import distributed
     written = resampled_into(result, out)
-    with frozen_objects():
+    with computing():
         if written is None:
             result.store(out, lock=False, scheduler=dask.threaded.get)
         else:

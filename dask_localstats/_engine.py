@@ -54,6 +54,7 @@ import operator
 import os
 import threading
 import uuid
+import weakref
 from typing import NamedTuple
 
 import dask.array as da
@@ -290,43 +291,73 @@ def _split(total, size, shift=0):
 def _read(array, slices, cache=None):
     if cache is None:
         return read_region(array, slices)
-    out = _SPARE.take(tuple(s.stop - s.start for s in slices), array.dtype)
+    out = SPARES.take(tuple(s.stop - s.start for s in slices), array.dtype)
     return cache.read(array, slices, out=out)
 
 
-class _Spare(threading.local):
-    """Each thread's spare region (:func:`_read`, :func:`_coarse_block`).
+class Spares:
+    """Memory of finished blocks, for the next blocks to paste into.
 
-    A coarse block's source region takes up to a block budget; freshly
-    allocated, its pages are faulted in and zeroed by the system, which
-    costs more than pasting the chunks into it. A thread's next region is
-    pasted into the memory its last block gave back instead. Only what was
-    taken here is given back, and only when the block's result does not
-    share its memory. A thread keeps at most one spare, of its largest
-    region; it goes with the thread (a local computation's pool).
+    A coarse block's source region (:func:`_read`) and a written shard
+    (:mod:`~dask_localstats._write`) take up to a block budget each;
+    freshly allocated, their pages are faulted in and zeroed by the
+    system, which costs more than pasting chunks into them. A task gives
+    its array back when done (:meth:`give`), and the next takes it: only
+    what was taken here is accepted, and only when the task's result does
+    not share its memory. At most `most` arrays wait, the largest: a
+    computation of the library's own (:func:`computing`) lets them go when
+    it ends; after a lazy result computed otherwise (``.compute()``, a
+    dask.distributed worker's tasks) they wait for the next blocks.
+
+    Examples
+    --------
+    >>> spares = Spares(most=1)
+    >>> region = spares.take((2, 3), np.uint16)
+    >>> spares.give(region, result=np.zeros(1))
+    >>> np.shares_memory(spares.take((3,), np.uint16), region)
+    True
     """
 
-    def __init__(self):
-        self.spare, self.lent = None, []
+    def __init__(self, most=2):
+        self.most = most
+        self._free = []
+        self._lent = weakref.WeakValueDictionary()  # id -> array
+        self._lock = threading.Lock()
 
     def take(self, shape, dtype):
-        """An uninitialized array of `shape` and `dtype`, in the spare if it fits."""
+        """An uninitialized array of `shape` and `dtype`, in spare memory
+        if some is large enough (the smallest such)."""
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        buffer, self.spare = self.spare, None
-        if buffer is None or buffer.nbytes < nbytes:
+        with self._lock:  # the smallest that fits (they are sorted by size)
+            fits = (i for i, b in enumerate(self._free) if b.nbytes >= nbytes)
+            first = next(fits, None)
+            buffer = None if first is None else self._free.pop(first)
+        if buffer is None:
             buffer = np.empty(nbytes, np.uint8)
-        self.lent.append(buffer)
+        with self._lock:
+            self._lent[id(buffer)] = buffer
         return buffer[:nbytes].view(dtype).reshape(shape)
 
-    def give(self, region, result):
-        """`region` is no longer needed: keep its memory if it was taken here."""
-        lent, self.lent = self.lent, []
-        mine = next((b for b in lent if region.base is b), None)
-        if mine is not None and not np.may_share_memory(mine, result):
-            self.spare = mine
+    def give(self, array, result):
+        """`array` is no longer needed: keep its memory if it was taken here."""
+        base = array.base
+        with self._lock:
+            if base is None or self._lent.get(id(base)) is not base:
+                return
+            del self._lent[id(base)]
+            if np.may_share_memory(base, result):
+                return
+            self._free.append(base)
+            self._free.sort(key=lambda b: b.nbytes)
+            del self._free[: -self.most]
+
+    def clear(self):
+        """Let the memory waiting go."""
+        with self._lock:
+            self._free.clear()
 
 
-_SPARE = _Spare()
+SPARES = Spares()
 
 
 def _read_shared(array, slices, cache, most):
@@ -350,7 +381,7 @@ def _chunk_at(array, slices):
     """The index of the storage chunk `slices` covers exactly, or None."""
     index = tuple(s.start // c for s, c in zip(slices, array.chunks, strict=True))
     exact = all(
-        s.start == i * c and s.stop == min((i + 1) * c, n)
+        s.start == i * c and s.stop == min((i + 1) * c, n) and s.stop > s.start
         for s, i, c, n in zip(slices, index, array.chunks, array.shape, strict=True)
     )
     return index if exact else None
@@ -431,8 +462,8 @@ _TRIMMED = {"rss": 0}
 
 
 def _coarse_block(*args):
-    """:func:`reduce_block`, then its region is the thread's spare (:class:`_Spare`)
-    and freed memory goes back to the system.
+    """:func:`reduce_block`, then its region is spare (:class:`Spares`) and
+    freed memory goes back to the system.
 
     A block's temporaries are large and made in several threads (ours and
     zarr's); glibc keeps much of what they free in per-thread heaps, which
@@ -443,7 +474,7 @@ def _coarse_block(*args):
     system must be faulted in again.
     """
     result = reduce_block(*args)
-    _SPARE.give(args[0], result)
+    SPARES.give(args[0], result)
     tools = _trim_tools()
     if tools is not None:
         trim, rss = tools
@@ -453,8 +484,8 @@ def _coarse_block(*args):
     return result
 
 
-class _Freezer:
-    """Counts the computations running with frozen objects (:func:`frozen_objects`)."""
+class _Computations:
+    """Counts the local computations running (:func:`computing`)."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -462,7 +493,7 @@ class _Freezer:
         self.froze = False  # whether the first of them froze the objects
 
     @contextlib.contextmanager
-    def frozen(self):
+    def running_one(self):
         with self.lock:
             if not self.running:
                 self.froze = not gc.get_freeze_count()
@@ -474,27 +505,31 @@ class _Freezer:
         finally:
             with self.lock:
                 self.running -= 1
-                if not self.running and self.froze:
-                    gc.unfreeze()
+                if not self.running:
+                    SPARES.clear()
+                    if self.froze:
+                        gc.unfreeze()
 
 
-_FREEZER = _Freezer()
+_COMPUTATIONS = _Computations()
 
 
-def frozen_objects():
-    """A context in which the objects that exist on entry are left out of
-    Python's garbage collections (``gc.freeze``).
+def computing():
+    """The context of a local computation: objects that exist on entry are
+    left out of Python's garbage collections (``gc.freeze``), and the
+    blocks' spare memory (:data:`SPARES`) is let go at the end.
 
     A computation makes many objects (dask's tasks, NumPy arrays), so
     Python collects often, and each full collection walks every object of
     the process, those of the imported modules too, holding the GIL: the
     computation's own objects are then all it walks. Computations running
-    at once share one freeze, undone when the last ends; where the caller
-    froze objects first, nothing is done. Unreachable objects frozen with
-    the rest are freed after the computation, not during it; objects the
-    caller freezes meanwhile are unfrozen with ours.
+    at once share one freeze, undone when the last ends (which also lets
+    the spare memory go); where the caller froze objects first, nothing is
+    frozen. Unreachable objects frozen with the rest are freed after the
+    computation, not during it; objects the caller freezes meanwhile are
+    unfrozen with ours.
     """
-    return _FREEZER.frozen()
+    return _COMPUTATIONS.running_one()
 
 
 def _component_bytes(fshape, dtype):

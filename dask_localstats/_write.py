@@ -76,7 +76,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._checkpoint import checkpointed, coarse_voxels, settle
-from ._engine import _SPARE, frozen_objects, region_task
+from ._engine import SPARES, computing, region_task
 from ._graph import batches, cull, edges_of, note, spans
 from ._layout import layout_of
 from ._lock import LOCK, check_guard, holder, locked
@@ -404,33 +404,33 @@ def _write_pieces(target, shape, dtype, pieces, region, guard=None):
 
     `pieces` are ``(where, compute)``: ``compute(into=...)`` writes the
     chunk ``where`` of the unit (a task of the write graph). The unit's
-    array is the thread's spare (:class:`~dask_localstats._engine._Spare`):
-    zarr has encoded it when the write returns.
+    array is spare memory (:class:`~dask_localstats._engine.Spares`), given
+    back once zarr has written it.
     """
-    unit = _SPARE.take(shape, dtype)
+    unit = SPARES.take(shape, dtype)
     for where, compute in pieces:
         compute(into=unit[where])
     done = _write_chunk(target, unit, region, guard)
-    _SPARE.give(unit, done)
+    SPARES.give(unit, done)
     return done
 
 
-def _unit_task(array, key, target, region, guard):
+def _unit_task(array, key, target, region, guard, pieces=True):
     """The task writing `region` of `target`.
 
     Where `array` is a resampling (or a step fused into one: its layer's
     note ``pieces``) whose chunks tile the region, the task computes them
     itself, one after the other, into one array (:func:`_write_pieces`):
     a shard is then not pasted together from chunks that other tasks made
-    and that waited for it, in fresh memory. Else it assembles the region
-    from the chunks' tasks.
+    and that waited for it, in fresh memory. Else, or if not `pieces`, it
+    assembles the region from the chunks' tasks.
     """
-    pieces = note(array.dask.layers.get(array.name), "pieces")
+    pieces = pieces and note(array.dask.layers.get(array.name), "pieces")
     edges = edges_of(array.chunks)
     tiled = all(
         r.start in e and r.stop in e for e, r in zip(edges, region, strict=True)
     )
-    if pieces is None or not tiled:
+    if not pieces or not tiled:
         bounds = [(r.start, r.stop) for r in region]
         block = region_task(array, bounds)
         return Task(key, _write_chunk, target, block, region, guard)
@@ -462,14 +462,25 @@ def _write_graph(array, target, todo, guard=None):
     """
     indices = [index for index, _ in todo]
     name = "localstats-write-" + tokenize(array.name, str(locate(target)), indices)
+    # a unit computed in one task: only where there are units enough for
+    # all threads, whose chunks would otherwise be computed side by side
+    pieces = len(todo) >= 2 * _threads()
     layer = {
-        (name, i): _unit_task(array, (name, i), target, region, guard)
+        (name, i): _unit_task(array, (name, i), target, region, guard, pieces)
         for i, (_, region) in enumerate(todo)
     }
     graph = HighLevelGraph.from_collections(name, layer, dependencies=[array])
     graph = cull(graph, layer)
     chunks = ((1,) * len(todo),)
     return da.Array(graph, name, chunks, dtype=bool, meta=np.empty((0,), bool))
+
+
+def _threads():
+    """The threads computing: the cluster's, or the local scheduler's."""
+    client = _client()
+    if client is not None:
+        return sum(client.nthreads().values())
+    return dask.config.get("num_workers", None) or os.cpu_count() or 1
 
 
 def _client():
@@ -506,7 +517,7 @@ def _compute(collections, progress=None, tasks=None):
             try:
                 # the threaded scheduler itself: naming it "threads" would
                 # import dask.distributed (0.2 s) to look for a client
-                with frozen_objects():
+                with computing():
                     return dask.compute(
                         *collections, scheduler=dask.threaded.get, pool=pool
                     )

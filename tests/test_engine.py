@@ -242,20 +242,30 @@ def test_read_through_reads_the_source_through_its_coarse_stage_cache(tmp_path):
     np.testing.assert_array_equal(whole.compute(), image, strict=True)
 
 
-def test_a_threads_spare_region_is_reused_only_when_free():
-    spare = _engine._Spare()
-    first = spare.take((4, 6), np.uint16)
-    spare.give(first, np.zeros(3))
-    second = spare.take((3, 5), np.uint16)  # smaller: the same memory
+def test_spare_memory_is_reused_only_when_given_back_free():
+    spares = _engine.Spares(most=2)
+    first = spares.take((4, 6), np.uint16)
+    spares.give(first, np.zeros(3))
+    second = spares.take((3, 5), np.uint16)  # smaller: the same memory
     assert second.shape == (3, 5) and second.dtype == np.uint16
     assert np.shares_memory(first, second)
-    spare.give(second, second[0])  # the result is a view of it: not kept
-    assert not np.shares_memory(spare.take((3, 5), np.uint16), first)
-    spare.give(np.empty((3, 5), np.uint16), None)  # not taken here: not kept
-    assert spare.spare is None
-    small = spare.take((2,), np.float64)
-    spare.give(small, None)
-    assert spare.take((4,), np.float64).nbytes == 32  # larger: new memory
+    spares.give(second, second[0])  # the result is a view of it: not kept
+    assert not np.shares_memory(spares.take((3, 5), np.uint16), first)
+    spares.give(np.empty((3, 5), np.uint16), None)  # not taken here: not kept
+    spares.give(first, None)  # nor what was given back already
+    assert not spares._free
+    small, large = spares.take((2,), np.float64), spares.take((9,), np.float64)
+    spares.give(small, None)
+    assert not np.shares_memory(spares.take((4,), np.float64), small)  # too small
+    spares.give(large, None)
+    assert np.shares_memory(spares.take((3,), np.float64), large)  # the only fit
+    spares.clear()
+    three = [spares.take((n,), np.uint8) for n in (5, 6, 7)]
+    for array in three:  # at most `most` wait: the largest
+        spares.give(array, None)
+    assert sorted(b.nbytes for b in spares._free) == [6, 7]
+    spares.clear()
+    assert not spares._free
 
 
 def test_coarse_blocks_paste_into_the_last_blocks_region(tmp_path):
@@ -263,13 +273,25 @@ def test_coarse_blocks_paste_into_the_last_blocks_region(tmp_path):
     z = zarr.open_array(write_zarr(tmp_path / "a.zarr", image, (4, 9, 8)))
     kwargs = dict(selem=(3, 9, 7), spacing=(2, 4, 5), interpolate=None)
     expected = dls.local_percentile(image, 0.3, **kwargs)
-    _engine._SPARE.spare = None
     budget = 5 * 17 * 15 * 2  # blocks of a few planes: edge blocks are smaller
     lazy = dls.local_percentile(z, 0.3, block_bytes=budget, **kwargs)
     assert lazy.numblocks[0] > 2
-    # one thread: each block pastes into the region of the block before
-    np.testing.assert_array_equal(lazy.compute(scheduler="sync"), expected, strict=True)
-    assert _engine._SPARE.spare is not None
+    regions = []
+
+    def take(shape, dtype):
+        regions.append(_engine.Spares.take(_engine.SPARES, shape, dtype))
+        return regions[-1]
+
+    # one thread: each block pastes into the memory of a block before,
+    # unless it is larger than all of them
+    with mock.patch.object(_engine.SPARES, "take", side_effect=take):
+        result = lazy.compute(scheduler="sync")
+    np.testing.assert_array_equal(result, expected, strict=True)
+    assert len(regions) == lazy.npartitions
+    for k, region in enumerate(regions[1:], start=1):
+        if region.nbytes <= max(r.nbytes for r in regions[:k]):
+            assert any(np.shares_memory(region, r) for r in regions[:k])
+    assert len({id(r.base) for r in regions}) < len(regions) // 2
 
 
 @pytest.mark.parametrize("order", [1, 3])
@@ -340,7 +362,7 @@ def test_prefilter_chunks_follow_the_grid_not_the_blocks():
 def test_a_computation_leaves_the_objects_before_it_out_of_collections():
     import gc
 
-    from dask_localstats._engine import frozen_objects
+    from dask_localstats._engine import computing
 
     seen = []
 
@@ -349,14 +371,14 @@ def test_a_computation_leaves_the_objects_before_it_out_of_collections():
         return block
 
     image = da.from_array(np.arange(64.0).reshape(8, 8), chunks=4)
-    with frozen_objects():
+    with computing():
         assert gc.get_freeze_count() > 0
         image.map_blocks(record).compute(scheduler="threads")
     assert gc.get_freeze_count() == 0 and min(seen) > 0
     # computations running at once share the freeze, undone by the last;
     # an error inside still undoes it
-    with frozen_objects():
-        with pytest.raises(ZeroDivisionError), frozen_objects():
+    with computing():
+        with pytest.raises(ZeroDivisionError), computing():
             1 / 0  # noqa: B018
         assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
@@ -364,7 +386,7 @@ def test_a_computation_leaves_the_objects_before_it_out_of_collections():
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
-        with frozen_objects():
+        with computing():
             pass
         assert gc.get_freeze_count() == frozen
     finally:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -356,15 +357,28 @@ def test_a_shard_of_a_resampling_is_computed_chunk_by_chunk_into_one_array(
         source, dls.local_percentile(source, 0.3, **kwargs)
     )
     expected = result.compute()
-    for shards, pieces in [((8, 20, 10), True), ((8, 15, 10), False)]:
-        out = tmp_path / f"{pieces}.zarr"
-        with mock.patch.object(_write, "_compute", wraps=_write._compute) as computed:
-            z = dls.to_zarr(result, out, chunks=(4, 5, 5), shards=shards)
+    # 12 shards: units enough for 2 threads, not for 8; where the result's
+    # chunks tile a shard and units are enough, its write task computes them
+    # itself; else they are tasks (assembled)
+    cases = [((8, 20, 10), 2, True), ((8, 15, 10), 2, False), ((8, 20, 10), 8, False)]
+    for k, (shards, threads, pieces) in enumerate(cases):
+        spy = mock.patch.object(_write, "_compute", wraps=_write._compute)
+        with spy as computed, dask.config.set(num_workers=threads):
+            z = dls.to_zarr(
+                result, tmp_path / f"{k}.zarr", chunks=(4, 5, 5), shards=shards
+            )
         np.testing.assert_array_equal(z[:], expected, strict=True)
-        keys = [k for call in computed.call_args_list for k in call.args[0][0].dask]
-        # where the result's chunks tile a shard, its write task computes
-        # them itself; else they are tasks (assembled)
-        assert any(k[0] == result.name for k in keys) is not pieces
+        calls = computed.call_args_list
+        keys = [key for call in calls for key in call.args[0][0].dask]
+        assert any(key[0] == result.name for key in keys) is not pieces
+    # several percentiles (a trailing axis), resumed after a lost shard
+    both = dls.local_percentile(source, (0.2, 0.7), **kwargs)
+    z = dls.to_zarr(both, tmp_path / "both.zarr", shards=(8, 20, 10, 2))
+    z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
+    next(p for p in (tmp_path / "both.zarr" / "c").rglob("*") if p.is_file()).unlink()
+    z = dls.to_zarr(both, tmp_path / "both.zarr", shards=(8, 20, 10, 2), resume=True)
+    assert z.attrs["dask_localstats"]["written"] == 1
+    np.testing.assert_array_equal(z[:], both.compute(), strict=True)
 
 
 def test_large_outputs_are_sharded_by_default(tmp_path):
