@@ -436,16 +436,11 @@ def _unit_task(array, key, target, region, guard, pieces=True):
         return Task(key, _write_chunk, target, block, region, guard)
     ranges = zip(edges, region, strict=True)
     inside = [range(e.index(r.start), e.index(r.stop)) for e, r in ranges]
-    parts = [
-        (
-            tuple(
-                slice(lo - r.start, hi - r.start)
-                for (lo, hi), r in zip(spans(edges, index), region, strict=True)
-            ),
-            pieces(index),
-        )
-        for index in itertools.product(*inside)
-    ]
+    parts = []  # (where in the unit, the chunk's computation)
+    for index in itertools.product(*inside):
+        bounds = zip(spans(edges, index), region, strict=True)
+        where = tuple(slice(lo - r.start, hi - r.start) for (lo, hi), r in bounds)
+        parts.append((where, pieces(index)))
     shape = tuple(r.stop - r.start for r in region)
     computed = (target, shape, array.dtype, parse_input(parts), region, guard)
     return Task(key, _write_pieces, *computed)
