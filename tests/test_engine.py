@@ -382,12 +382,15 @@ def test_a_computation_leaves_the_objects_before_it_out_of_collections():
             1 / 0  # noqa: B018
         assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
-    # objects frozen by the caller stay frozen
+    # objects frozen by the caller stay frozen: neither frozen again nor
+    # unfrozen (counting them would count objects other threads free)
     gc.freeze()
     try:
-        frozen = gc.get_freeze_count()
-        with computing():
-            pass
-        assert gc.get_freeze_count() == frozen
+        freeze = mock.patch.object(gc, "freeze", wraps=gc.freeze)
+        unfreeze = mock.patch.object(gc, "unfreeze", wraps=gc.unfreeze)
+        with freeze as froze, unfreeze as unfroze, computing():
+            assert gc.get_freeze_count() > 0
+        froze.assert_not_called()
+        unfroze.assert_not_called()
     finally:
         gc.unfreeze()
