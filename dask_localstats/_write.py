@@ -415,32 +415,47 @@ def _write_pieces(target, shape, dtype, pieces, region, guard=None):
     return done
 
 
-def _unit_task(array, key, target, region, guard, pieces=True):
+class _Pieces(NamedTuple):
+    """How a write task computes the chunks of its unit itself (:func:`_unit_task`)."""
+
+    make: object  # the layer's note ``pieces``: index -> the chunk's computation
+    edges: list  # the array's chunk edges per axis (edges_of)
+    at: list  # per axis, {edge: the index of the chunk starting there}
+
+    @classmethod
+    def of(cls, array):
+        """Those of `array`, or None where its layer cannot compute its chunks so."""
+        make = note(array.dask.layers.get(array.name), "pieces")
+        if make is None:
+            return None
+        edges = edges_of(array.chunks)
+        return cls(make, edges, [{e: i for i, e in enumerate(a)} for a in edges])
+
+
+def _unit_task(array, key, target, region, guard, pieces=None):
     """The task writing `region` of `target`.
 
-    Where `array` is a resampling (or a step fused into one: its layer's
-    note ``pieces``) whose chunks tile the region, the task computes them
-    itself, one after the other, into one array (:func:`_write_pieces`):
-    a shard is then not pasted together from chunks that other tasks made
-    and that waited for it, in fresh memory. Else, or if not `pieces`, it
-    assembles the region from the chunks' tasks.
+    Where `pieces` (:class:`_Pieces`: `array` is a resampling, or a step
+    fused into one) are given and the array's chunks tile the region, the
+    task computes them itself, one after the other, into one array
+    (:func:`_write_pieces`): a shard is then not pasted together from
+    chunks that other tasks made and that waited for it, in fresh memory.
+    Else it assembles the region from the chunks' tasks.
     """
-    pieces = pieces and note(array.dask.layers.get(array.name), "pieces")
-    edges = edges_of(array.chunks)
-    tiled = all(
-        r.start in e and r.stop in e for e, r in zip(edges, region, strict=True)
+    tiled = pieces is not None and all(
+        r.start in at and r.stop in at for at, r in zip(pieces.at, region, strict=True)
     )
-    if not pieces or not tiled:
+    if not tiled:
         bounds = [(r.start, r.stop) for r in region]
         block = region_task(array, bounds)
         return Task(key, _write_chunk, target, block, region, guard)
-    ranges = zip(edges, region, strict=True)
-    inside = [range(e.index(r.start), e.index(r.stop)) for e, r in ranges]
+    ranges = zip(pieces.at, region, strict=True)
+    inside = [range(at[r.start], at[r.stop]) for at, r in ranges]
     parts = []  # (where in the unit, the chunk's computation)
     for index in itertools.product(*inside):
-        bounds = zip(spans(edges, index), region, strict=True)
+        bounds = zip(spans(pieces.edges, index), region, strict=True)
         where = tuple(slice(lo - r.start, hi - r.start) for (lo, hi), r in bounds)
-        parts.append((where, pieces(index)))
+        parts.append((where, pieces.make(index)))
     shape = tuple(r.stop - r.start for r in region)
     computed = (target, shape, array.dtype, parse_input(parts), region, guard)
     return Task(key, _write_pieces, *computed)
@@ -459,7 +474,7 @@ def _write_graph(array, target, todo, guard=None):
     name = "localstats-write-" + tokenize(array.name, str(locate(target)), indices)
     # a unit computed in one task: only where there are units enough for
     # all threads, whose chunks would otherwise be computed side by side
-    pieces = len(todo) >= 2 * _threads()
+    pieces = _Pieces.of(array) if len(todo) >= 2 * _threads() else None
     layer = {
         (name, i): _unit_task(array, (name, i), target, region, guard, pieces)
         for i, (_, region) in enumerate(todo)
