@@ -193,5 +193,11 @@ def job_script(kind, options=None):
     >>> "#SBATCH -p cpu" in script and "dask_worker" in script.replace(".", "_")
     True
     """
+    # the script names this scheduler, which serves nothing: its dashboard
+    # takes any free port, not the 8787 of a cluster that may be running here
+    options = dict(options or {})
+    scheduler = options.get("scheduler_options")
+    if scheduler is None or isinstance(scheduler, dict):
+        options["scheduler_options"] = {"dashboard_address": ":0", **(scheduler or {})}
     with _jobqueue_cluster(kind, options) as cluster:
         return cluster.job_script()

@@ -142,6 +142,28 @@ def test_a_batch_system_job_script_from_the_command_line():
     assert bad.returncode == 2 and "--job-option" in bad.stderr
 
 
+def test_a_job_script_leaves_the_dashboard_port_of_a_running_cluster_alone():
+    # CI saw the doctest fail: another test's scheduler held 8787, and the
+    # scheduler made only to print the script warned it took another port
+    pytest.importorskip("dask_jobqueue")
+    import contextlib
+    import socket
+
+    from dask_localstats._cluster import job_script
+
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # else held by someone: the case itself
+            taken.bind(("0.0.0.0", 8787))
+        taken.listen()
+        script = job_script("slurm", {"cores": 2, "memory": "4GB"})
+        assert "#SBATCH" in script
+        scheduler = {"scheduler_options": {"host": "127.0.0.1"}}
+        assert "tcp://127.0.0.1:" in job_script(
+            "slurm", {"cores": 2, "memory": "4GB", **scheduler}
+        )
+
+
 def _codec_pool(folder):
     """zarr's codec setting and the codec threads of this process, after a read.
 
