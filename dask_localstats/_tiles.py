@@ -41,7 +41,10 @@ Paths
      fall is first estimated from every k-th row of the block's first
      tiling (about an eighth of its samples, :func:`_estimate`), and the
      columns carry over to the block's next tilings, whose windows have
-     like percentiles, so a tiling is usually counted once. Where tiles
+     like percentiles, so a tiling is usually counted once; after each
+     tiling, the columns below and above its ranks (and a margin) merge into
+     one each (:meth:`_Columns.narrow`), so the next ones sum fewer columns
+     (a rank falling in a merged column splits it back into runs). Where tiles
      times values are few (at most 1 / :data:`_SINGLE` of the samples), the
      columns are single values from the start: one pass, no estimate.
 
@@ -88,6 +91,7 @@ _SAMPLES = 1 << 16  # samples a bincount call counts: its keys stay in cache
 _WHOLE = 1 << 15  # samples of a tile counted alone (:meth:`_PhaseTiles._by_tile`)
 _THIN = 8  # the estimate of where ranks fall reads 1 / _THIN of the samples
 _SINGLE = 8  # single-value columns at once where tiles x values x this <= samples
+_MARGIN = 8  # values kept single beyond a tiling's ranks, at least, for the next
 
 
 class AxisTiling(NamedTuple):
@@ -699,7 +703,8 @@ class _Columns:
 
     def __init__(self, nbins, budget, single=False):
         self.nbins, self.budget = nbins, budget
-        self.edges = np.arange(0, nbins, 1 if single else 1 << _fine_shift(nbins))
+        self.run = 1 if single else 1 << _fine_shift(nbins)
+        self.edges = np.arange(0, nbins, self.run)
         self.estimated = single  # whether a sample of the block split them
 
     @property
@@ -721,7 +726,11 @@ class _Columns:
         """
         widths = np.diff(self.edges, append=self.nbins)
         room, added = self.budget - len(self.edges), []
-        for column in hit[widths[hit] > 1]:
+        for column in hit[widths[hit] > self.run]:  # merged: back into runs first
+            start = self.edges[column]
+            runs = np.arange(start - start % self.run, start + widths[column], self.run)
+            added.append(runs[runs > start])
+        for column in hit[(widths[hit] > 1) & (widths[hit] <= self.run)]:
             parts = max(2, min(int(widths[column]), room + 1))
             start = self.edges[column]
             added.append(start + np.arange(1, parts) * widths[column] // parts)
@@ -731,6 +740,19 @@ class _Columns:
         if added:
             self.edges = np.union1d(self.edges, np.concatenate(added))
         return bool(added)
+
+    def narrow(self, lo, hi):
+        """Merge the columns below offset `lo` into one, and those above `hi`.
+
+        The block's next tilings then sum fewer columns per window; a rank
+        that falls outside ``lo..hi`` after all splits its merged column
+        back into runs (:meth:`refine`).
+        """
+        lo, hi = max(int(lo), 0), min(int(hi), self.nbins - 1)
+        inside = self.edges[(self.edges > lo) & (self.edges <= hi)]
+        bounds = [[0], [lo] if lo > 0 else [], inside]
+        bounds.append([hi + 1] if hi + 1 < self.nbins else [])
+        self.edges = np.concatenate(bounds).astype(self.edges.dtype)
 
 
 def _thinned(tiling, steps):
@@ -803,6 +825,10 @@ def _percentile_select(samples, tiling, statistic, columns, dtype):
         rank.tobytes(): _offsets(edges[h], -samples.low, dtype)
         for rank, h in zip(ranks, hits, strict=True)
     }
+    if len(hit) and columns.run > 1:  # the next tilings' ranks fall near these
+        lo, hi = int(edges[hit[0]]), int(edges[hit[-1]])
+        margin = max(_MARGIN, (hi - lo) // 4)
+        columns.narrow(lo - margin, hi + margin)
     return n, lambda rank: values[rank.tobytes()]
 
 

@@ -213,6 +213,52 @@ def test_columns_split_the_runs_holding_ranks():
     assert not columns.refine(np.array([1, 16, 21, 24]))  # single values already
 
 
+def test_narrowed_columns_merge_outside_the_ranks_and_split_back_into_runs():
+    columns = _tiles._Columns(100, budget=200)
+    columns.refine(np.array([2]))  # 32..47 single values
+    columns.narrow(36, 44)
+    np.testing.assert_array_equal(columns.edges, [0, *range(36, 45), 45])
+    assert columns.table()[[0, 35, 36, 44, 45, 99]].tolist() == [0, 0, 1, 9, 10, 10]
+    # a rank above: the merged column goes back to runs, then a run to values
+    assert columns.refine(np.array([10]))
+    np.testing.assert_array_equal(
+        columns.edges, [0, *range(36, 45), 45, 48, 64, 80, 96]
+    )
+    assert columns.refine(np.array([10]))
+    assert columns.edges.tolist()[10:] == [45, 46, 47, 48, 64, 80, 96]
+    edges = columns.edges.copy()
+    columns.narrow(0, 99)  # the whole range: nothing merged
+    np.testing.assert_array_equal(columns.edges, edges)
+
+
+def test_a_tiling_whose_ranks_fall_outside_the_last_ones_is_exact():
+    # step 2: even columns dark, odd ones bright, so the first tiling's ranks
+    # (even samples) narrow the columns to dark values, and the next
+    # tiling's (odd samples) fall in the merged column above them
+    rng = np.random.default_rng(2)
+    source = rng.integers(100, 300, (64, 64)).astype(np.uint16)
+    source[:, 1::2] += 3000
+    grid = make_grid(source.shape, (16, 16), (8, 9), (1, 2))  # odd: 2 phases
+    statistic = Percentile(0.3)
+    widths, cumulative = [], _tiles._cumulative
+
+    def counted(samples, tiling, columns):
+        widths.append(np.diff(columns.edges, append=columns.nbins).max())
+        return cumulative(samples, tiling, columns)
+
+    with mock.patch.object(_tiles, "_cumulative", counted):
+        values, _ = _tiles.tile_reduce(
+            source, (0, 0), grid, (0, 0), grid.counts, statistic, np.float64,
+            None, histogram=False,
+        )  # fmt: skip
+    expected = reference.local_percentile(
+        source, 0.3, selem=(16, 16), spacing=(8, 9), step=(1, 2),
+        interpolate=None, dtype=np.float64,
+    )  # fmt: skip
+    np.testing.assert_array_equal(values, expected)
+    assert max(widths) > 128  # some pass had a column merged by narrowing
+
+
 def _longest_regular(first, last):
     """The longest run of >= 3 evenly spaced windows of one width, brute force."""
     best = 0
