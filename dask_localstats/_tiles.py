@@ -248,6 +248,18 @@ def _used_samples(axis):
     return np.repeat(used, np.diff(axis.bounds))
 
 
+class Band(NamedTuple):
+    """Columns of single values between a first and a last that may hold more.
+
+    Offset ``o`` (a value minus the block's least) is then in column
+    ``clip(o, base, base + last) - base``: one clipping pass maps the
+    samples, where other columns need a lookup table (:meth:`_Columns.band`).
+    """
+
+    base: int
+    last: int
+
+
 class _PhaseTiles:
     """The samples of one step phase of a block, tile by tile.
 
@@ -283,6 +295,11 @@ class _PhaseTiles:
         self.edges = [axis.bounds - axis.bounds[0] for axis in tiling]
         self.used = [np.flatnonzero(_used_tiles(axis)) for axis in tiling]
 
+    @property
+    def per_tile(self):
+        """Samples a tile holds, on average."""
+        return self.sub.size / max(math.prod(self.shape), 1)
+
     @functools.cached_property
     def keep(self):
         """Which samples count (unmasked, and in some window), or None: all.
@@ -317,7 +334,8 @@ class _PhaseTiles:
         """Histograms ``(*shape, ncols)`` of the samples' columns, per tile.
 
         A sample of value ``v`` counts in column ``table[v - low]`` of its
-        tile (column ``v - low`` when `table` is None). One
+        tile (column ``v - low`` when `table` is None; as a :class:`Band`
+        says, when it is one). One
         ``np.bincount`` per strip of a row of tiles (a few tiles along axis
         1, so that its counts stay in cache, and about :data:`_SAMPLES`
         samples, so that its keys do), on keys ``tile * ncols + column``
@@ -337,7 +355,7 @@ class _PhaseTiles:
         key = next(k for k in (np.uint16, np.uint32, np.intp) if span < np.iinfo(k).max)
         bits = 8 * np.dtype(key).itemsize
         inner = self.inner.astype(key) * key(ncols)
-        keys_of = self._keys(table, key, ncols)
+        keys_of, shift = self._keys(table, key, ncols)
         out = np.empty((self.shape[0], per_row * ncols), dtype=self.count)
         for t, a in itertools.product(range(self.shape[0]), range(0, across, group)):
             b = min(a + group, across)
@@ -348,7 +366,9 @@ class _PhaseTiles:
                 width = int(self.edges[1][b] - self.edges[1][a])
                 plane = width * math.prod(self.sub.shape[2:])
             # modulo the key's range, like `inner`: the strip's offsets fit
-            offsets = inner[(slice(None), *across_part)] - key(lo % (1 << bits))
+            offsets = inner[(slice(None), *across_part)] - key(
+                (lo + shift) % (1 << bits)
+            )
             first, last = self.edges[0][t], self.edges[0][t + 1]
             # runs of at least as many samples as counts: each call zeroes those
             rows = max(1, max(_SAMPLES, 4 * (hi - lo)) // max(plane, 1))
@@ -388,7 +408,7 @@ class _PhaseTiles:
         out = np.zeros((*self.shape, ncols), dtype=self.count)
         as_is = table is None and _small_unsigned(self.sub.dtype)
         key = np.uint32 if ncols < 2**32 else np.intp
-        keys_of = None if as_is else self._keys(table, key, ncols)
+        keys_of, shift = (None, 0) if as_is else self._keys(table, key, ncols)
         for index in itertools.product(*self.used):
             box = tuple(
                 slice(edges[i], edges[i + 1])
@@ -405,28 +425,43 @@ class _PhaseTiles:
                 counts = np.bincount(values.ravel(), minlength=self.low + ncols)
                 out[index] = counts[self.low :]
             else:
-                out[index] = np.bincount(keys_of(values).ravel(), minlength=ncols)
+                keys = keys_of(values)
+                if shift:
+                    keys -= key(shift % 2 ** (8 * np.dtype(key).itemsize))
+                out[index] = np.bincount(keys.ravel(), minlength=ncols)
         return out
 
     def _keys(self, table, key, ncols):
-        """What maps sample values to their columns, in the dtype `key`.
+        """What maps sample values to their columns, in the dtype `key`,
+        and what to subtract from its keys after (modulo the dtype's range).
 
         One column a value (`table` None) maps 8 and 16-bit unsigned
         values through a table too: one pass, where subtracting `low` and
-        casting takes three.
+        casting takes three. A :class:`Band` clips the values (one pass,
+        cheaper than a lookup) and leaves the subtraction to the caller,
+        who folds it into the tile offsets.
         """
+        if isinstance(table, Band):  # values of up to 32 bits (_Columns.mapping)
+            lowest = self.low + table.base  # values the dtype holds: exact
+            highest = lowest + table.last
+
+            def clipped(values):
+                out = np.empty(values.shape, key)
+                return np.clip(values, lowest, highest, out=out, casting="unsafe")
+
+            return clipped, lowest
         if table is None and _small_unsigned(self.sub.dtype):
             table = np.arange(min(ncols, (1 << 8 * self.sub.dtype.itemsize) - self.low))
         if table is not None:  # its columns are below `ncols`: they fit
             table = table.astype(key, copy=False)
         raw = _raw_table(table, self.low, self.sub.dtype)
         if raw is not None:
-            return lambda values: raw.take(values).astype(key, copy=False)
+            return lambda values: raw.take(values).astype(key, copy=False), 0
         if table is not None:
             return lambda values: table.take(
                 _offsets(values, self.low), mode="clip"
-            ).astype(key, copy=False)
-        return lambda values: _offsets(values, self.low, key)
+            ).astype(key, copy=False), 0
+        return lambda values: _offsets(values, self.low, key), 0
 
     def sums(self):
         """Kept counts and sums of ``values`` and ``values**2`` per tile.
@@ -717,6 +752,18 @@ class _Columns:
         widths = np.diff(self.edges, append=self.nbins)
         return np.repeat(np.arange(len(self.edges), dtype=np.uint32), widths)
 
+    def mapping(self, dtype):
+        """What maps offsets of values of `dtype` to columns, for
+        :meth:`_PhaseTiles.histograms`: None (single values), a
+        :class:`Band` (values of up to 32 bits), or :meth:`table`."""
+        if self.single:
+            return None
+        widths = np.diff(self.edges, append=self.nbins)
+        if np.dtype(dtype).itemsize <= 4 and (widths[1:-1] == 1).all():
+            base = int(self.edges[1]) - 1 if len(self.edges) > 1 else 0
+            return Band(base, len(self.edges) - 1)
+        return self.table()
+
     def refine(self, hit):
         """Split the columns `hit` (indices) into single values, as the budget allows.
 
@@ -741,15 +788,22 @@ class _Columns:
             self.edges = np.union1d(self.edges, np.concatenate(added))
         return bool(added)
 
-    def narrow(self, lo, hi):
+    def narrow(self, lo, hi, per_tile):
         """Merge the columns below offset `lo` into one, and those above `hi`.
 
         The block's next tilings then sum fewer columns per window; a rank
         that falls outside ``lo..hi`` after all splits its merged column
-        back into runs (:meth:`refine`).
+        back into runs (:meth:`refine`). Runs within ``lo..hi`` are split
+        into single values too, making a :class:`Band`, where that adds at
+        most a third of the samples of a tile (`per_tile`) in columns: a
+        column costs each tile some three operations in the windows' sums,
+        and a band saves each sample about one, a lookup.
         """
         lo, hi = max(int(lo), 0), min(int(hi), self.nbins - 1)
         inside = self.edges[(self.edges > lo) & (self.edges <= hi)]
+        added = hi - lo - len(inside)
+        if added <= per_tile / 3 and len(self.edges) + added <= self.budget:
+            inside = np.arange(lo + 1, hi + 1)
         bounds = [[0], [lo] if lo > 0 else [], inside]
         bounds.append([hi + 1] if hi + 1 < self.nbins else [])
         self.edges = np.concatenate(bounds).astype(self.edges.dtype)
@@ -780,7 +834,7 @@ def _thinned(tiling, steps):
 def _cumulative(samples, tiling, columns):
     """Each window's cumulative counts over `columns`, and its kept count."""
     windows = math.prod(len(axis.rows) for axis in tiling)
-    table = None if columns.single else columns.table()
+    table = columns.mapping(samples.sub.dtype)
     counts = samples.histograms(table, len(columns.edges))
     counts = _window_sums(counts, tiling)
     total = np.int32 if samples.most < 2**31 else np.int64  # window totals
@@ -828,11 +882,11 @@ def _percentile_select(samples, tiling, statistic, columns, dtype):
     if len(hit) and columns.run > 1:  # the next tilings' ranks fall near these
         lo, hi = int(edges[hit[0]]), int(edges[hit[-1]])
         margin = max(_MARGIN, (hi - lo) // 4)
-        columns.narrow(lo - margin, hi + margin)
+        columns.narrow(lo - margin, hi + margin, samples.per_tile)
     return n, lambda rank: values[rank.tobytes()]
 
 
-def _estimate(samples, tiling, statistic, columns):
+def _estimate(samples, tiling, statistic, columns, per_tile):
     """Split the columns where a sample of the windows puts their ranks.
 
     `samples` and `tiling` are a thinned tiling's (:func:`_thinned`): a
@@ -854,8 +908,14 @@ def _estimate(samples, tiling, statistic, columns):
         np.add.at(marks, lo, 1)
         np.add.at(marks, hi + 1, -1)
     near = np.setdiff1d(np.flatnonzero(np.cumsum(marks)[:-1] > 0), hits)
+    split = np.concatenate([hits, near])
+    if not len(split):
+        return
+    bounds = np.append(columns.edges, columns.nbins)
+    lo, hi = int(bounds[split.min()]), int(bounds[split.max() + 1]) - 1
     # the columns holding the estimates first, should the budget run short
-    columns.refine(np.concatenate([hits, near]))
+    columns.refine(split)
+    columns.narrow(lo, hi, per_tile)
 
 
 def _block_phases(origin, grid, start, stop):
@@ -987,12 +1047,12 @@ def _tiling_percentiles(
         n = tiles.kept[ids].sum(axis=1)
         select = tiles.select(ids, low, high)
     else:
+        samples = _PhaseTiles(block, mask, tiling, steps, low, most)
         thin = None if columns.estimated else _thinned(tiling, steps)
         if thin is not None:
             sample = _PhaseTiles(block, mask, *thin, low, most)
-            _estimate(sample, thin[0], statistic, columns)
+            _estimate(sample, thin[0], statistic, columns, samples.per_tile)
         columns.estimated = True
-        samples = _PhaseTiles(block, mask, tiling, steps, low, most)
         n, select = _percentile_select(samples, tiling, statistic, columns, block.dtype)
     windows = tuple(len(axis.rows) for axis in tiling)
     values = statistic.combine(select, n).reshape(windows + statistic.fshape)

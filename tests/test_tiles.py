@@ -216,19 +216,39 @@ def test_columns_split_the_runs_holding_ranks():
 def test_narrowed_columns_merge_outside_the_ranks_and_split_back_into_runs():
     columns = _tiles._Columns(100, budget=200)
     columns.refine(np.array([2]))  # 32..47 single values
-    columns.narrow(36, 44)
+    columns.narrow(36, 44, per_tile=0)
     np.testing.assert_array_equal(columns.edges, [0, *range(36, 45), 45])
     assert columns.table()[[0, 35, 36, 44, 45, 99]].tolist() == [0, 0, 1, 9, 10, 10]
+    assert columns.mapping(np.uint16) == _tiles.Band(35, 10)
     # a rank above: the merged column goes back to runs, then a run to values
     assert columns.refine(np.array([10]))
     np.testing.assert_array_equal(
         columns.edges, [0, *range(36, 45), 45, 48, 64, 80, 96]
     )
+    assert isinstance(columns.mapping(np.uint16), np.ndarray)
     assert columns.refine(np.array([10]))
     assert columns.edges.tolist()[10:] == [45, 46, 47, 48, 64, 80, 96]
     edges = columns.edges.copy()
-    columns.narrow(0, 99)  # the whole range: nothing merged
+    columns.narrow(0, 99, per_tile=0)  # the whole range: nothing merged
     np.testing.assert_array_equal(columns.edges, edges)
+
+
+def test_narrowing_splits_the_runs_within_into_a_band_where_tiles_are_large():
+    # runs of 16 values: 20..60 holds 32..47 split, and 48..63 a run; all
+    # single values add 23 columns, a band where tiles hold 3 x 23 samples
+    for per_tile, band in ((3 * 22, False), (3 * 23, True)):
+        columns = _tiles._Columns(100, budget=200)
+        columns.refine(np.array([2]))
+        columns.narrow(20, 60, per_tile)
+        inside = [*range(32, 48), 48] if not band else range(21, 61)
+        np.testing.assert_array_equal(columns.edges, [0, 20, *inside, 61])
+        mapping = columns.mapping(np.uint16)
+        assert isinstance(mapping, _tiles.Band) == band
+        if band:  # the column of each offset, clipped: the table's
+            offsets = np.arange(100)
+            clipped = np.clip(offsets, mapping.base, mapping.base + mapping.last)
+            np.testing.assert_array_equal(clipped - mapping.base, columns.table())
+    assert not isinstance(columns.mapping(np.uint64), _tiles.Band)  # 64 bits
 
 
 def test_a_tiling_whose_ranks_fall_outside_the_last_ones_is_exact():
