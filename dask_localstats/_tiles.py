@@ -26,7 +26,10 @@ Paths
   1. One ``np.bincount`` per row of tiles gives each tile's histogram of
      the values (:meth:`_PhaseTiles.histograms`), in *columns*: a lookup
      table maps each value, offset by the block's least kept value, to its
-     column. Work: one pass over the samples, whatever the windows. Tiles
+     column, or, where the columns are single values but a first and a
+     last that hold those below and above (a :class:`Band`), clipping the
+     values does, at less than half the cost. Work: one pass over the
+     samples, whatever the windows. Tiles
      of many samples (windows that do not overlap, ClearMap's default
      spacing) are counted one call a tile, on the values themselves where
      the columns are single values and the values unsigned of up to 16
@@ -41,9 +44,11 @@ Paths
      fall is first estimated from every k-th row of the block's first
      tiling (about an eighth of its samples, :func:`_estimate`), and the
      columns carry over to the block's next tilings, whose windows have
-     like percentiles, so a tiling is usually counted once; after each
-     tiling, the columns below and above its ranks (and a margin) merge into
-     one each (:meth:`_Columns.narrow`), so the next ones sum fewer columns
+     like percentiles, so a tiling is usually counted once. After the
+     estimate and after each tiling, the columns below and above the ranks
+     (and a margin) merge into one each, and those between become single
+     values where that adds few columns (:meth:`_Columns.narrow`): a band,
+     so the next tiling sums fewer columns and clips instead of looking up
      (a rank falling in a merged column splits it back into runs). Where tiles
      times values are few (at most 1 / :data:`_SINGLE` of the samples), the
      columns are single values from the start: one pass, no estimate.
