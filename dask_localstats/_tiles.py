@@ -258,7 +258,7 @@ class Band(NamedTuple):
 
     Offset ``o`` (a value minus the block's least) is then in column
     ``clip(o, base, base + last) - base``: one clipping pass maps the
-    samples, where other columns need a lookup table (:meth:`_Columns.band`).
+    samples, where other columns need a lookup table (:meth:`_Columns.mapping`).
     """
 
     base: int

@@ -7,7 +7,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import reference
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import arrays, geometries, masks, percentiles
 
@@ -249,6 +249,37 @@ def test_narrowing_splits_the_runs_within_into_a_band_where_tiles_are_large():
             clipped = np.clip(offsets, mapping.base, mapping.base + mapping.last)
             np.testing.assert_array_equal(clipped - mapping.base, columns.table())
     assert not isinstance(columns.mapping(np.uint64), _tiles.Band)  # 64 bits
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["strips", "by-tile"])
+@given(data=st.data(), geometry=geometries(footprints=False))
+def test_a_band_counts_what_its_table_counts(whole, data, geometry):
+    # any integers up to 32 bits, masked or not: clipping to the band and
+    # looking up the same columns in a table give the same histograms
+    shape, selem, spacing, step = geometry
+    dtype = data.draw(st.sampled_from(["uint8", "int8", "int16", "uint16", "int32"]))
+    info = np.iinfo(dtype)
+    source = data.draw(arrays(dtype, shape, st.integers(info.min, info.max)))
+    mask = data.draw(masks(shape))
+    grid = make_grid(shape, selem, spacing, step)
+    tiling = _tiles._block_phases(
+        (0,) * len(shape), grid, (0,) * len(shape), grid.counts
+    )[0]
+    low, high = _tiles._kept_range(source, mask)
+    nbins = high - low + 1
+    lo = data.draw(st.integers(0, nbins - 1))
+    hi = data.draw(st.integers(lo, nbins - 1))
+    columns = _tiles._Columns(nbins, budget=nbins)
+    columns.narrow(lo, hi, per_tile=3 * nbins)  # a band, whatever the runs
+    assume(not columns.single)  # else the values themselves are the columns
+    band = columns.mapping(source.dtype)
+    assert isinstance(band, _tiles.Band)
+    samples = _tiles._PhaseTiles(source, mask, tiling, grid.step, low)
+    ncols = len(columns.edges)
+    with mock.patch.object(_tiles, "_WHOLE", 1 if whole else 1 << 62):
+        clipped = samples.histograms(band, ncols)
+        looked_up = samples.histograms(columns.table(), ncols)
+    np.testing.assert_array_equal(clipped, looked_up, strict=True)
 
 
 def test_a_tiling_whose_ranks_fall_outside_the_last_ones_is_exact():
