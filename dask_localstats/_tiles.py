@@ -728,9 +728,11 @@ class _Columns:
     The columns partition the offsets ``0 .. nbins - 1`` (values minus the
     block's least kept value) into runs: at first runs of about
     ``sqrt(nbins)`` values, then :meth:`refine` splits the runs some wanted
-    rank falls in into single values. One object serves all the phases of
-    a block, whose windows' percentiles are alike, so after the first phase
-    one histogram usually suffices.
+    rank falls in into single values, and :meth:`narrow` merges those
+    below and above the ranks into one column each (a :class:`Band` where
+    the columns between are all single values, :meth:`mapping`). One
+    object serves all the phases of a block, whose windows' percentiles
+    are alike, so after the first phase one histogram usually suffices.
 
     Parameters
     ----------
@@ -743,7 +745,7 @@ class _Columns:
 
     def __init__(self, nbins, budget, single=False):
         self.nbins, self.budget = nbins, budget
-        self.run = 1 if single else 1 << _fine_shift(nbins)
+        self.run = 1 if single else 1 << _fine_shift(nbins)  # values a run
         self.edges = np.arange(0, nbins, self.run)
         self.estimated = single  # whether a sample of the block split them
 
@@ -774,7 +776,8 @@ class _Columns:
 
         Returns whether any column was split. Columns are split in the order
         given; one that does not fit whole is split in as many equal parts
-        as fit (at least two).
+        as fit (at least two). A column wider than a run (merged by
+        :meth:`narrow`) goes back to the runs it holds first.
         """
         widths = np.diff(self.edges, append=self.nbins)
         room, added = self.budget - len(self.edges), []
