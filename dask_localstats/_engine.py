@@ -125,9 +125,12 @@ def fill_of(grid):
 # grid's dask name, under which a writer checkpoints it, is the same on
 # every machine.
 MIN_BLOCKS = 4
-# Decoded storage chunks kept for the neighbouring blocks, in block budgets;
+# Decoded storage chunks kept for the neighbouring blocks, in block budgets:
+# enough for a row of blocks to find the chunks the row before decoded where
+# blocks are thinner than a row of chunks (two budgets decoded the chunks
+# of 64^3 windows every 32 voxels, in 128^3 chunks, about twice each);
 # and while a subtraction reads its image through them too (read_through).
-CACHE_BLOCKS = 2
+CACHE_BLOCKS = 4
 SHARED_CACHE_BLOCKS = 6
 # Output chunks when the source imposes none: small enough for the allocator
 # to recycle their float64 temporaries instead of faulting in fresh pages.
