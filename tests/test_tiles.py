@@ -264,9 +264,9 @@ def test_a_band_counts_what_its_table_counts(whole, data, geometry):
     source = data.draw(arrays(dtype, shape, st.integers(first, last)))
     mask = data.draw(masks(shape))
     grid = make_grid(shape, selem, spacing, step)
-    tiling = _tiles._block_phases(
+    tilings = _tiles._block_phases(
         (0,) * len(shape), grid, (0,) * len(shape), grid.counts
-    )[0]
+    )
     low, high = _tiles._kept_range(source, mask)
     nbins = high - low + 1
     lo = data.draw(st.integers(0, nbins - 1))
@@ -276,12 +276,52 @@ def test_a_band_counts_what_its_table_counts(whole, data, geometry):
     assume(not columns.single)  # else the values themselves are the columns
     band = columns.mapping(source.dtype)
     assert isinstance(band, _tiles.Band)
-    samples = _tiles._PhaseTiles(source, mask, tiling, grid.step, low)
     ncols = len(columns.edges)
-    with mock.patch.object(_tiles, "_WHOLE", 1 if whole else 1 << 62):
-        clipped = samples.histograms(band, ncols)
-        looked_up = samples.histograms(columns.table(), ncols)
-    np.testing.assert_array_equal(clipped, looked_up, strict=True)
+    for tiling in tilings:  # every phase: each its field of the words
+        samples = _tiles._PhaseTiles(source, mask, tiling, grid.step, low)
+        with mock.patch.object(_tiles, "_WHOLE", 1 if whole else 1 << 62):
+            clipped = samples.histograms(band, ncols)
+            looked_up = samples.histograms(columns.table(), ncols)
+        np.testing.assert_array_equal(clipped, looked_up, strict=True)
+
+
+@pytest.mark.parametrize(("dtype", "step"), [("uint8", 2), ("uint8", 4), ("uint16", 2)])
+@given(data=st.data())
+def test_words_hold_the_samples_of_every_phase(dtype, step, data):
+    # the samples block[..., x::step] are one field of the words from
+    # x - x % step: clipping that field clips the samples
+    width = data.draw(st.integers(1, 3 * step + 2))
+    most = np.iinfo(dtype).max
+    block = data.draw(arrays(np.dtype(dtype), (2, 3, width), st.integers(0, most)))
+    x = data.draw(st.integers(0, width - 1))
+    stop = data.draw(st.integers(x + 1, width))
+    region = (slice(0, 2), slice(0, 3, 2), slice(x, stop, step))
+    words = _tiles._Words.of(block, region, step)
+    samples = block[region]
+    reach = x - x % step + step * samples.shape[-1]
+    wide = np.dtype(dtype).itemsize * step
+    rows = [s % wide == 0 for s in samples.strides[:-1]]  # the words aligned
+    if reach > width or not all(rows):  # or the last word past the block
+        assert words is None
+        return
+    assert words.array.shape == samples.shape
+    base, last = sorted(data.draw(st.integers(0, 255)) for _ in range(2))
+    for part in [(slice(None),), (slice(1, 2), slice(0, 1))]:
+        clipped = words.clip(part, _tiles.Band(base, last - base), 0)
+        expected = np.clip(samples[part], base, last)
+        np.testing.assert_array_equal(clipped, expected)
+        assert clipped.dtype.itemsize == np.dtype(dtype).itemsize * step
+
+
+def test_words_only_where_they_are_exact():
+    block = np.arange(2 * 16, dtype=np.uint16).reshape(2, 16)
+    region = (slice(0, 2), slice(1, 15, 2))
+    assert _tiles._Words.of(block, region, 2).field == 1
+    for other in (block.astype(np.int16), block.astype(np.uint32), block.astype(">u2")):
+        assert _tiles._Words.of(other, region, 2) is None  # signed, wide, big-endian
+    assert _tiles._Words.of(block, (slice(0, 2), slice(0, 15, 3)), 3) is None
+    assert _tiles._Words.of(block[:, 1:], (slice(0, 2), slice(0, 15, 2)), 2) is None
+    assert _tiles._Words.of(block[:, :15], (slice(0, 2), slice(0, 15, 2)), 2) is None
 
 
 def test_a_tiling_whose_ranks_fall_outside_the_last_ones_is_exact():
