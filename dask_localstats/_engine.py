@@ -9,7 +9,7 @@ block of the coarse grid. Where the source is an array that can be sliced
 (a NumPy or zarr array) the task reads its region itself, so the graph holds
 only a reference to the array (a zarr array opens its store inside the task)
 and no volume data. Stored arrays are read through one
-:class:`~dask_localstats._io.ChunkCache` per computation (a task of the
+:class:`~dask_localstats._cache.ChunkCache` per computation (a task of the
 graph, freed with it), so the chunks that neighbouring regions share are
 decoded about once. A dask array source is assembled from the chunks that
 intersect the region. Centers are owned by exactly one block and every
@@ -63,6 +63,7 @@ from dask._task_spec import DataNode, Task, TaskRef, parse_input
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from ._cache import ChunkCache, ChunkUses
 from ._fill import fill_block, sweep, swept_dtype, swept_values
 from ._graph import BlockLayer, edges_of, note, spans
 from ._interpolate import (
@@ -73,7 +74,7 @@ from ._interpolate import (
     resample_block,
     taps_range,
 )
-from ._io import ChunkCache, read_region
+from ._io import read_region
 from ._kernels import KEEP_ALL, disjoint, flagged_dtype, reduce_block
 from .errors import MemoryBudgetError
 
@@ -421,7 +422,7 @@ def region_task(array, region, cache=None):
     `region` is a (lo, hi) pair per axis. `array` is either a dask array,
     whose intersecting chunks become dependencies, or the key of a task
     holding a sliceable array, read through the
-    :class:`~dask_localstats._io.ChunkCache` of key `cache` if given. Axes
+    :class:`~dask_localstats._cache.ChunkCache` of key `cache` if given. Axes
     of the dask array beyond `region` must be single chunks; they are taken
     whole.
     """
@@ -557,6 +558,7 @@ class Reader(NamedTuple):
     cache: str  # the task holding its ChunkCache
     layer: str  # the coarse stage's layer, which holds both tasks
     block_bytes: int  # the coarse stage's budget of a block
+    uses: ChunkUses  # the reads its cache is told of, more to add
 
 
 class _Input(NamedTuple):
@@ -566,19 +568,22 @@ class _Input(NamedTuple):
     cache: str | None  # the key of the task holding its ChunkCache
     shared: dict  # tasks the blocks read: the array and its cache
     deps: list  # dask arrays the graph depends on
+    uses: ChunkUses | None  # the reads its cache is told of
 
 
-def _input(array, name, cache_bytes):
+def _input(array, name, cache_bytes, regions):
     """How a stage's blocks read `array`; one stored in chunks, through a
-    chunk cache of `cache_bytes`."""
+    chunk cache of `cache_bytes`, told of the blocks' `regions` (their
+    ``(lo, hi)`` ranges along each axis)."""
     if isinstance(array, da.Array):
-        return _Input(array, None, {}, [array])
-    key, cache = f"source-{name}", None
+        return _Input(array, None, {}, [array], None)
+    key, cache, uses = f"source-{name}", None, None
     shared = {key: DataNode(key, array)}
-    if _storage_chunks(array):
-        cache = f"cache-{name}"
-        shared[cache] = Task(cache, ChunkCache, cache_bytes)
-    return _Input(key, cache, shared, [])
+    if storage := _storage_chunks(array):
+        cache, uses = f"cache-{name}", ChunkUses(array.shape, storage)
+        uses.add(regions)
+        shared[cache] = Task(cache, ChunkCache, cache_bytes, uses)
+    return _Input(key, cache, shared, [], uses)
 
 
 def read_through(graph, source, chunks):
@@ -599,6 +604,9 @@ def read_through(graph, source, chunks):
     name = "localstats-read-" + tokenize(reader.key, chunks)
     edges = edges_of(chunks)
     nbytes = SHARED_CACHE_BLOCKS * reader.block_bytes
+    # the cache holds each chunk for these reads too (a graph computing
+    # only the coarse stage leaves those chunks to its LRU order)
+    reader.uses.add([list(itertools.pairwise(e)) for e in edges])
 
     def block(key, index):
         slices = tuple(slice(*s) for s in spans(edges, index))
@@ -659,11 +667,15 @@ def coarse_stage(
     )
     name = f"localstats-coarse-{token}"
     cache_bytes = CACHE_BLOCKS * block_bytes
-    image = _input(source, name, cache_bytes)
-    kept = None if mask is None else _input(mask, f"mask-{name}", cache_bytes)
+    bounds = edges_of(chunks)
+    regions = [
+        [grid.region(d, a, b) for a, b in itertools.pairwise(edges)]
+        for d, edges in enumerate(bounds)
+    ]
+    image = _input(source, name, cache_bytes, regions)
+    kept = None if mask is None else _input(mask, f"mask-{name}", cache_bytes, regions)
     inputs = [image] if kept is None else [image, kept]
     shared = {k: v for i in inputs for k, v in i.shared.items()}
-    bounds = edges_of(chunks)
 
     def block(key, index):
         span = spans(bounds, index)
@@ -689,7 +701,7 @@ def coarse_stage(
     layer = BlockLayer(name, numblocks, block, shared)
     if image.cache:
         layer.notes["reader"] = Reader(
-            source, image.ref, image.cache, name, block_bytes
+            source, image.ref, image.cache, name, block_bytes, image.uses
         )
     chunks += tuple((f,) for f in statistic.fshape)
     deps = [d for i in inputs for d in i.deps]

@@ -1,17 +1,15 @@
 """Zarr sources (v2, v3, groups, OME-Zarr) and storing results."""
 
 import pickle
-from unittest import mock
 
 import dask.array as da
 import numpy as np
 import pytest
 import zarr
 from dask.array.utils import assert_eq
-from strategies import Counting, write_zarr
+from strategies import write_zarr
 
 import dask_localstats as dls
-from dask_localstats._io import ChunkCache
 from dask_localstats.errors import MissingChunksError
 
 KWARGS = dict(selem=(6, 8, 5), spacing=(4, 5, 5))
@@ -166,54 +164,3 @@ def test_from_zarr_arrays_are_read_from_the_store(tmp_path, image):
     result = dls.local_percentile(source, 0.5, **KWARGS)
     assert not set(source.dask.layers) & set(result.dask.layers)
     assert_eq(result, dls.local_percentile(image, 0.5, **KWARGS), rtol=0, atol=0)
-
-
-def test_chunk_cache_decodes_each_chunk_once_within_its_budget(tmp_path, image):
-    z = Counting(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
-    cache = ChunkCache(2**20)
-    first = cache.read(z, (slice(2, 12), slice(0, 30), slice(4, 20)))
-    again = cache.read(z, (slice(0, 17), slice(5, 9), slice(0, 25)))
-    np.testing.assert_array_equal(first, image[2:12, :, 4:20])
-    np.testing.assert_array_equal(again, image[:, 5:9])
-    # 3 x 5 x 3 chunks, then 4 x 2 x 3 of which 3 x 2 x 3 are held already
-    assert len(z.chunks_read) == len(set(z.chunks_read)) == 45 + 6
-    small = ChunkCache(2 * 5 * 7 * 9 * image.itemsize)  # two whole chunks
-    whole = small.read(z, (slice(0, 17), slice(0, 30), slice(0, 25)))
-    np.testing.assert_array_equal(whole, image)
-    assert 2 <= len(small) < 60
-    # the chunks decoded together (runs of 3 along the last axis) share
-    # their memory: it counts, whole, until the last of them is evicted
-    runs = {id(memory): memory[0] for _, memory in small._chunks.values()}
-    assert small._held == sum(runs.values())
-    assert small._held <= small.nbytes or len(runs) == 1
-    assert len(pickle.loads(pickle.dumps(cache))) == 0  # arrives empty
-
-
-def test_chunk_cache_gives_whole_chunks_read_only_and_pastes_into_out(tmp_path, image):
-    z = Counting(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
-    cache = ChunkCache(2**20)
-    inner, edge = cache.chunk(z, (1, 2, 0)), cache.chunk(z, [3, 4, 2])
-    np.testing.assert_array_equal(inner, image[5:10, 14:21, 0:9], strict=True)
-    np.testing.assert_array_equal(edge, image[15:, 28:, 18:], strict=True)  # clipped
-    with pytest.raises(ValueError, match="read-only"):
-        inner[0, 0, 0] = 1
-    again = cache.chunk(z, (1, 2, 0))
-    assert np.shares_memory(again, inner)  # the cache's own, not a copy
-    out = np.zeros((3, 4, 5), image.dtype)
-    region = (slice(4, 7), slice(12, 16), slice(5, 10))
-    assert cache.read(z, region, out=out) is out
-    np.testing.assert_array_equal(out, image[region])
-    assert len(z.chunks_read) == len(set(z.chunks_read))  # each decoded once
-    assert (1, 2, 0) in z.chunks_read
-
-
-def test_chunk_cache_read_errors_propagate_and_are_not_cached(tmp_path, image):
-    z = Counting(_write(tmp_path / "image.zarr", image))
-    cache = ChunkCache(2**20)
-    broken = mock.patch.object(Counting, "__getitem__", side_effect=OSError("gone"))
-    with broken, pytest.raises(OSError, match="gone"):
-        cache.read(z, (slice(0, 3), slice(0, 3), slice(0, 3)))
-    assert len(cache) == 0
-    np.testing.assert_array_equal(
-        cache.read(z, (slice(0, 3), slice(0, 3), slice(0, 3))), image[:3, :3, :3]
-    )

@@ -1,0 +1,125 @@
+"""The chunk cache: each chunk decoded about once, in bounded memory."""
+
+import itertools
+import pickle
+from unittest import mock
+
+import numpy as np
+import pytest
+import zarr
+from strategies import Counting, write_zarr
+
+from dask_localstats._cache import ChunkCache, ChunkUses
+
+
+@pytest.fixture
+def image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 500, (17, 30, 25)).astype(np.uint16)
+
+
+def _write(path, image, chunks=(5, 7, 9)):
+    return zarr.open_array(write_zarr(path, image, chunks, 3), mode="r")
+
+
+def test_chunk_cache_decodes_each_chunk_once_within_its_budget(tmp_path, image):
+    z = Counting(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
+    cache = ChunkCache(2**20)
+    first = cache.read(z, (slice(2, 12), slice(0, 30), slice(4, 20)))
+    again = cache.read(z, (slice(0, 17), slice(5, 9), slice(0, 25)))
+    np.testing.assert_array_equal(first, image[2:12, :, 4:20])
+    np.testing.assert_array_equal(again, image[:, 5:9])
+    # 3 x 5 x 3 chunks, then 4 x 2 x 3 of which 3 x 2 x 3 are held already
+    assert len(z.chunks_read) == len(set(z.chunks_read)) == 45 + 6
+    small = ChunkCache(2 * 5 * 7 * 9 * image.itemsize)  # two whole chunks
+    whole = small.read(z, (slice(0, 17), slice(0, 30), slice(0, 25)))
+    np.testing.assert_array_equal(whole, image)
+    assert 2 <= len(small) < 60
+    # the chunks decoded together (runs of 3 along the last axis) share
+    # their memory: it counts, whole, until the last of them is evicted
+    runs = {id(memory): memory[0] for _, memory in small._chunks.values()}
+    assert small._held == sum(runs.values())
+    assert small._held <= small.nbytes or len(runs) == 1
+    assert len(pickle.loads(pickle.dumps(cache))) == 0  # arrives empty
+
+
+def test_chunk_cache_gives_whole_chunks_read_only_and_pastes_into_out(tmp_path, image):
+    z = Counting(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
+    cache = ChunkCache(2**20)
+    inner, edge = cache.chunk(z, (1, 2, 0)), cache.chunk(z, [3, 4, 2])
+    np.testing.assert_array_equal(inner, image[5:10, 14:21, 0:9], strict=True)
+    np.testing.assert_array_equal(edge, image[15:, 28:, 18:], strict=True)  # clipped
+    with pytest.raises(ValueError, match="read-only"):
+        inner[0, 0, 0] = 1
+    again = cache.chunk(z, (1, 2, 0))
+    assert np.shares_memory(again, inner)  # the cache's own, not a copy
+    out = np.zeros((3, 4, 5), image.dtype)
+    region = (slice(4, 7), slice(12, 16), slice(5, 10))
+    assert cache.read(z, region, out=out) is out
+    np.testing.assert_array_equal(out, image[region])
+    assert len(z.chunks_read) == len(set(z.chunks_read))  # each decoded once
+    assert (1, 2, 0) in z.chunks_read
+
+
+def test_chunk_cache_read_errors_propagate_and_are_not_cached(tmp_path, image):
+    z = Counting(_write(tmp_path / "image.zarr", image))
+    cache = ChunkCache(2**20)
+    broken = mock.patch.object(Counting, "__getitem__", side_effect=OSError("gone"))
+    with broken, pytest.raises(OSError, match="gone"):
+        cache.read(z, (slice(0, 3), slice(0, 3), slice(0, 3)))
+    assert len(cache) == 0
+    np.testing.assert_array_equal(
+        cache.read(z, (slice(0, 3), slice(0, 3), slice(0, 3))), image[:3, :3, :3]
+    )
+
+
+def test_chunk_uses_count_the_reads_of_each_grid_of_regions():
+    rng = np.random.default_rng(1)
+    shape, chunks = (23, 17), (5, 4)
+    uses = ChunkUses(shape, chunks)
+    grids = []
+    for _ in range(2):  # two grids of overlapping, empty or clipped ranges
+        grid = [
+            sorted(map(tuple, np.sort(rng.integers(0, s + 1, (3, 2))))) for s in shape
+        ]
+        uses.add(grid)
+        grids.append(grid)
+    expected = {}
+    for grid in grids:  # every region of each grid, chunk by chunk
+        for region in itertools.product(*grid):
+            touched = [
+                range(lo // c, -(-hi // c))
+                for (lo, hi), c in zip(region, chunks, strict=True)
+            ]
+            for index in itertools.product(*touched):
+                expected[index] = expected.get(index, 0) + 1
+    for index in itertools.product(
+        *(range(-(-s // c)) for s, c in zip(shape, chunks, strict=True))
+    ):
+        assert uses[index] == expected.get(index, 0), index
+
+
+def test_chunk_cache_lets_go_of_chunks_no_read_needs_again(tmp_path):
+    # rows as chunks, a budget of two: least-recently-used alone keeps
+    # chunk 0 (read twice, done) over chunk 1 (still to be read) and
+    # decodes chunk 1 again; told of the reads, it lets chunk 0 go
+    image = np.arange(6 * 4, dtype=np.uint16).reshape(6, 4)
+    reads = [(0, 2), (0, 1), (2, 3), (1, 2)]
+    decoded = {}
+    for told in (False, True):
+        z = Counting(_write(tmp_path / f"{told}.zarr", image, chunks=(1, 4)))
+        uses = ChunkUses(image.shape, (1, 4))
+        uses.add([[(0, 2), (2, 3)], [(0, 4)]])  # rows 0 and 1 twice, 2 once
+        uses.add([[(0, 1), (1, 2)], [(0, 4)]])
+        cache = ChunkCache(2 * 4 * image.itemsize, uses if told else None)
+        for lo, hi in reads:
+            got = cache.read(z, (slice(lo, hi), slice(0, 4)))
+            np.testing.assert_array_equal(got, image[lo:hi])
+        decoded[told] = sorted(z.chunks_read)
+        assert len(cache) == (0 if told else 2)  # every read done: all gone
+    assert decoded == {
+        False: [(0, 0), (1, 0), (1, 0), (2, 0)],
+        True: [(0, 0), (1, 0), (2, 0)],
+    }
+    clone = pickle.loads(pickle.dumps(cache))  # arrives empty, told of the reads
+    assert len(clone) == 0 and clone.uses[0, 0] == 2
