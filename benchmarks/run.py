@@ -148,7 +148,7 @@ def cases(quick):
             "local_percentile",
             (0.5,),
             dict(selem=size(50, 50, 50), interpolate=1),
-            {"B1": 15, "B3": 3},
+            {"B1": 12, "B3": 3},
         ),
         Case(
             "W2",
@@ -162,7 +162,7 @@ def cases(quick):
                 interpolate=1,
                 dtype=float,
             ),
-            {"B1": 50},
+            {"B1": 15},
         ),
         Case(
             "W3",
