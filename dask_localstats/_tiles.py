@@ -317,6 +317,17 @@ class _Words(NamedTuple):
         return np.clip(out, lowest, lowest + int(band.last), out=out)
 
 
+class _Strip(NamedTuple):
+    """A strip of a row of tiles, counted by one ``np.bincount`` a few rows
+    at a time (:meth:`_PhaseTiles.histograms`)."""
+
+    lo: int  # its first key, in the row's histograms
+    hi: int  # one past its last
+    across: tuple  # its slice of axis 1 (none for 1-D blocks)
+    rows: int  # rows of samples a call counts
+    offsets: np.ndarray  # what each sample's key adds to its column
+
+
 class _PhaseTiles:
     """The samples of one step phase of a block, tile by tile.
 
@@ -412,28 +423,15 @@ class _PhaseTiles:
         group = max(1, _STRIP // (stride * ncols))
         span = min(group, across) * stride * ncols  # keys of a strip, and one
         key, words = self._key(span, table)
-        bits = 8 * np.dtype(key).itemsize
-        inner = self.inner.astype(key) * key(ncols)
         keys_of, shift = self._keys(table, key, ncols)
+        strips = self._strips(key, ncols, group, shift)
         out = np.empty((self.shape[0], per_row * ncols), dtype=self.count)
-        for t, a in itertools.product(range(self.shape[0]), range(0, across, group)):
-            b = min(a + group, across)
-            lo, hi = stride * ncols * a, stride * ncols * b
-            across_part, plane = (), math.prod(self.sub.shape[1:])  # samples a row
-            if len(self.shape) > 1:
-                across_part = (slice(self.edges[1][a], self.edges[1][b]),)
-                width = int(self.edges[1][b] - self.edges[1][a])
-                plane = width * math.prod(self.sub.shape[2:])
-            # modulo the key's range, like `inner`: the strip's offsets fit
-            offsets = inner[(slice(None), *across_part)] - key(
-                (lo + shift) % (1 << bits)
-            )
+        for t, strip in itertools.product(range(self.shape[0]), strips):
             first, last = self.edges[0][t], self.edges[0][t + 1]
-            # runs of at least as many samples as counts: each call zeroes those
-            rows = max(1, max(_SAMPLES, 4 * (hi - lo)) // max(plane, 1))
+            empty = strip.hi - strip.lo  # the key of samples left out
             total = 0
-            for r in range(first, last, rows):
-                part = (slice(r, min(r + rows, last)), *across_part)
+            for r in range(first, last, strip.rows):
+                part = (slice(r, min(r + strip.rows, last)), *strip.across)
                 values = self.sub[part]
                 keep = None if self.keep is None else self.keep[part]
                 if check is not None:
@@ -444,12 +442,37 @@ class _PhaseTiles:
                     keys = keys_of(values)
                 else:  # the same keys, from the words
                     keys = words.clip(part, table, self.low)
-                keys += offsets
+                keys += strip.offsets
                 if keep is not None:
-                    keys[~keep] = hi - lo
-                total += np.bincount(keys.ravel(), minlength=hi - lo + 1)[:-1]
-            out[t, lo:hi] = total
+                    keys[~keep] = empty
+                total += np.bincount(keys.ravel(), minlength=empty + 1)[:-1]
+            out[t, strip.lo : strip.hi] = total
         return out.reshape((*self.shape, ncols))
+
+    def _strips(self, key, ncols, group, shift):
+        """The strips of :meth:`histograms` along axis 1, `group` tiles wide,
+        the same for every row of tiles: each with the offsets of its
+        samples' keys (``tile * ncols``, less the strip's first key and
+        `shift`, modulo the range of `key`, like the values' keys)."""
+        per_row = math.prod(self.shape[1:])
+        across = self.shape[1] if len(self.shape) > 1 else 1
+        stride = per_row // across  # tiles per tile of axis 1
+        bits = 8 * np.dtype(key).itemsize
+        inner = self.inner.astype(key) * key(ncols)
+        strips = []
+        for a in range(0, across, group):
+            b = min(a + group, across)
+            lo, hi = stride * ncols * a, stride * ncols * b
+            part, plane = (), math.prod(self.sub.shape[1:])  # samples a row
+            if len(self.shape) > 1:
+                part = (slice(self.edges[1][a], self.edges[1][b]),)
+                width = int(self.edges[1][b] - self.edges[1][a])
+                plane = width * math.prod(self.sub.shape[2:])
+            offsets = inner[(slice(None), *part)] - key((lo + shift) % (1 << bits))
+            # runs of at least as many samples as counts: each call zeroes those
+            rows = max(1, max(_SAMPLES, 4 * (hi - lo)) // max(plane, 1))
+            strips.append(_Strip(lo, hi, part, rows, offsets))
+        return strips
 
     def _key(self, span, table):
         """The dtype of keys below `span`, and the :class:`_Words` to clip
