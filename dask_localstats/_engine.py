@@ -221,7 +221,10 @@ def plan_blocks(
         return disjoint(grid) and few and cost(counts) > block_bytes // 4
 
     def closer(counts):  # blocks filling the budget more closely
-        options = [_near_counts(m, k) for m, k in zip(grid.counts, counts, strict=True)]
+        points = max(2, round(_PLANS ** (1 / grid.ndim)))  # per axis
+        options = [
+            _near_counts(m, k, points) for m, k in zip(grid.counts, counts, strict=True)
+        ]
         for d, ks in enumerate(options):  # no axis cut below `least` further
             ks[:] = [k for k in ks if k >= counts[d] or extent_of(d, k) >= least[d]]
         fits = (c for c in itertools.product(*options) if cost(c) <= block_bytes)
@@ -247,6 +250,10 @@ def plan_blocks(
         )
         raise MemoryBudgetError(msg)
     return tuple(counts)
+
+
+# Plans :func:`plan_blocks` compares near the halving's, at most.
+_PLANS = 2000
 
 
 def _near_counts(m, k, points=12):
