@@ -223,10 +223,13 @@ def plan_blocks(
     def closer(counts):  # blocks filling the budget more closely
         points = max(2, round(_PLANS ** (1 / grid.ndim)))  # per axis
         options = [
-            _near_counts(m, k, points) for m, k in zip(grid.counts, counts, strict=True)
+            sorted({k, *_near_counts(m, k, points)})
+            for m, k in zip(grid.counts, counts, strict=True)
         ]
         for d, ks in enumerate(options):  # no axis cut below `least` further
-            ks[:] = [k for k in ks if k >= counts[d] or extent_of(d, k) >= least[d]]
+            options[d] = [
+                k for k in ks if k >= counts[d] or extent_of(d, k) >= least[d]
+            ]
         fits = (c for c in itertools.product(*options) if cost(c) <= block_bytes)
         return min(fits, key=lambda c: (read(c), math.prod(per_axis(c))))
 

@@ -136,6 +136,37 @@ def test_plan_blocks_fits_the_budget():
     assert np.prod(extent) * 2 > 64 * 2**20 / 8
 
 
+@given(
+    shape=st.lists(st.integers(1, 3000), min_size=1, max_size=4),
+    data=st.data(),
+)
+def test_plans_fit_their_budget_and_keep_storage_chunks_whole(shape, data):
+    ndim = len(shape)
+    selem = [data.draw(st.integers(1, min(s, 300))) for s in shape]
+    spacing = [
+        data.draw(st.integers(1, min(2 * e, s)))
+        for e, s in zip(selem, shape, strict=True)
+    ]
+    storage = [data.draw(st.integers(1, 512)) for _ in shape]
+    budget = data.draw(st.integers(1, 2**26))
+    grid = make_grid(tuple(shape), tuple(selem), tuple(spacing))
+    try:
+        counts = plan_blocks(grid, 2, budget, storage=storage)
+    except MemoryBudgetError:
+        return
+    extent = [
+        min((k - 1) * h + e, s)
+        for k, h, e, s in zip(
+            counts, grid.spacing, grid.extent, grid.shape, strict=True
+        )
+    ]
+    assert math.prod(extent) * 2 <= budget
+    assert plan_blocks(grid, 2, budget, storage=storage) == counts  # the same plan
+    assert len(counts) == ndim and all(
+        1 <= k <= m for k, m in zip(counts, grid.counts, strict=True)
+    )
+
+
 def test_plan_blocks_cuts_disjoint_windows_for_threads_unless_tiny():
     grid = make_grid((128, 512, 512), (50, 50, 50))  # 64 MiB: one block fits
     per_block = plan_blocks(grid, 2, 64 * 2**20)
