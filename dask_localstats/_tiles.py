@@ -417,9 +417,8 @@ class _PhaseTiles:
         """
         if self._whole():
             return self._by_tile(table, ncols, check)
-        per_row = math.prod(self.shape[1:])
-        across = self.shape[1] if len(self.shape) > 1 else 1
-        stride = per_row // across  # tiles per tile of axis 1
+        across, stride = self._across
+        per_row = across * stride
         group = max(1, _STRIP // (stride * ncols))
         span = min(group, across) * stride * ncols  # keys of a strip, and one
         key, words = self._key(span, table)
@@ -449,14 +448,19 @@ class _PhaseTiles:
             out[t, strip.lo : strip.hi] = total
         return out.reshape((*self.shape, ncols))
 
+    @property
+    def _across(self):
+        """The tiles along axis 1 (1 for 1-D blocks), and the tiles of a row
+        of tiles per tile of axis 1."""
+        across = self.shape[1] if len(self.shape) > 1 else 1
+        return across, math.prod(self.shape[1:]) // across
+
     def _strips(self, key, ncols, group, shift):
         """The strips of :meth:`histograms` along axis 1, `group` tiles wide,
         the same for every row of tiles: each with the offsets of its
         samples' keys (``tile * ncols``, less the strip's first key and
         `shift`, modulo the range of `key`, like the values' keys)."""
-        per_row = math.prod(self.shape[1:])
-        across = self.shape[1] if len(self.shape) > 1 else 1
-        stride = per_row // across  # tiles per tile of axis 1
+        across, stride = self._across
         bits = 8 * np.dtype(key).itemsize
         inner = self.inner.astype(key) * key(ncols)
         strips = []
