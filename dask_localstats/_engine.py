@@ -186,13 +186,11 @@ def plan_blocks(
         When a block of one center does not fit.
     """
 
+    def extent_of(d, k):  # voxels read along d by a block of k centers
+        return min((k - 1) * grid.spacing[d] + grid.extent[d], grid.shape[d])
+
     def extent(counts):
-        return [
-            min((k - 1) * h + e, s)
-            for k, h, e, s in zip(
-                counts, grid.spacing, grid.extent, grid.shape, strict=True
-            )
-        ]
+        return [extent_of(d, k) for d, k in enumerate(counts)]
 
     def cost(counts):
         return math.prod(extent(counts)) * itemsize + math.prod(counts) * per_center
@@ -232,9 +230,6 @@ def plan_blocks(
             ]
         fits = (c for c in itertools.product(*options) if cost(c) <= block_bytes)
         return min(fits, key=lambda c: (read(c), math.prod(per_axis(c))))
-
-    def extent_of(d, k):
-        return min((k - 1) * grid.spacing[d] + grid.extent[d], grid.shape[d])
 
     least = storage or [0] * grid.ndim  # a region at least a chunk long
     counts = list(grid.counts)
