@@ -355,7 +355,7 @@ class _PhaseTiles:
     def __init__(self, block, mask, tiling, steps, low, most=None):
         region = tuple(axis.region(s) for axis, s in zip(tiling, steps, strict=True))
         self.sub, self.low, self.tiling = block[region], low, tiling
-        self.words = _Words.of(block, region, steps[-1])
+        self._block, self._region, self._step = block, region, steps[-1]
         self.most = block.size if most is None else most
         self.count = _count_dtype(self.most)
         self.masked = None if mask is None else mask[region].astype(bool, copy=False)
@@ -363,6 +363,11 @@ class _PhaseTiles:
         # tile bounds per axis, within the samples
         self.edges = [axis.bounds - axis.bounds[0] for axis in tiling]
         self.used = [np.flatnonzero(_used_tiles(axis)) for axis in tiling]
+
+    @functools.cached_property
+    def words(self):
+        """The samples as :class:`_Words`, or None: made when a band clips."""
+        return _Words.of(self._block, self._region, self._step)
 
     @property
     def per_tile(self):
