@@ -47,8 +47,12 @@ resume`` times R1).
   compared with the whole run's, array for array.
 
 W10 and W11 also report each side's CPU time (user + system, all threads)
-over wall time, CPU seconds per GiB of uint16 input and the hours one TiB
-(1024 GiB) would take on this 2-core machine, at the measured wall time.
+over wall time, CPU seconds per GiB of uint16 input, the hours one TiB
+(1024 GiB) would take on this 2-core machine, at the measured wall time,
+and how the CPU time splits between dask's worker threads (the statistic,
+the resampling, the subtraction: the job's own work), zarr's codec
+threads (decoding, encoding), zarr's event loop (every read and write
+goes through it) and the rest (:func:`thread_seconds`).
 
 The volumes are light-sheet-like (see ``data.py``), written slab by slab.
 """
@@ -56,6 +60,7 @@ The volumes are light-sheet-like (see ``data.py``), written slab by slab.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -67,6 +72,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -175,6 +181,65 @@ def cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
+# Python thread names (their start) by what the threads run
+THREAD_KINDS = {
+    "ThreadPoolExecutor": "dask",  # the workers of dask's threaded scheduler
+    "asyncio": "codecs",  # zarr's codec threads (its event loop's executor)
+    "zarr_pool": "codecs",
+    "zarr_io": "zarr loop",  # zarr's event loop: every read and write
+}
+KINDS = ("dask", "codecs", "zarr loop", "other")  # the cost table's order
+
+
+def thread_seconds():
+    """CPU seconds (user and system) of each live thread: ``{tid: (kind, s)}``.
+
+    Linux's per-thread times (``/proc/self/task``), each thread sorted by
+    its Python name into :data:`THREAD_KINDS`, else "other" (the main
+    thread, threads of C libraries); empty where ``/proc`` is missing.
+    """
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    times = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                name = names.get(int(tid), "")
+                kind = next(
+                    (k for p, k in THREAD_KINDS.items() if name.startswith(p)), "other"
+                )
+                times[tid] = kind, (int(fields[11]) + int(fields[12])) / tick
+    return times
+
+
+class ThreadClock:
+    """The CPU time each kind of thread spends while it runs, threads that
+    end meanwhile included: :func:`thread_seconds` read every `interval`
+    seconds by a thread of its own (its reads count as "other")."""
+
+    def __init__(self, interval=0.1):
+        self.interval, self.first = interval, thread_seconds()
+        self.last, self._stop = dict(self.first), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.last.update(thread_seconds())
+
+    def stop(self):
+        """Seconds per kind of :data:`KINDS` since the clock started."""
+        self._stop.set()
+        self._thread.join()
+        self.last.update(thread_seconds())
+        spent = dict.fromkeys(KINDS, 0.0)
+        for tid, (kind, seconds) in self.last.items():
+            spent[kind] += seconds - self.first.get(tid, (kind, 0.0))[1]
+        return spent
+
+
 def job(src, dst, pipeline="minimum"):
     """The W7 job: background-subtract `src` into a new zarr store `dst`.
 
@@ -210,6 +275,7 @@ def copy(src, dst):
 
 
 def child(workload, side, src, dst, extra):
+    clock = ThreadClock()
     start, cpu = time.perf_counter(), cpu_seconds()
     if workload in ("W7", "W7clip", "W7sub"):
         copy(src, dst) if side == "B4" else job(src, dst, extra)
@@ -230,7 +296,8 @@ def child(workload, side, src, dst, extra):
             start = time.perf_counter()
             job(src, dst)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-    print(json.dumps({"seconds": seconds, "cpu": cpu, "rss": peak_rss_mib()}))
+    result = {"seconds": seconds, "cpu": cpu, "rss": peak_rss_mib()}
+    print(json.dumps(result | {"threads": clock.stop()}))
 
 
 ENV = dict(os.environ)
@@ -488,15 +555,20 @@ def ratio_line(label, runs, baseline, target):
 
 
 def cost_lines(label, runs, gib):
-    """Rows of the cost table: CPU time, CPU per GiB and hours per TiB."""
+    """Rows of the cost table: CPU time, CPU per GiB, hours per TiB and the
+    CPU time of each kind of thread (medians)."""
     lines = []
     for side, side_runs in runs.items():
         wall = statistics.median(r["seconds"] for r in side_runs)
         cpu = statistics.median(r["cpu"] for r in side_runs)
         every = ", ".join(f"{r['seconds']:.1f}/{r['cpu']:.1f}" for r in side_runs)
+        threads = " / ".join(
+            f"{statistics.median(r['threads'][k] for r in side_runs):.1f}"
+            for k in KINDS
+        )
         lines.append(
             f"| {label} | {side} | {wall:.1f} | {cpu:.1f} | {cpu / wall:.2f} | "
-            f"{cpu / gib:.1f} | {wall / gib * 1024 / 3600:.1f} | {every} |"
+            f"{cpu / gib:.1f} | {wall / gib * 1024 / 3600:.1f} | {threads} | {every} |"
         )
     return lines
 
@@ -625,8 +697,9 @@ def main(argv=None):
     if costs:
         header = (
             "| workload | side | wall (s) | CPU (s) | CPU / wall | CPU s per GiB | "
-            "h per TiB on 2 cores | every run, wall/CPU (s) |\n"
-            "|---|---|---|---|---|---|---|---|"
+            "h per TiB on 2 cores | CPU (s) of threads: dask / zarr codecs / "
+            "zarr loop / other | every run, wall/CPU (s) |\n"
+            "|---|---|---|---|---|---|---|---|---|"
         )
         print("\n" + header + "\n" + "\n".join(costs))
     if "stages" in only:
