@@ -52,7 +52,7 @@ over wall time, CPU seconds per GiB of uint16 input, the hours one TiB
 and how the CPU time splits between dask's worker threads (the statistic,
 the resampling, the subtraction: the job's own work), zarr's codec
 threads (decoding, encoding), zarr's event loop (every read and write
-goes through it) and the rest (:func:`thread_seconds`).
+goes through it) and the rest (:class:`ThreadClock`).
 
 The volumes are light-sheet-like (see ``data.py``), written slab by slab.
 """
@@ -227,13 +227,20 @@ class ThreadClock:
 
     def _run(self):
         while not self._stop.wait(self.interval):
-            self.last.update(thread_seconds())
+            self._read()
+
+    def _read(self):
+        """The threads' times now; a thread keeps the kind it was first
+        given (an ending thread has left Python's list, not yet Linux's)."""
+        for tid, (kind, seconds) in thread_seconds().items():
+            known = self.last.get(tid, ("other",))[0]
+            self.last[tid] = (known if kind == "other" else kind), seconds
 
     def stop(self):
         """Seconds per kind of :data:`KINDS` since the clock started."""
         self._stop.set()
         self._thread.join()
-        self.last.update(thread_seconds())
+        self._read()
         spent = dict.fromkeys(KINDS, 0.0)
         for tid, (kind, seconds) in self.last.items():
             spent[kind] += seconds - self.first.get(tid, (kind, 0.0))[1]
