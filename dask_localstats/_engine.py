@@ -700,6 +700,8 @@ def coarse_stage(
     name = f"localstats-coarse-{token}"
     cache_bytes = CACHE_BLOCKS * block_bytes
     bounds = edges_of(chunks)
+    # each block's source range along each axis (the chunk caches count
+    # their reads from these too)
     regions = [
         [grid.region(d, a, b) for a, b in itertools.pairwise(edges)]
         for d, edges in enumerate(bounds)
@@ -712,7 +714,7 @@ def coarse_stage(
     def block(key, index):
         span = spans(bounds, index)
         start, stop = zip(*span, strict=True)
-        region = [grid.region(d, *s) for d, s in enumerate(span)]
+        region = [ranges[i] for ranges, i in zip(regions, index, strict=False)]
         origin = tuple(lo for lo, _ in region)
         mask_task = kept and region_task(kept.ref, region, kept.cache)
         return Task(

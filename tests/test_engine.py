@@ -136,6 +136,16 @@ def test_plan_blocks_fits_the_budget():
     assert np.prod(extent) * 2 > 64 * 2**20 / 8
 
 
+def block_extent(grid, counts):
+    """Voxels a block of `counts` centers reads along each axis."""
+    return [
+        min((k - 1) * h + e, s)
+        for k, h, e, s in zip(
+            counts, grid.spacing, grid.extent, grid.shape, strict=True
+        )
+    ]
+
+
 @given(
     shape=st.lists(st.integers(1, 3000), min_size=1, max_size=4),
     data=st.data(),
@@ -154,13 +164,7 @@ def test_plans_fit_their_budget_and_keep_storage_chunks_whole(shape, data):
         counts = plan_blocks(grid, 2, budget, storage=storage)
     except MemoryBudgetError:
         return
-    extent = [
-        min((k - 1) * h + e, s)
-        for k, h, e, s in zip(
-            counts, grid.spacing, grid.extent, grid.shape, strict=True
-        )
-    ]
-    assert math.prod(extent) * 2 <= budget
+    assert math.prod(block_extent(grid, counts)) * 2 <= budget
     assert plan_blocks(grid, 2, budget, storage=storage) == counts  # the same plan
     assert len(counts) == ndim and all(
         1 <= k <= m for k, m in zip(counts, grid.counts, strict=True)
@@ -229,10 +233,7 @@ def test_blocks_fill_their_budget_more_closely_than_halving():
     budget = 64 * 2**20
     counts = plan_blocks(grid, 2, budget, storage=(64, 256, 256))
     assert counts == (64, 17, 27)
-    extent = [
-        (k - 1) * h + e
-        for k, h, e in zip(counts, grid.spacing, grid.extent, strict=True)
-    ]
+    extent = block_extent(grid, counts)
     assert math.prod(extent) * 2 <= budget and extent[0] >= 64
     assert _engine._near_counts(82, 21) == [11, 12, 14, 17, 21, 28, 41]
 
