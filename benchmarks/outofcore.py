@@ -319,8 +319,12 @@ def chunk_files(store):
     meta = json.loads((store / "zarr.json").read_text())
     chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
     total = math.prod(-(-n // c) for n, c in zip(meta["shape"], chunks, strict=True))
-    done = sum(1 for f in (store / "c").rglob("*") if f.is_file())
-    return done, total
+    return len(chunk_paths(store)), total
+
+
+def chunk_paths(store):
+    """The chunk files of a zarr v3 store (under ``c/``), sorted."""
+    return sorted(f for f in (store / "c").rglob("*") if f.is_file())
 
 
 def killed_at(src, dst, fraction):
@@ -435,6 +439,19 @@ def touched(shape, dtype):
     return out
 
 
+class Steps:
+    """Steps timed in one process (:func:`stages`, :func:`w7_floors`), each
+    printed as a JSON row when done, for :func:`steps_of` to read."""
+
+    def __init__(self, gib):
+        self.gib, self.rows = gib, []
+
+    def row(self, step, wall, cpu, note=""):
+        """Record one step: its wall and CPU seconds, and a note."""
+        self.rows.append(dict(step=step, wall=wall, cpu=cpu, gib=self.gib, note=note))
+        print(json.dumps(self.rows[-1]), flush=True)
+
+
 def stages(src, workdir):
     """W10's steps one by one, in this process; one JSON row per step.
 
@@ -453,11 +470,8 @@ def stages(src, workdir):
     z = zarr.open_array(src, mode="r")
     gib = z.nbytes / 2**30
     chunks = da.core.normalize_chunks(z.chunks, z.shape)
-    rows = []
-
-    def row(step, wall, cpu, note=""):
-        rows.append(dict(step=step, wall=wall, cpu=cpu, gib=gib, note=note))
-        print(json.dumps(rows[-1]), flush=True)
+    steps = Steps(gib)
+    row, rows = steps.row, steps.rows
 
     # the job as a whole, in this process
     dst = workdir / "stages-out.zarr"
@@ -466,7 +480,7 @@ def stages(src, workdir):
     row("whole job (to_zarr of subtract_background)", wall, cpu)
     shutil.rmtree(dst, ignore_errors=True)
     # read: files into memory, zstd decoding in one thread, zarr threaded
-    files = sorted(f for f in Path(src).rglob("*") if f.is_file() and "c" in f.parts)
+    files = chunk_paths(Path(src))
     raw, wall, cpu = timed(_read_all, files)
     packed = sum(map(len, raw)) / z.nbytes
     row("read the chunk files (page cache)", wall, cpu, f"ratio {packed:.2f}")
@@ -543,17 +557,14 @@ def w7_floors(src, workdir):
 
     z = zarr.open_array(src, mode="r")
     gib = z.nbytes / 2**30
-    rows = []
-
-    def row(step, wall, cpu, note=""):
-        rows.append(dict(step=step, wall=wall, cpu=cpu, gib=gib, note=note))
-        print(json.dumps(rows[-1]), flush=True)
+    steps = Steps(gib)
+    row, rows = steps.row, steps.rows
 
     dst = workdir / "floors-out.zarr"
     _, wall, cpu = timed(copy, src, dst)
     shutil.rmtree(dst, ignore_errors=True)
     row("B4: the copy (threaded)", wall, cpu)
-    files = sorted(f for f in Path(src).rglob("*") if f.is_file() and "c" in f.parts)
+    files = chunk_paths(Path(src))
     raw, wall, cpu = timed(_read_all, files)
     row("+ the user's read: the chunk files (page cache)", wall, cpu)
     decoded, wall, cpu = timed(_code_all, numcodecs.Zstd().decode, raw)
