@@ -95,6 +95,7 @@ _MAX_TABLE = 1 << 22  # values a percentile's lookup tables may span
 _LOOPED = 256
 _STRIP = 1 << 16  # counts a bincount call makes: they stay in cache
 _SAMPLES = 1 << 16  # samples a bincount call counts: its keys stay in cache
+_SUMS = 1 << 20  # samples whose sums a group of rows of tiles takes at once
 _WHOLE = 1 << 15  # samples of a tile counted alone (:meth:`_PhaseTiles._by_tile`)
 _THIN = 8  # the estimate of where ranks fall reads 1 / _THIN of the samples
 _SINGLE = 8  # single-value columns at once where tiles x values x this <= samples
@@ -201,8 +202,11 @@ def _offsets(values, low, dtype=np.intp):
     """
     dtype = np.dtype(dtype)
     if max(values.dtype.itemsize, dtype.itemsize) < 8:
-        return (values.astype(np.intp) - low).astype(dtype)
-    difference = values.astype(np.uint64) - np.uint64(low % 2**64)
+        return np.subtract(values, low, dtype=np.intp).astype(dtype, copy=False)
+    modulo = np.uint64(low % 2**64)
+    difference = np.subtract(values, modulo, dtype=np.uint64, casting="unsafe")
+    if dtype.kind in "iu" and dtype.itemsize == 8:
+        return difference.view(dtype)  # two's complement: the same bits
     return difference.astype(dtype)
 
 
@@ -566,27 +570,68 @@ class _PhaseTiles:
             ).astype(key, copy=False), 0
         return lambda values: _offsets(values, self.low, key), 0
 
-    def sums(self):
+    def sums(self, span=None):
         """Kept counts and sums of ``values`` and ``values**2`` per tile.
 
-        Returns an int64 array ``(*shape, 3)``. Each row of tiles is summed
-        over axis 0, then over the tiles of the other axes (``reduceat``).
+        Returns an int64 array ``(*shape, 3)``. Rows of tiles (along axis
+        0) are summed a group of about :data:`_SUMS` samples at a time, over
+        the tiles of each axis in turn (``reduceat``); where every sample is
+        kept, the counts are the tiles' sizes. Where the kept values span
+        fewer than 2**16 values (`span`, the greatest less the least), their
+        offsets are taken modulo 2**16, exact in ``uint16``, and their
+        squares in ``uint32``: passes over a quarter and a half of int64's
+        bytes.
         """
         out = np.empty((*self.shape, 3), dtype=np.int64)
-        for t in range(self.shape[0]):
-            part = slice(self.edges[0][t], self.edges[0][t + 1])
-            x = _offsets(self.sub[part], self.low, np.int64)
-            if self.keep is None:
-                n = np.full(x.shape[1:], len(x))
+        if self.keep is None:
+            sizes = [np.diff(edges) for edges in self.edges]
+            out[..., 0] = functools.reduce(np.multiply.outer, sizes)
+        rows = self.edges[0]
+        deepest = int(np.diff(rows).max(initial=1)) * math.prod(self.sub.shape[1:])
+        group = max(1, _SUMS // max(deepest, 1))
+        for t in range(0, self.shape[0], group):
+            tiles = slice(t, min(t + group, self.shape[0]))
+            part = slice(rows[tiles.start], rows[tiles.stop])
+            if span is not None and span < 2**16:  # kept offsets: exact modulo 2**16
+                low = self.low % 2**16
+                x = np.subtract(self.sub[part], low, dtype=np.uint16, casting="unsafe")
+                wide = np.uint32
             else:
+                x, wide = _offsets(self.sub[part], self.low, np.int64), np.int64
+            counted = []
+            if self.keep is not None:
                 keep = self.keep[part]
                 x[~keep] = 0
-                n = keep.sum(axis=0)
-            for k, total in enumerate((n, x.sum(axis=0), np.square(x).sum(axis=0))):
-                for d, edges in enumerate(self.edges[1:]):
+                counted = [(0, keep)]
+            squares = np.square(x, dtype=wide)
+            bounds = rows[tiles.start : tiles.stop + 1] - part.start
+            for k, values in [*counted, (1, x), (2, squares)]:
+                total = _row_sums(values, bounds)
+                for d, edges in enumerate(self.edges[1:], start=1):
                     total = np.add.reduceat(total, edges[:-1], axis=d)
-                out[t, ..., k] = total
+                out[tiles, ..., k] = total
         return out
+
+
+def _row_sums(values, bounds):
+    """Sums (int64) of `values` over axis 0 between consecutive `bounds`.
+
+    One reduction where the runs are of one length (``reduceat`` along the
+    first axis runs several times slower than ``sum``).
+
+    Examples
+    --------
+    >>> _row_sums(np.arange(6).reshape(3, 2), np.array([0, 1, 3])).tolist()
+    [[0, 1], [6, 8]]
+    """
+    sizes = np.diff(bounds)
+    if (sizes == sizes[0]).all():
+        runs = values.reshape(len(sizes), int(sizes[0]), *values.shape[1:])
+        return runs.sum(axis=1, dtype=np.int64)
+    sums = [
+        values[a:b].sum(axis=0, dtype=np.int64) for a, b in itertools.pairwise(bounds)
+    ]
+    return np.stack(sums)
 
 
 def _size_classes(axis):
@@ -1165,6 +1210,35 @@ def _tiling_percentiles(
     return values, n.reshape(windows)
 
 
+def _moment(n, s1, s2, low, moment):
+    """Each window's mean or variance from its exact sums, rounded once.
+
+    The mean is ``(low n + S1) / n``, the variance ``(n S2 - S1^2) / n^2``
+    (`n` positive, S1 and S2 the sums of the values offset by `low` and of
+    their squares). Where numerator and denominator stay below 2**53 they
+    are exact in int64 and in float64, and one IEEE division rounds the
+    quotient, as Python's integer division does (the same bits); else the
+    integers are Python's, exact however large.
+
+    Examples
+    --------
+    >>> n, s1, s2 = np.array([3]), np.array([3]), np.array([5])
+    >>> _moment(n, s1, s2, 10, "mean"), _moment(n, s1, s2, 10, "var")
+    (array([11.]), array([0.66666667]))
+    """
+    if not n.size:
+        return n.astype(np.float64)
+    most = int(n.max())
+    top = most * max(1, abs(low) + int(np.abs(s1).max()))  # bounds the mean's
+    if moment != "mean":
+        top = most * max(int(s2.max()), most)  # bounds n S2 (and S1^2), n^2
+    if top < 2**53:
+        return (low * n + s1) / n if moment == "mean" else (n * s2 - s1 * s1) / (n * n)
+    n, s1, s2 = (x.astype(object) for x in (n, s1, s2))
+    exact = (low * n + s1) / n if moment == "mean" else (n * s2 - s1 * s1) / (n * n)
+    return exact.astype(np.float64)
+
+
 def tile_moments(block, origin, grid, start, stop, moment, mask):
     """Window means, variances or standard deviations of an integer block.
 
@@ -1199,14 +1273,11 @@ def tile_moments(block, origin, grid, start, stop, moment, mask):
     for tiling in _block_phases(origin, grid, start, stop):
         samples = _PhaseTiles(block, mask, tiling, grid.step, low)
         rows = np.ix_(*(axis.rows for axis in tiling))
-        sums[rows] = _window_sums(samples.sums(), tiling)
-    n, s1, s2 = (
-        np.asarray(x, np.int64).astype(object) for x in np.moveaxis(sums, -1, 0)
-    )
+        sums[rows] = _window_sums(samples.sums(high - low), tiling)
+    n, s1, s2 = np.moveaxis(sums, -1, 0)
     empty = n == 0
     n = np.where(empty, 1, n)
-    exact = (low * n + s1) / n if moment == "mean" else (n * s2 - s1 * s1) / (n * n)
-    values = exact.astype(np.float64)
+    values = _moment(n, s1, s2, low, moment)
     if moment == "std":
         values = np.sqrt(values)
     values[empty] = np.nan

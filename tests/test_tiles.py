@@ -285,6 +285,29 @@ def test_a_band_counts_what_its_table_counts(whole, data, geometry):
         np.testing.assert_array_equal(clipped, looked_up, strict=True)
 
 
+@given(data=st.data(), geometry=geometries(footprints=False))
+def test_tile_sums_of_a_narrow_span_are_those_in_int64(data, geometry):
+    # values anywhere in any integer dtype, spanning fewer than 2**16: their
+    # offsets taken modulo 2**16 sum to the int64 path's, masked or not
+    shape, selem, spacing, step = geometry
+    dtype = data.draw(st.sampled_from(["uint8", "int8", "uint16", "int32", "int64"]))
+    info = np.iinfo(dtype)
+    first = data.draw(st.integers(info.min, info.max))
+    last = min(info.max, first + data.draw(st.sampled_from([2, 300, 2**16 - 1])))
+    source = data.draw(arrays(dtype, shape, st.integers(first, last)))
+    mask = data.draw(masks(shape))
+    low, high = _tiles._kept_range(source, mask)
+    grid = make_grid(shape, selem, spacing, step)
+    origin = (0,) * len(shape)
+    for tiling in _tiles._block_phases(origin, grid, origin, grid.counts):
+        samples = _tiles._PhaseTiles(source, mask, tiling, grid.step, low)
+        with mock.patch.object(
+            _tiles, "_SUMS", data.draw(st.sampled_from([1, 1 << 20]))
+        ):
+            narrow = samples.sums(high - low)
+        np.testing.assert_array_equal(narrow, samples.sums(), strict=True)
+
+
 @pytest.mark.parametrize(("dtype", "step"), [("uint8", 2), ("uint8", 4), ("uint16", 2)])
 @given(data=st.data())
 def test_words_hold_the_samples_of_every_phase(dtype, step, data):
@@ -542,6 +565,36 @@ def test_numpy_moments_match_the_reference(data, geometry, function, vectorized)
             **kwargs,
         )
     np.testing.assert_allclose(result, expected, rtol=1e-12, atol=0)
+
+
+@st.composite
+def window_sums(draw):
+    """Sums ``(n, S1, S2)`` of some windows' offset values, and the offset:
+    small enough for int64 and float64, or not."""
+    size = draw(st.integers(1, 5))
+    bits = draw(st.sampled_from([4, 16, 26, 40]))
+    low = draw(st.integers(-(2**bits), 2**bits))
+    n, s1, s2 = [], [], []
+    for _ in range(size):
+        values = draw(st.lists(st.integers(0, 2**bits), min_size=1, max_size=6))
+        repeat = draw(st.sampled_from([1, 1000, 2**20]))  # windows of many samples
+        n.append(len(values) * repeat)
+        s1.append(sum(values) * repeat)
+        s2.append(sum(v * v for v in values) * repeat)
+    if max(s2) >= 2**63:
+        return None
+    return tuple(np.array(x, np.int64) for x in (n, s1, s2)), low
+
+
+@given(sums=window_sums(), moment=st.sampled_from(["mean", "var"]))
+def test_moments_round_the_exact_quotient_once(sums, moment):
+    assume(sums is not None)
+    (n, s1, s2), low = sums
+    result = _tiles._moment(n, s1, s2, low, moment)
+    n, s1, s2 = (x.astype(object) for x in (n, s1, s2))
+    exact = (low * n + s1) / n if moment == "mean" else (n * s2 - s1 * s1) / (n * n)
+    assert result.dtype == np.float64
+    np.testing.assert_array_equal(result, exact.astype(np.float64))
 
 
 def test_moments_use_exact_tile_sums_or_decline():
