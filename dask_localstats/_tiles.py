@@ -595,15 +595,15 @@ class _PhaseTiles:
             if span is not None and span < 2**16:  # kept offsets: exact modulo 2**16
                 low = self.low % 2**16
                 x = np.subtract(self.sub[part], low, dtype=np.uint16, casting="unsafe")
-                wide = np.uint32
+                square = np.uint32
             else:
-                x, wide = _offsets(self.sub[part], self.low, np.int64), np.int64
+                x, square = _offsets(self.sub[part], self.low, np.int64), np.int64
             counted = []
             if self.keep is not None:
                 keep = self.keep[part]
                 x[~keep] = 0
                 counted = [(0, keep)]
-            squares = np.square(x, dtype=wide)
+            squares = np.square(x, dtype=square)
             bounds = rows[tiles.start : tiles.stop + 1] - part.start
             for k, values in [*counted, (1, x), (2, squares)]:
                 total = _row_sums(values, bounds)
@@ -1232,11 +1232,10 @@ def _moment(n, s1, s2, low, moment):
     top = most * max(1, abs(low) + int(np.abs(s1).max()))  # bounds the mean's
     if moment != "mean":
         top = most * max(int(s2.max()), most)  # bounds n S2 (and S1^2), n^2
-    if top < 2**53:
-        return (low * n + s1) / n if moment == "mean" else (n * s2 - s1 * s1) / (n * n)
-    n, s1, s2 = (x.astype(object) for x in (n, s1, s2))
-    exact = (low * n + s1) / n if moment == "mean" else (n * s2 - s1 * s1) / (n * n)
-    return exact.astype(np.float64)
+    if top >= 2**53:
+        n, s1, s2 = (x.astype(object) for x in (n, s1, s2))
+    quotient = (low * n + s1) / n if moment == "mean" else (n * s2 - s1 * s1) / (n * n)
+    return quotient.astype(np.float64, copy=False)
 
 
 def tile_moments(block, origin, grid, start, stop, moment, mask):
