@@ -65,8 +65,10 @@ Paths
   1 and 2 of the tile histograms, with the requested bins as columns.
 - *Moments* (``numpy.mean``, ``numpy.var``, ``numpy.std`` given to
   ``apply_local_function``): exact integer sums of the values and their
-  squares per tile (:meth:`_PhaseTiles.sums`, ``np.add.reduceat``), then per
-  window with running sums as in step 2.
+  squares per tile (:meth:`_PhaseTiles.sums`, ``np.add.reduceat``; in
+  ``uint16`` and ``uint32`` where the values span fewer than 2**16), then
+  per window with running sums as in step 2, and one division a window,
+  rounded once (:func:`_moment`).
 
 For percentiles, NumPy's interpolation between the two order statistics is
 then applied as for the other kernels, so results are bit-identical to
