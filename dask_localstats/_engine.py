@@ -677,27 +677,9 @@ def coarse_stage(
     -------
     dask array of shape ``grid.counts + statistic.fshape``
     """
-    itemsize = np.dtype(source.dtype).itemsize
-    itemsize += 0 if mask is None else np.dtype(mask.dtype).itemsize
     block_bytes = block_bytes or DEFAULT_BLOCK_BYTES
-    per_center = _component_bytes(statistic.fshape, dtype)
-    storage = _storage_chunks(source)
-    per_block = plan_blocks(grid, itemsize, block_bytes, per_center, storage)
-    chunks = align_blocks(grid, per_block, storage)
-    token = tokenize(
-        identity(source),
-        grid.shape,
-        grid.extent,
-        grid.spacing,
-        grid.step,
-        grid.footprint,
-        statistic,
-        dtype,
-        identity(mask),
-        chunks,
-        missing,
-    )
-    name = f"localstats-coarse-{token}"
+    chunks = _coarse_blocks(source, grid, statistic, dtype, mask, block_bytes)
+    name = _coarse_name(source, grid, statistic, dtype, mask, chunks, missing)
     cache_bytes = CACHE_BLOCKS * block_bytes
     bounds = edges_of(chunks)
     # each block's source range along each axis (the chunk caches count
@@ -750,6 +732,36 @@ def coarse_stage(
     # checkpoint_of), so that it reads them instead of computing
     layer.notes["coarse"] = coarse
     return fill_stage(coarse, grid.ndim, dtype)
+
+
+def _coarse_name(source, grid, statistic, dtype, mask, chunks, missing):
+    """The dask name of a coarse stage: a token of all it depends on."""
+    token = tokenize(
+        identity(source),
+        grid.shape,
+        grid.extent,
+        grid.spacing,
+        grid.step,
+        grid.footprint,
+        statistic,
+        dtype,
+        identity(mask),
+        chunks,
+        missing,
+    )
+    return f"localstats-coarse-{token}"
+
+
+def _coarse_blocks(source, grid, statistic, dtype, mask, block_bytes):
+    """The centers of a coarse stage's processing blocks, as dask chunks of
+    the grid: planned within `block_bytes` (:func:`plan_blocks`) and
+    aligned to the source's storage chunks (:func:`align_blocks`)."""
+    itemsize = np.dtype(source.dtype).itemsize
+    itemsize += 0 if mask is None else np.dtype(mask.dtype).itemsize
+    per_center = _component_bytes(statistic.fshape, dtype)
+    storage = _storage_chunks(source)
+    per_block = plan_blocks(grid, itemsize, block_bytes, per_center, storage)
+    return align_blocks(grid, per_block, storage)
 
 
 def fill_stage(flagged, ndim, dtype, boxes=None, name=None):
