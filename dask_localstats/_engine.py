@@ -696,6 +696,7 @@ def coarse_stage(
     def block(key, index):
         span = spans(bounds, index)
         start, stop = zip(*span, strict=True)
+        # `index` also counts the statistic's component axes: zip stops before them
         region = [ranges[i] for ranges, i in zip(regions, index, strict=False)]
         origin = tuple(lo for lo, _ in region)
         mask_task = kept and region_task(kept.ref, region, kept.cache)
