@@ -7,11 +7,17 @@ address, starts a local cluster of worker processes (with the
 PBS, SGE, LSF... with the ``jobqueue`` extra, dask-jobqueue), for as long
 as a ``with`` block lasts.
 
-Each worker of a cluster started here decodes and encodes zarr chunks in
-as many threads as it runs tasks (:func:`codec_threads`): zarr's own pool would otherwise take every
-core of the machine in every worker, so that a worker of one thread already
-kept two cores busy and eight workers of a node ran dozens of codec threads
-against each other.
+Each worker of a cluster started here is set up for the library's work
+(:func:`tune_workers`):
+
+- it decodes and encodes zarr chunks in as many threads as it runs tasks:
+  zarr's own pool would otherwise take every core of the machine in every
+  worker, so that a worker of one thread already kept two cores busy and
+  eight workers of a node ran dozens of codec threads against each other;
+- its C library keeps freed memory for the next arrays
+  (:func:`~dask_localstats._engine.keep_freed_memory`): dask.distributed's
+  default for workers has every array of 128 KiB or more mapped afresh,
+  which made the kernels 2 to 3 times slower.
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ def connect(
             from distributed import Client
 
             with Client(cluster) as client:
-                yield codec_threads(client)
+                yield tune_workers(client)
         return
     if scheduler is None and workers is None:
         yield None
@@ -117,29 +123,33 @@ def connect(
         memory_limit=_memory_limit(memory_limit),
     )
     with cluster, Client(cluster) as client:
-        yield codec_threads(client)
+        yield tune_workers(client)
 
 
-def codec_threads(client):
-    """Make the workers of `client` run zarr's codecs in their task threads' number.
+def tune_workers(client):
+    """Set up the workers of `client` for the library's work.
 
     Registers a worker plugin (on the workers there are and those to come)
     that sets zarr's ``threading.max_workers`` to the worker's number of
-    threads before zarr makes its pool, at a worker's first read or write.
-    Returns `client`.
+    threads before zarr makes its pool, at a worker's first read or write,
+    and has the worker's C library keep freed memory for the next arrays
+    (:func:`~dask_localstats._engine.keep_freed_memory`). Returns `client`.
     """
     from distributed import WorkerPlugin
 
-    class CodecThreads(WorkerPlugin):
-        name = "dask-localstats-codec-threads"
+    class TuneWorkers(WorkerPlugin):
+        name = "dask-localstats-tune-workers"
         idempotent = True
 
         def setup(self, worker):
             import zarr
 
-            zarr.config.set({"threading.max_workers": worker.state.nthreads})
+            from dask_localstats._engine import keep_freed_memory
 
-    client.register_plugin(CodecThreads())
+            zarr.config.set({"threading.max_workers": worker.state.nthreads})
+            keep_freed_memory()
+
+    client.register_plugin(TuneWorkers())
     return client
 
 

@@ -477,21 +477,61 @@ def region_task(array, region, cache=None):
 
 
 @functools.cache
+def _glibc():
+    """The C library if it is glibc (it has ``malloc_trim`` and ``mallopt``), or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc's, not another libc's
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+# glibc raises its mmap threshold up to this (the most it allows on 64-bit
+# systems) as large blocks are freed, and its trim threshold to twice it
+HEAP_MMAP_THRESHOLD = 32 * 2**20
+
+
+def keep_freed_memory():
+    """Have glibc keep freed memory for the next arrays, as it ends up doing
+    by itself; whether it could (False: not glibc).
+
+    dask.distributed starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``
+    (``distributed.nanny.pre-spawn-environ``), which also fixes glibc's mmap
+    threshold at 128 KiB: every array of 128 KiB or more is then mapped
+    afresh, and the system faults in and zeroes its pages when it is first
+    written. The kernels' temporaries are of that size; a tile kernel's
+    block took 2 to 3 times as long in such a worker. This sets the two
+    thresholds where glibc's own adjustment leads (``mallopt``): arrays up
+    to :data:`HEAP_MMAP_THRESHOLD` come from memory already faulted in,
+    and the heaps are trimmed by :func:`_coarse_block` as they grow.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mapped = libc.mallopt(m_mmap_threshold, HEAP_MMAP_THRESHOLD)
+    return bool(mapped and libc.mallopt(m_trim_threshold, 2 * HEAP_MMAP_THRESHOLD))
+
+
+@functools.cache
 def _trim_tools():
     """glibc's ``malloc_trim`` and a reader of this process's RSS, or None."""
+    libc = _glibc()
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
         page = os.sysconf("SC_PAGE_SIZE")
         with open("/proc/self/statm") as statm:
             statm.read()
-    except (OSError, AttributeError, ValueError):
+    except (OSError, ValueError):
+        return None
+    if libc is None:
         return None
 
     def rss():
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * page
 
-    return trim, rss
+    return libc.malloc_trim, rss
 
 
 _TRIMMED = {"rss": 0}

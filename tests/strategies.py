@@ -142,3 +142,15 @@ class Counting:
         ]
         self.chunks_read += itertools.product(*ranges)
         return self.array[region]
+
+
+def faults_of_an_array_made_again(nbytes=1 << 20):
+    """Pages the system faults in when this thread makes, writes and frees an
+    array of `nbytes`, then makes and writes another: none where the C
+    library kept the freed memory for the next array (Linux only)."""
+    import resource
+
+    np.ones(nbytes, np.uint8)  # made, written and freed
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    np.ones(nbytes, np.uint8)
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zarr
 from dask.array.utils import assert_eq
+from strategies import faults_of_an_array_made_again
 
 import dask_localstats as dls
 
@@ -182,13 +183,18 @@ def _codec_pool(folder):
     return zarr.config.get("threading.max_workers"), len(pool)
 
 
-def test_workers_run_codecs_in_as_many_threads_as_tasks(stored, tmp_path):
+def test_workers_are_set_up_for_the_library_s_work(stored, tmp_path):
     # else zarr's pool takes every core in every worker: a one-thread worker
     # kept two cores busy, and W8 (1 worker against 2) could not scale
     from dask_localstats._cluster import connect
 
     with connect(workers=2, threads=1) as client:
         assert set(client.run(_codec_pool, tmp_path).values()) == {(1, 1)}
+        # and freed memory is kept for the next arrays, not mapped afresh
+        # each time as dask.distributed's workers have it (test_engine.py)
+        if sys.platform == "linux":
+            faults = client.run(faults_of_an_array_made_again).values()
+            assert max(faults) < 16, faults
         image, path = stored
         done = dls.local_percentile(path, 0.5, **KWARGS).compute()
         np.testing.assert_array_equal(done, dls.local_percentile(image, 0.5, **KWARGS))
