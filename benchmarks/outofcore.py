@@ -34,6 +34,9 @@ resume`` times R1).
   of about 64 MiB (zarr 3.1's sharding codec copies each chunk twice more
   on the way), and once more ("W10 flat", side ``flat``) without shards: the
   copy's very layout.
+- W10cluster (``--only W10cluster``, not in the default run): W10's job on
+  the library's local cluster of 2 one-thread workers (as W8's), side by
+  side with the threaded job; its CPU time counts the workers' too.
 - W11: the same job on a folder of 200 uint16 1024 x 1024 TIFF slices
   (``dls.open_source(folder)``), against a plain TIFF -> zarr conversion
   with the same output chunks: ``tifffile.imread`` of each slice, stacked
@@ -281,11 +284,24 @@ def copy(src, dst):
     da.from_zarr(z).to_zarr(dst, overwrite=True, compressors=ZstdCodec(level=1))
 
 
+def workers_cpu(client):
+    """CPU seconds (user and system) the workers of `client` have spent, in all."""
+    return sum(client.run(cpu_seconds).values())
+
+
 def child(workload, side, src, dst, extra):
     clock = ThreadClock()
-    start, cpu = time.perf_counter(), cpu_seconds()
+    start, cpu, workers = time.perf_counter(), cpu_seconds(), 0.0
     if workload in ("W7", "W7clip", "W7sub"):
         copy(src, dst) if side == "B4" else job(src, dst, extra)
+    elif workload == "W8" or side == "cluster":  # the library's local cluster
+        from dask_localstats._cluster import connect
+
+        with connect(workers=int(extra), threads=1) as client:  # one thread a worker
+            start, cpu = time.perf_counter(), cpu_seconds()
+            workers = -workers_cpu(client)
+            job(src, dst) if workload == "W8" else lightsheet_job(src, dst)
+            workers += workers_cpu(client)
     elif workload == "W10" and side == "B4":
         lightsheet_copy(src, dst)
     elif workload == "W10":  # ours, or flat: without shards, as the copy
@@ -296,13 +312,7 @@ def child(workload, side, src, dst, extra):
         lightsheet_job(src, dst, parse_chunks(extra))
     elif workload == "W11":
         tiff_copy(src, dst, parse_chunks(extra))
-    elif workload == "W8":  # the library's local cluster, one thread a worker
-        from dask_localstats._cluster import connect
-
-        with connect(workers=int(extra), threads=1):
-            start = time.perf_counter()
-            job(src, dst)
-    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu + workers
     result = {"seconds": seconds, "cpu": cpu, "rss": peak_rss_mib()}
     print(json.dumps(result | {"threads": clock.stop()}))
 
@@ -636,6 +646,17 @@ def ratio_line(label, runs, baseline, target):
     )
 
 
+def cluster_line(label, runs, gib):
+    """A row of the main table: W10 on a local cluster against its threads."""
+    cluster = statistics.median(r["seconds"] for r in runs["cluster"])
+    ours = statistics.median(r["seconds"] for r in runs["ours"])
+    return (
+        f"| {label} | {cluster:.1f} | 2 threads {ours:.1f} | "
+        f"{cluster / ours:.2f}x the threads' time, {2 * cluster / gib:.1f} "
+        f"core-s a GiB | - | - |"
+    )
+
+
 def cost_lines(label, runs, gib):
     """Rows of the cost table: CPU time, CPU per GiB, hours per TiB and the
     CPU time of each kind of thread (medians)."""
@@ -748,6 +769,16 @@ def main(argv=None):
             lines.append(ratio_line(f"{label} flat", flat, "B4 copy", target))
             costs += cost_lines(label, runs, z.nbytes / 2**30)
             print(*lines[-2:], *costs[-3:], sep="\n", flush=True)
+    if "W10cluster" in only:
+        for gib in args.sizes:
+            src = args.workdir / f"lightsheet-{gib:g}GiB.zarr"
+            z = make_volume(src, gib, LIGHTSHEET_SECTION, LIGHTSHEET_CHUNKS)
+            extras = {"cluster": "2", "ours": "-"}
+            runs = side_by_side("W10", src, extras, args.repeat, args.workdir)
+            label = f"W10 {gib:g} GiB on 2 workers"
+            lines.append(cluster_line(label, runs, z.nbytes / 2**30))
+            costs += cost_lines(label, runs, z.nbytes / 2**30)
+            print(lines[-1], *costs[-2:], sep="\n", flush=True)
     if "resume" in only:
         gib = args.sizes[0]
         src = args.workdir / f"lightsheet-{gib:g}GiB.zarr"
