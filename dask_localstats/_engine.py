@@ -481,10 +481,10 @@ def _glibc():
     """The C library if it is glibc (it has ``malloc_trim`` and ``mallopt``), or None."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc's, not another libc's
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    return libc
+    glibc = all(hasattr(libc, name) for name in ("malloc_trim", "mallopt"))
+    return libc if glibc else None
 
 
 # glibc raises its mmap threshold up to this (the most it allows on 64-bit
@@ -518,13 +518,13 @@ def keep_freed_memory():
 def _trim_tools():
     """glibc's ``malloc_trim`` and a reader of this process's RSS, or None."""
     libc = _glibc()
+    if libc is None:
+        return None
     try:
         page = os.sysconf("SC_PAGE_SIZE")
         with open("/proc/self/statm") as statm:
             statm.read()
     except (OSError, ValueError):
-        return None
-    if libc is None:
         return None
 
     def rss():
