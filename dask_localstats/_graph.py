@@ -12,14 +12,16 @@ it, costs what that part needs.
 
 from __future__ import annotations
 
+import collections
 import graphlib
 import itertools
 import math
 
+from dask._task_spec import Task, convert_legacy_graph
 from dask.blockwise import Blockwise
 from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
 
-__all__ = ["BlockLayer", "batches", "cull", "edges_of", "spans"]
+__all__ = ["BlockLayer", "batches", "cull", "edges_of", "gathered", "spans"]
 
 _PROBE = 64  # items whose graph gives the tasks an item needs (see batches)
 
@@ -272,3 +274,71 @@ def _kept(dependencies, name, kept):
         else:
             stack.extend(dependencies[layer])
     return found
+
+
+def gathered(graph, keys, keep):
+    """`graph` (a HighLevelGraph) with each of `keys` made by one task that
+    also runs the tasks only it needs.
+
+    A task whose dependents are all among those gathered for one key joins
+    that key's task (dask's :meth:`~dask._task_spec.Task.fuse`: it runs them
+    in order and lets each value go when the last task needing it is done),
+    unless ``keep(key)``; a task several keys need, and each of `keys`,
+    stays a task of its own. An output block is then made in one place: on
+    a cluster, its intermediate chunks never travel between workers. The
+    graph is listed whole, so it must be of bounded size (a batch's).
+    Returns a graph of one layer, named as `keys` are; `graph` itself where
+    a layer carries annotations, which one layer could not keep.
+
+    Examples
+    --------
+    >>> from dask._task_spec import Task, TaskRef
+    >>> tasks = {
+    ...     "a": Task("a", int, "1"),
+    ...     "b": Task("b", pow, TaskRef("a"), 2),
+    ...     "shared": Task("shared", int, "2"),
+    ...     ("out", 0): Task(("out", 0), max, TaskRef("b"), TaskRef("shared")),
+    ...     ("out", 1): Task(("out", 1), min, TaskRef("shared"), 5),
+    ... }
+    >>> graph = HighLevelGraph.from_collections("out", tasks)
+    >>> made = gathered(graph, [("out", 0), ("out", 1)], keep=lambda key: False)
+    >>> sorted(map(str, made))  # "a" and "b" run inside ("out", 0)'s task
+    ["('out', 0)", "('out', 1)", 'shared']
+    >>> dict(made)[("out", 0)]({"shared": 2})
+    2
+    """
+    if any(layer.annotations for layer in graph.layers.values()):
+        return graph
+    tasks = convert_legacy_graph(dict(graph))
+    dependents = collections.defaultdict(set)
+    for key, node in tasks.items():
+        for dependency in node.dependencies:
+            dependents[dependency].add(key)
+    out, wanted = dict(tasks), set(keys)
+    for key in keys:
+        inside = _exclusive(key, tasks, dependents, lambda k: k in wanted or keep(k))
+        if len(inside) > 1:
+            for k in inside:
+                del out[k]
+            out[key] = Task.fuse(*(tasks[k] for k in inside), key=key)
+    name = next(iter(keys))[0]
+    return HighLevelGraph.from_collections(name, out)
+
+
+def _exclusive(key, tasks, dependents, keep):
+    """`key` and the tasks of `tasks` that only it needs, directly or not."""
+    inside, candidates = {key}, set(tasks[key].dependencies)
+    while True:
+        joining = {
+            k
+            for k in candidates - inside
+            if k in tasks
+            and not keep(k)
+            and not tasks[k].block_fusion
+            and dependents[k] <= inside
+        }
+        if not joining:
+            return inside
+        inside |= joining
+        for k in joining:
+            candidates |= tasks[k].dependencies

@@ -12,6 +12,12 @@ continued and nothing that is not the writer's own is ever touched:
   killed with SIGKILL leaves whole chunks (and locally stray ``*.partial``
   files), never a torn chunk. Empty chunks are written too, so "the chunk
   exists" means "the chunk is done".
+- **One place a unit.** Where units are enough for all threads, a unit's
+  task also runs the tasks that only it needs (the chunks of a user's
+  arithmetic on a background, their resampling; see
+  :func:`~dask_localstats._graph.gathered`), so that on a cluster an output
+  block is made on one worker and no chunk travels to its writer; the
+  coarse blocks, which several units read, stay tasks of their own.
 - **Batches.** The units (chunks or shards) are computed in batches of
   consecutive units whose graphs hold at most ``batch_size`` tasks, each
   graph made (from the lazy layers of :mod:`dask_localstats._graph`) and
@@ -77,7 +83,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from ._checkpoint import checkpointed, coarse_voxels, settle
 from ._engine import SPARES, computing, region_task
-from ._graph import batches, cull, edges_of, note, spans
+from ._graph import batches, cull, edges_of, gathered, note, spans
 from ._layout import layout_of
 from ._lock import LOCK, check_guard, holder, locked
 from ._place import place_of
@@ -474,7 +480,7 @@ def _write_graph(array, target, todo, guard=None):
     name = "localstats-write-" + tokenize(array.name, str(locate(target)), indices)
     # a unit computed in one task: only where there are units enough for
     # all threads, whose chunks would otherwise be computed side by side
-    pieces = _Pieces.of(array) if len(todo) >= 2 * _threads() else None
+    pieces = _Pieces.of(array) if _whole_units(len(todo)) else None
     layer = {
         (name, i): _unit_task(array, (name, i), target, region, guard, pieces)
         for i, (_, region) in enumerate(todo)
@@ -483,6 +489,32 @@ def _write_graph(array, target, todo, guard=None):
     graph = cull(graph, layer)
     chunks = ((1,) * len(todo),)
     return da.Array(graph, name, chunks, dtype=bool, meta=np.empty((0,), bool))
+
+
+def _whole_units(count):
+    """Whether `count` units are enough for all threads, so that each unit
+    can be computed by one task (else its chunks are computed side by side)."""
+    return count >= 2 * _threads()
+
+
+def _in_one_place(writes):
+    """`writes` (from :func:`_write_graph`) with each unit's task also running
+    the tasks only it needs (:func:`~dask_localstats._graph.gathered`), where
+    units are enough for all threads: an output block is made in one place,
+    and on a cluster its chunks do not travel between workers."""
+    if not _whole_units(writes.npartitions):
+        return writes
+    keys = [(writes.name, i) for i in range(writes.npartitions)]
+    graph = gathered(writes.dask, keys, keep=_stage_block)
+    return da.Array(graph, writes.name, writes.chunks, meta=writes._meta)
+
+
+def _stage_block(key):
+    """Whether `key` is a block of a coarse stage (or of its fill), which
+    stays a task of its own: the blocks are stored as checkpoints, and the
+    progress bar counts them."""
+    name = key[0] if isinstance(key, tuple) else key
+    return isinstance(name, str) and name.startswith((COARSE, "localstats-filled"))
 
 
 def _threads():
@@ -773,7 +805,7 @@ def _write_levels(group, image, count, progress, guard=None):
         stage = Stage(f"level {k}", WRITE, math.prod(first.chunks), count)
         shown = None if not progress else Progress([stage], _stream(progress))
         units = list(_regions(level.shape, first.chunks))
-        _compute([_write_graph(level, target, units, guard)], shown)
+        _compute([_in_one_place(_write_graph(level, target, units, guard))], shown)
         factors = [f * 2 if d in axes else f for d, f in enumerate(factors)]
         levels.append((str(k), *level_image(image, factors)))
     group.attrs["ome"] = image.attributes(levels)
@@ -810,7 +842,7 @@ def _fill(array, target, resume, progress, path, guard, batch_size):
             array = settle(array, checkpoints, batch_size, coarse)
             for batch in _batches(array, target, done, checkpoints, guard, batch_size):
                 tasks = {WRITE: batch.writes.npartitions, COARSE: len(batch.files)}
-                _compute([batch.writes], shown, tasks)
+                _compute([_in_one_place(batch.writes)], shown, tasks)
                 for checkpoint in checkpoints:
                     checkpoint.saved(batch.files)
     except Exception as error:

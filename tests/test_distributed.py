@@ -72,6 +72,22 @@ def test_a_filled_subtraction_read_through_the_cache_on_the_cluster(client, stor
     np.testing.assert_array_equal(result.compute(), expected.compute(), strict=True)
 
 
+def test_a_written_unit_is_made_on_one_worker(client, stored, tmp_path):
+    # a user's arithmetic on a background: each output chunk's task also
+    # resamples and computes it, so no chunk travels to its writer
+    image, path = stored
+    v = da.from_zarr(path)
+    background = dls.local_percentile(path, 0.5, block_bytes=2**16, **KWARGS)
+    result = v - da.minimum(v, background)
+    with distributed.get_task_stream(client) as stream:
+        written = dls.to_zarr(result, tmp_path / "out.zarr")
+    names = {task["key"][0] for task in stream.data if isinstance(task["key"], tuple)}
+    assert any(name.startswith("localstats-write") for name in names)
+    assert not names & {result.name, background.name}
+    expected = image - np.minimum(image, dls.local_percentile(image, 0.5, **KWARGS))
+    np.testing.assert_array_equal(written[:], expected, strict=True)
+
+
 def test_result_survives_the_loss_of_a_worker(client, stored):
     image, path = stored
 

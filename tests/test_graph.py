@@ -8,12 +8,14 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from dask._task_spec import Task, TaskRef
+from dask.highlevelgraph import HighLevelGraph
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import Counting
 
 import dask_localstats as dls
-from dask_localstats._graph import BlockLayer, batches, cull
+from dask_localstats._graph import BlockLayer, batches, cull, gathered
 
 
 def test_a_petabyte_pipeline_is_built_without_tasks(tmp_path):
@@ -180,3 +182,57 @@ def test_batches_are_runs_in_order_within_the_size_unless_one_item_is_larger(
         assert len(runs) <= 1
     else:
         assert all(tasks(run) <= batch_size or len(run) == 1 for run in runs)
+
+
+def _node(i, *values):
+    return 2 * sum(values) + i
+
+
+@st.composite
+def dags(draw):
+    """Tasks ``("t", i)``, each reading some of those before it, and the
+    keys wanted (every task no other reads, and some more)."""
+    n = draw(st.integers(1, 14))
+    reads = [
+        draw(st.sets(st.integers(0, i - 1), max_size=3)) if i else set()
+        for i in range(n)
+    ]
+    read = set().union(*reads)
+    sinks = {i for i in range(n) if i not in read}
+    keys = sinks | draw(st.sets(st.integers(0, n - 1), max_size=3))
+    kept = draw(st.sets(st.integers(0, n - 1), max_size=2))
+    tasks = {
+        ("t", i): Task(("t", i), _node, i, *(TaskRef(("t", j)) for j in sorted(r)))
+        for i, r in enumerate(reads)
+    }
+    return tasks, [("t", i) for i in sorted(keys)], {("t", i) for i in kept}
+
+
+@given(dags())
+def test_each_key_gathers_the_tasks_only_it_needs(dag):
+    tasks, keys, kept = dag
+    graph = HighLevelGraph.from_collections("t", tasks)
+    made = dict(gathered(graph, keys, keep=kept.__contains__))
+    assert dask.get(made, keys) == dask.get(tasks, keys)
+    readers = {k: {d for d, t in tasks.items() if k in t.dependencies} for k in tasks}
+
+    def reached(k):
+        """The keys that tasks reading `k` lead to; None past a kept task."""
+        found = set()
+        for reader in readers[k]:
+            if reader in keys:
+                found.add(reader)
+                continue
+            further = None if reader in kept else reached(reader)
+            if further is None:
+                return None
+            found |= further
+        return found
+
+    def alone(k):  # needed through one key only, and free to join it
+        if k in keys or k in kept:
+            return False
+        found = reached(k)
+        return found is not None and len(found) == 1
+
+    assert set(made) == {k for k in tasks if not alone(k)}

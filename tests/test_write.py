@@ -381,6 +381,24 @@ def test_a_shard_of_a_resampling_is_computed_chunk_by_chunk_into_one_array(
     np.testing.assert_array_equal(z[:], both.compute(), strict=True)
 
 
+def test_a_unit_is_made_in_one_task_with_the_chunks_only_it_needs(tmp_path, image):
+    source = write_zarr(tmp_path / "in.zarr", image, chunks=(4, 10, 5))
+    v = da.from_zarr(source)
+    background = dls.local_percentile(source, 0.3, selem=(3, 9, 7), spacing=(2, 5, 5))
+    result = v - da.minimum(v, background)  # a user's arithmetic on the background
+    expected = result.compute()
+    steps = {result.name, background.name}
+    # 12 shards: units enough for 2 threads, not for 8, which compute the
+    # chunks side by side before their shard's task
+    for threads, alone in ((2, True), (8, False)):
+        graphs = _Graphs()
+        with graphs, dask.config.set(num_workers=threads):
+            z = dls.to_zarr(result, tmp_path / f"{threads}.zarr", shards=(8, 20, 10))
+        np.testing.assert_array_equal(z[:], expected, strict=True)
+        assert any(name.startswith("localstats-coarse") for name in graphs.names)
+        assert not graphs.names & steps if alone else graphs.names & steps
+
+
 def test_large_outputs_are_sharded_by_default(tmp_path):
     from dask_localstats._layout import SHARD_BYTES, layout_of
 
@@ -584,18 +602,20 @@ def test_output_urls_and_dot_dot_go_where_the_system_would_write(tmp_path):
 
 
 class _Graphs(Callback):
-    """dask's local callbacks: the size of each graph run, the coarse blocks
-    made, the stored blocks read and the blocks filled."""
+    """dask's local callbacks: the size of each graph run, the names of the
+    tasks run, the coarse blocks made, the stored blocks read and the blocks
+    filled."""
 
     def __init__(self):
         super().__init__()
         self.sizes, self.coarse, self.loads, self.fills = [], [], [], []
-        self.reaches, self.sweeps = [], []
+        self.reaches, self.sweeps, self.names = [], [], set()
 
     def _start(self, dsk):
         self.sizes.append(len(dsk))
 
     def _pretask(self, key, dsk, state):
+        self.names.add(key[0] if isinstance(key, tuple) else key)
         self.coarse += [key] * _calls(dsk[key], _coarse_block)
         self.loads += [key] * _calls(dsk[key], _load_block)
         self.fills += [key] * _calls(dsk[key], fill_block)
