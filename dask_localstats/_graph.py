@@ -7,7 +7,9 @@ the graph of a petabyte's pipeline is built at once and holds no tasks.
 from the last, asking each layer for the tasks of the keys wanted: lazy
 layers (ours, dask's blockwise ones) make only those, and no layer is asked
 for all its keys, so computing one block of a huge result, or one batch of
-it, costs what that part needs.
+it, costs what that part needs. :func:`gathered` then folds into each
+output block's task the tasks only that block needs, so that a block is
+made in one place.
 """
 
 from __future__ import annotations
