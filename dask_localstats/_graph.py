@@ -290,7 +290,8 @@ def gathered(graph, keys, keep):
     a cluster, its intermediate chunks never travel between workers. The
     graph is listed whole, so it must be of bounded size (a batch's).
     Returns a graph of one layer, named as `keys` are; `graph` itself where
-    a layer carries annotations, which one layer could not keep.
+    no task joins another, or where a layer carries annotations, which one
+    layer could not keep.
 
     Examples
     --------
@@ -323,6 +324,8 @@ def gathered(graph, keys, keep):
             for k in inside:
                 del out[k]
             out[key] = Task.fuse(*(tasks[k] for k in inside), key=key)
+    if len(out) == len(tasks):
+        return graph
     name = next(iter(keys))[0]
     return HighLevelGraph.from_collections(name, out)
 
