@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import os
 from dataclasses import dataclass
 
 import dask.array as da
 import zarr
+from dask._task_spec import DataNode, Task
 
-from .errors import MissingChunksError
+from .errors import MissingChunksError, RefusedError
 
 __all__ = ["Inventory", "Location", "absent_chunks", "locate", "locations"]
 
@@ -97,14 +99,24 @@ def _fsspec_location(fs, path):
     return Location(protocol, fs._strip_protocol(path).rstrip("/"))
 
 
+def _unwrapped(store):
+    """The store that a wrapper store (logging, caching, ...) reads through."""
+    while isinstance(store, zarr.storage.WrapperStore):
+        store = store._store
+    return store
+
+
 def _store_location(store):
     """Location of a zarr store's root, or None for a store of unknown kind."""
+    store = _unwrapped(store)
     if isinstance(store, zarr.storage.LocalStore):
         return _local(store.root)
     if isinstance(store, zarr.storage.FsspecStore):
         return _fsspec_location(blocking(store.fs), store.path)
     if isinstance(store, zarr.storage.MemoryStore):
         return Location("memory", str(id(store._store_dict)))
+    if isinstance(store, zarr.storage.ZipStore):
+        return _local(store.path)
     return None
 
 
@@ -137,18 +149,38 @@ def locate(target):
 
 
 def _graph_sources(array):
-    """The zarr arrays and TIFF sources held in the graph of a dask array."""
+    """The zarr arrays and TIFF sources held in the graph of a dask array:
+    in the tasks of its materialized layers, the tasks its lazy layers'
+    blocks share, and the arguments of its blockwise layers (where
+    ``from_zarr(..., inline_array=True)`` keeps its array)."""
     found = {}
     for layer in array.dask.layers.values():
-        # a materialized layer's tasks, or the tasks a lazy one's blocks share
+        held = []
         mapping = getattr(layer, "mapping", None) or getattr(layer, "shared", None)
-        if not isinstance(mapping, dict):
-            continue  # a layer of generated tasks, holding no stored array
-        for value in mapping.values():
-            value = getattr(value, "value", value)  # a dask DataNode
-            if isinstance(value, zarr.Array) or _file_backed(value):
-                found[id(value)] = value
+        if isinstance(mapping, dict):
+            held.extend(mapping.values())
+        indices = getattr(layer, "indices", None) or ()  # (argument, None): a literal
+        held.extend(argument for argument, index in indices if index is None)
+        held.append(getattr(layer, "task", None))
+        for value in held:
+            for source in _held(value):
+                found[id(source)] = source
     return list(found.values())
+
+
+def _held(value, depth=4):
+    """The stored sources that `value`, a task or an argument, holds: itself,
+    or in its arguments a few levels down."""
+    if isinstance(value, zarr.Array) or _file_backed(value):
+        yield value
+    elif depth and isinstance(value, DataNode):
+        yield from _held(value.value, depth - 1)
+    elif depth and isinstance(value, Task):  # containers too
+        for argument in (*value.args, *value.kwargs.values()):
+            yield from _held(argument, depth - 1)
+    elif depth and isinstance(value, list | tuple):
+        for item in value:
+            yield from _held(item, depth - 1)
 
 
 def _file_backed(value):
@@ -176,25 +208,82 @@ def stored_sources(array):
 
 
 def locations(array):
-    """Locations of everything stored that `array` reads.
+    """Locations of everything stored that `array` reads, whole.
+
+    What a path names is taken whole (an OME-Zarr image or a zarr group,
+    not only the array read in it), and so is the outermost zarr group
+    holding a zarr array, and the folder of TIFF slices: an output inside
+    one of those would change the input, or its neighbours.
 
     Parameters
     ----------
-    array : ndarray, dask array, zarr array, TiffStack or TiffSlices
+    array : ndarray, dask array, zarr array, TiffStack, TiffSlices or path
 
     Returns
     -------
     list of Location
         Empty for data held in memory.
+
+    Raises
+    ------
+    RefusedError
+        A zarr array's store is of a kind whose location is unknown.
     """
     found = []
+    if isinstance(array, str | os.PathLike):
+        found.append(locate(array))
     for source in stored_sources(array):
         files = getattr(source, "files", None)
         if files is not None:
             found.extend(_local(f) for f in files)
-        elif (where := locate(source)) is not None:
-            found.append(where)
+            if len(files) > 1:  # slices: their folder
+                found.append(_local(os.path.commonpath(files)))
+            continue
+        where = locate(source)
+        if where is None:
+            store = type(source.store_path.store).__name__
+            msg = (
+                f"an input is a zarr array in a store of unknown kind ({store}), "
+                "so the output cannot be checked not to be it; refusing to write"
+            )
+            raise RefusedError(msg)
+        found.append(_outermost_group(source, where))
     return found
+
+
+def _outermost_group(array, where):
+    """The location of the outermost zarr group holding the zarr `array`
+    (at `where`) in its file system, or `where` if none does."""
+    fs = _file_system(_unwrapped(array.store_path.store))
+    if fs is None:
+        return where
+    top = where
+    folder = where.path
+    while (parent := folder.rpartition("/")[0]) and _is_group(fs, parent):
+        top, folder = Location(where.protocol, parent), parent
+    return top
+
+
+def _file_system(store):
+    """A blocking fsspec file system holding `store`'s files, or None (memory)."""
+    if isinstance(store, zarr.storage.LocalStore):
+        import fsspec
+
+        return fsspec.filesystem("file")
+    if isinstance(store, zarr.storage.FsspecStore):
+        return blocking(store.fs)
+    return None
+
+
+def _is_group(fs, folder):
+    """Whether `folder` holds zarr group metadata (v3 or v2)."""
+    try:
+        if fs.exists(f"{folder}/.zgroup"):
+            return True
+        meta = json.loads(fs.cat_file(f"{folder}/zarr.json"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("node_type") == "group"
 
 
 # --- inventories ---------------------------------------------------------------
@@ -237,13 +326,18 @@ def _walk_fsspec(fs, root):
 
 def _walk_zarr(array):
     """Entries of the store under a zarr array's path."""
-    store, prefix = array.store_path.store, array.store_path.path
+    store, prefix = _unwrapped(array.store_path.store), array.store_path.path
     if isinstance(store, zarr.storage.LocalStore):
         yield from _walk_local(os.path.join(store.root, prefix))
         return
     if isinstance(store, zarr.storage.FsspecStore):
         root = f"{store.path.rstrip('/')}/{prefix}".rstrip("/")
-        yield from _walk_fsspec(store.fs, root)
+        fs = blocking(store.fs)
+        protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+        if protocol in _LOCAL:  # a file:// URL: the status-change times too
+            yield from _walk_local(root)
+        else:
+            yield from _walk_fsspec(fs, root)
         return
     from zarr.core.sync import sync
 

@@ -54,10 +54,75 @@ def test_locations_of_arrays_lazy_results_and_tiff_slices(tmp_path):
     result = dls.local_percentile(str(tmp_path / "a.zarr"), 0.5, selem=(3, 2, 5))
     assert locations(result) == [a]
     slices = dls.open_source(tmp_path / "slices")
-    assert locations(slices) == [
-        locate(tmp_path / "slices" / f"Z{z}.tif") for z in range(3)
-    ]
+    files = [locate(tmp_path / "slices" / f"Z{z}.tif") for z in range(3)]
+    assert locations(slices) == [*files, locate(tmp_path / "slices")]
     assert locations(image) == []
+
+
+def test_locations_take_what_holds_an_input_whole(tmp_path):
+    image = np.arange(60, dtype=np.uint16).reshape(3, 4, 5)
+    group = zarr.create_group(tmp_path / "img.zarr")
+    for level in ("0", "1"):
+        group.create_array(level, data=image)
+    img = locate(tmp_path / "img.zarr")
+    # the outermost group holding an array, however the array is reached
+    level0 = zarr.open_array(tmp_path / "img.zarr" / "0")
+    assert locations(level0) == [img]
+    logged = zarr.open_array(zarr.storage.LoggingStore(level0.store), mode="r")
+    assert locations(logged) == [img]
+    for inline in (
+        da.from_zarr(tmp_path / "img.zarr" / "1", inline_array=True) + 1,
+        da.from_array(level0, inline_array=True),
+    ):
+        assert locations(inline) == [img]
+    named = tmp_path / "img.zarr" / "0"
+    assert locations(str(named)) == [locate(named), img]  # as named, and whole
+    zipped = zarr.create_array(
+        zarr.storage.ZipStore(tmp_path / "a.zip", mode="w"), data=image
+    )
+    assert locations(zipped) == [locate(tmp_path / "a.zip")]
+
+
+class _Elsewhere(zarr.abc.store.Store):
+    """A store of a kind whose location is unknown (a dict's, behind another class)."""
+
+    supports_writes = supports_deletes = supports_listing = True
+    supports_partial_writes = False
+
+    def __init__(self):
+        super().__init__(read_only=False)
+        self.inner = zarr.storage.MemoryStore()
+
+    def __eq__(self, other):
+        return self is other
+
+    def __getattr__(self, name):  # get, set, exists, list, ...: the dict's
+        return getattr(self.__dict__["inner"], name)
+
+
+for _name in sorted(zarr.abc.store.Store.__abstractmethods__ - {"__eq__"}):
+    if not _name.startswith("supports"):
+        setattr(
+            _Elsewhere,
+            _name,
+            lambda self, *a, _n=_name, **k: getattr(self.inner, _n)(*a, **k),
+        )
+_Elsewhere.__abstractmethods__ = frozenset()
+
+
+def test_an_input_in_a_store_of_unknown_location_is_refused():
+    z = zarr.create_array(_Elsewhere(), shape=(2,), dtype="u1")
+    with pytest.raises(
+        dls.errors.RefusedError, match=r"store of unknown kind \(_Elsewhere\)"
+    ):
+        locations(da.from_zarr(z))
+
+
+def test_file_urls_are_listed_with_status_change_times(tmp_path):
+    path = write_zarr(tmp_path / "a.zarr", np.zeros((4, 4), np.uint16), chunks=(2, 2))
+    by_path = Inventory.of(zarr.open_array(path, mode="r"))
+    by_url = Inventory.of(zarr.open_array(f"file://{path}", mode="r"))
+    assert by_url.entries == by_path.entries
 
 
 def test_inventories_notice_rewritten_and_removed_entries(tmp_path):
