@@ -49,6 +49,7 @@ from ._engine import (
 from ._fill import boxes, reach
 from ._graph import batches, cull
 from ._lock import check_guard
+from .errors import RefusedError
 
 __all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "checkpointed", "settle"]
 
@@ -71,10 +72,29 @@ def _saved(block, place, key, guard=None):
 _PARSING = threading.Lock()
 
 
-def _load_block(place, key):
+def _load_block(place, key, shape=None, dtype=None):
+    """The block stored at `key`; with `shape` and `dtype`, refused (naming
+    the file) unless it is a whole ``.npy`` file of them."""
     data = io.BytesIO(place.read(key))
-    with _PARSING:
-        return np.load(data, allow_pickle=False)
+    try:
+        with _PARSING:
+            block = np.load(data, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:  # not a whole .npy file
+        if shape is None:  # the extremes: gathered again (see _extremes)
+            raise ValueError(str(error)) from None
+        _damaged(place, key, str(error).splitlines()[0])
+    if shape is not None and (block.shape, block.dtype) != (shape, np.dtype(dtype)):
+        found = f"shape {block.shape} and dtype {block.dtype}"
+        _damaged(place, key, f"{found}, not {shape} and {np.dtype(dtype)}")
+    return block
+
+
+def _damaged(place, key, why):
+    msg = (
+        f"the stored coarse block {place}/{key} is damaged ({why}); "
+        "delete that file and resume to compute it again"
+    )
+    raise RefusedError(msg)
 
 
 @dataclass(eq=False)  # one grid's; compared as objects, not by their arrays
@@ -124,7 +144,9 @@ class Checkpoint:
         """
         file = self.key(index)
         if file in self.stored:
-            return Task(node.key, _load_block, self.place, file)
+            shape = tuple(c[i] for c, i in zip(self.coarse.chunks, index, strict=True))
+            dtype = self.coarse.dtype
+            return Task(node.key, _load_block, self.place, file, shape, dtype)
         if isinstance(node, Alias):  # a block of another layer's (a rechunk's)
             inner = TaskRef(node.target)
         elif isinstance(node, Task):

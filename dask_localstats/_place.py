@@ -217,6 +217,8 @@ def place_of(store, storage_options=None):
     if isinstance(store, zarr.storage.FsspecStore):
         fs = blocking(store.fs)
         protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+        if protocol in ("file", "local"):  # a folder, locked as a path's is
+            return place_of(store.path)
         options = tuple(sorted(fs.storage_options.items()))
         return Prefix(f"{protocol}://{store.path.rstrip('/')}", options)
     if not isinstance(store, str | os.PathLike):

@@ -192,7 +192,8 @@ def _is_entry(key, arrays):
 
 
 def _check_replaceable(place):
-    """Refuse replacing `place` unless it holds zarr entries only; their keys."""
+    """Refuse replacing `place` unless it is an output of this library, holding
+    zarr entries only; their keys."""
     if not place.is_folder():
         msg = f"the output {place} exists and is not a folder; refusing to replace it"
         raise RefusedError(msg)
@@ -206,7 +207,27 @@ def _check_replaceable(place):
             "another output)"
         )
         raise RefusedError(msg)
+    if any(k.rpartition("/")[2] in _METADATA for k in keys) and not _ours(place, keys):
+        msg = (
+            f"the output {place} is a zarr store that dask_localstats did not "
+            "write (its zarr.json holds no record of ours); refusing to delete "
+            "it (remove it yourself, or choose another output)"
+        )
+        raise RefusedError(msg)
     return keys
+
+
+def _ours(place, keys):
+    """Whether the zarr store at `place` (files `keys`) carries this library's
+    record at its root, and no zarr v2 entries (it writes zarr v3 only)."""
+    try:
+        meta = json.loads(place.read("zarr.json"))
+    except (OSError, ValueError):
+        return False
+    attributes = meta.get("attributes") if isinstance(meta, dict) else None
+    if not isinstance(attributes, dict) or not isinstance(attributes.get(RECORD), dict):
+        return False
+    return not any(k.rpartition("/")[2] in _METADATA - {"zarr.json"} for k in keys)
 
 
 def _clear(place):
@@ -217,14 +238,26 @@ def _clear(place):
 # --- the record -----------------------------------------------------------------
 
 
-def _fingerprint(array, layout, provenance):
+def _stored_as(layout, ome, pyramid):
+    """How the output is stored (JSON-able): its layout, codecs and OME-Zarr
+    metadata, part of the record and of its fingerprint."""
+    stored = {
+        "chunks": list(layout.chunks),
+        "shards": layout.shards and list(layout.shards),
+        "compressors": [codec.to_dict() for codec in layout.compressors or ()],
+        "ome": ome and ome.attributes(),
+        "pyramid": pyramid,
+    }
+    return json.loads(json.dumps(stored, default=str))
+
+
+def _fingerprint(array, stored, provenance):
     described = {
         "version": _version(),
         "graph": array.name,
         "shape": list(array.shape),
         "dtype": array.dtype.str,
-        "chunks": list(layout.chunks),
-        "shards": layout.shards and list(layout.shards),
+        "stored": stored,
         "provenance": provenance,
     }
     text = json.dumps(described, sort_keys=True, default=str)
@@ -268,6 +301,7 @@ def _differences(previous, record):
     """Short text of what differs between two records' fingerprinted parts."""
     old, new = previous.get("provenance") or {}, record.get("provenance") or {}
     changes = _changed(old, new)
+    changes += _changed(previous.get("stored") or {}, record["stored"], "output ")
     if previous.get("version") != record["version"]:
         changes.append(
             f"version {previous.get('version')} then, {record['version']} now"
@@ -633,8 +667,9 @@ def to_zarr(
         ``"blosc-zstd:5"``, ``"blosc-lz4"`` or ``"none"`` (see
         :func:`compressors_of`), or zarr v3 codecs.
     overwrite : bool
-        Replace an existing store, only if it holds nothing but zarr entries
-        (and clear a lock left by a run that is gone).
+        Replace an existing store, only if it is an output of this library
+        (its record at the root) holding nothing but zarr entries (and clear
+        a lock left by a run that is gone).
     resume : bool
         Continue an interrupted run into `store`: write only the missing
         chunks, after checking that the computation and its stored inputs
@@ -678,8 +713,9 @@ def to_zarr(
     Raises
     ------
     RefusedError
-        The store exists (without `overwrite` or `resume`), holds files that
-        are not zarr's, is an input or holds one, or cannot be resumed.
+        The store exists (without `overwrite` or `resume`), is not an output
+        of this library or holds files that are not zarr's, is an input or
+        holds one (or an input's location is unknown), or cannot be resumed.
     LockedError
         Another run is writing the store, or left its lock.
     InputChangedError
@@ -702,10 +738,12 @@ def to_zarr(
     _check_not_input(path.location(), inputs)
     provenance = json.loads(json.dumps(provenance or {}, default=str))
     inventories = _inventories(inputs)
+    stored = _stored_as(layout, ome, pyramid)
     record = {
         "version": _version(),
-        "fingerprint": _fingerprint(array, layout, provenance),
+        "fingerprint": _fingerprint(array, stored, provenance),
         "provenance": provenance,
+        "stored": stored,
         "inputs": {k: v.record() for k, v in inventories.items()},
         "complete": False,
     }

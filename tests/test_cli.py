@@ -35,7 +35,7 @@ SLOWLY = Path(__file__).resolve().parent / "slowly.py"
 
 
 def command(*args):
-    return [sys.executable, "-m", "dask_localstats._cli", *map(str, args)]
+    return [sys.executable, "-m", "dask_localstats", *map(str, args)]
 
 
 def slow_command(delay, *args):
@@ -340,9 +340,20 @@ def test_refusals_leave_everything_untouched(tmp_path, image):
     shutil.copytree(done, interrupted)
     z = zarr.open_array(interrupted, mode="r+")
     z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
-    before = {p: chunk_files(p) for p in (source, done, interrupted)}
+    ome = write_ome(tmp_path / "ome.zarr", image)
+    (tmp_path / "slices").mkdir()
+    for z, plane in enumerate(image):
+        tifffile.imwrite(tmp_path / "slices" / f"Z{z:03d}.tif", plane)
+    foreign = write_zarr(tmp_path / "foreign.zarr", image)
+    before = {p: chunk_files(p) for p in (source, done, interrupted, ome, foreign)}
     cases = [
         (["percentile", source, source, *args], "is IN or inside it"),
+        (["percentile", ome, ome / "1", *args, "--overwrite"], "is IN or inside it"),
+        (["percentile", ome, ome / "new", *args], "is IN or inside it"),
+        (["percentile", tmp_path / "slices", tmp_path / "slices" / "out.zarr", *args],
+         "is IN or inside it"),
+        (["percentile", source, foreign, *args, "--overwrite"],
+         "a zarr store that dask_localstats did not write"),
         (["percentile", tmp_path / "stack.tif", tmp_path / "stack.tif", *args],
          "is IN or inside it"),
         (["percentile", source, tmp_path, *args, "--overwrite"], "holds IN"),
@@ -356,15 +367,24 @@ def test_refusals_leave_everything_untouched(tmp_path, image):
           *CLI_GEOMETRY, "--resume"], "percentile: 0.5 then, 0.4 now"),
         (["percentile", source, interrupted, *args, "--coarse", "--resume"],
          "parameters interpolate: 1 then, None now"),
+        (["percentile", source, interrupted, *args, "--compression", "zstd:3",
+          "--resume"], "output compressors: [{'name': 'blosc'"),
+        (["percentile", source, interrupted, *args, "--ome", "--resume"],
+         "output ome: None then, {"),
         (["percentile", source, done, *args, "--mask", done, "--overwrite"],
          "is MASK or inside it"),
     ]  # fmt: skip
     results = run_all(*(command(*c) for c, _ in cases))
     for result, (_, match) in zip(results, cases, strict=True):
         refused(result, match)
-    assert before == {p: chunk_files(p) for p in (source, done, interrupted)}
+    assert before == {
+        p: chunk_files(p) for p in (source, done, interrupted, ome, foreign)
+    }
     assert (tmp_path / "folder" / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "new.zarr").exists()
+    assert (
+        not (ome / "new").exists() and not (tmp_path / "slices" / "out.zarr").exists()
+    )
 
     # the same parameters resume: every chunk is there, none is recomputed;
     # and --overwrite replaces a finished output

@@ -56,6 +56,8 @@ def put(url, array, options, chunks=(8, 12, 12)):
 def test_places_of_paths_urls_and_stores(tmp_path):
     assert place_of(tmp_path / "a.zarr") == Folder(tmp_path / "a.zarr")
     assert place_of(f"file://{tmp_path}/a.zarr") == Folder(tmp_path / "a.zarr")
+    local = zarr.storage.FsspecStore.from_url(f"file://{tmp_path}/a.zarr")
+    assert place_of(local) == Folder(tmp_path / "a.zarr")  # locked as a path is
     remote = place_of("s3://bucket/out.zarr/", {"anon": True})
     assert remote == Prefix("s3://bucket/out.zarr", (("anon", True),))
     with pytest.raises(ValueError, match="must be on this machine"):

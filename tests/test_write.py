@@ -30,6 +30,7 @@ from dask_localstats._engine import _coarse_block
 from dask_localstats._fill import fill_block, reach, sweep
 from dask_localstats._graph import cull
 from dask_localstats._lock import LOCK
+from dask_localstats._ome import OmeImage
 from dask_localstats._place import Folder
 from dask_localstats._write import _written
 from dask_localstats.errors import (
@@ -111,21 +112,40 @@ def test_overwrite_replaces_only_folders_of_zarr_entries(tmp_path, image):
         with pytest.raises(RefusedError, match=match):
             dls.to_zarr(result, out, overwrite=True)
         assert files(out) == before
+    inline = da.from_zarr(source, inline_array=True) + 1  # in a blockwise layer
+    with pytest.raises(RefusedError, match="is an input or inside it"):
+        dls.to_zarr(inline, source, overwrite=True)
     file = tmp_path / "file.zarr"
     file.write_text("a file")
     with pytest.raises(RefusedError, match="is not a folder"):
         dls.to_zarr(result, file, overwrite=True)
 
-    # zarr entries only: a plain array, a group of arrays, our own output
+    # zarr entries only, but not ours: a group of arrays, a v2 array, a v3
+    # array, files merely named like zarr's metadata
     group = zarr.open_group(tmp_path / "group.zarr", mode="w")
     group.create_array("a/b", shape=(3,), dtype="u1")[:] = 1
-    write_zarr(tmp_path / "plain.zarr", image[:2], zarr_format=2)
+    write_zarr(tmp_path / "v2.zarr", image[:2], zarr_format=2)
+    write_zarr(tmp_path / "v3.zarr", image[:2])
+    (tmp_path / "named").mkdir()
+    (tmp_path / "named" / "zarr.json").write_text("my settings")
+    (tmp_path / "named" / ".zattrs").write_text("{}")
+    for name in ("group.zarr", "v2.zarr", "v3.zarr", "named"):
+        before = files(tmp_path / name)
+        with pytest.raises(
+            RefusedError, match="a zarr store that dask_localstats did not write"
+        ):
+            dls.to_zarr(result, tmp_path / name, overwrite=True)
+        assert files(tmp_path / name) == before
+
+    # our own output, complete or not, and an empty folder
     ours = dls.to_zarr(result, tmp_path / "ours.zarr")
+    ome = dls.to_zarr(result, tmp_path / "ome.zarr", ome=OmeImage.default(3))
+    (tmp_path / "empty").mkdir()
     expected = background(image)
-    for name in ("group.zarr", "plain.zarr", "ours.zarr"):
+    for name in ("ours.zarr", "ome.zarr", "empty"):
         z = dls.to_zarr(result, tmp_path / name, overwrite=True)
         np.testing.assert_array_equal(z[:], expected)
-    assert ours.attrs["dask_localstats"]["complete"]
+    assert ours.attrs["dask_localstats"]["complete"] and ome.shape == expected.shape
 
 
 HOLD_LOCK = """
@@ -246,7 +266,6 @@ def test_a_failed_computation_leaves_a_resumable_output(tmp_path, image):
 
 
 def test_ome_output_and_record(tmp_path, image):
-    from dask_localstats._ome import OmeImage
 
     image_meta = OmeImage.default(3, name="bg")
     z = dls.to_zarr(
@@ -471,6 +490,22 @@ def test_resume_reads_the_stored_coarse_blocks_instead_of_the_source(tmp_path, i
     resumed = dls.to_zarr(result, out, resume=True)
     assert 0 < len(source.chunks_read) < full
     np.testing.assert_array_equal(resumed[:], expected, strict=True)
+    # a damaged block, truncated or of another shape, is refused, named
+    other = np.zeros(np.load(blocks[1]).shape[:-1])
+    for damage, match in [
+        (lambda: blocks[0].write_bytes(blocks[0].read_bytes()[:90]), "EOF"),
+        (lambda: np.save(blocks[0], other), r"shape \(.*\) and dtype float64, not"),
+    ]:
+        interrupt(0)
+        damage()
+        with pytest.raises(
+            RefusedError, match=rf"block .*{blocks[0].name} is damaged \({match}"
+        ):
+            dls.to_zarr(result, out, resume=True)
+        blocks[0].unlink()  # as the message says: then computed again
+        np.testing.assert_array_equal(
+            dls.to_zarr(result, out, resume=True)[:], expected
+        )
     # the store, checkpoints included, is the library's own: overwrite replaces it
     dls.to_zarr(result, out, overwrite=True)
 
@@ -488,7 +523,6 @@ def _block_means(image, axes):
 
 
 def test_pyramid_levels_are_valid_ome_zarr(tmp_path):
-    from dask_localstats._ome import OmeImage
 
     image = np.random.default_rng(5).integers(0, 4000, (40, 100, 90), np.uint16)
     meta = OmeImage.default(3, name="flat")
@@ -524,7 +558,6 @@ def test_pyramid_levels_are_valid_ome_zarr(tmp_path):
 # napari's own modules warn of pydantic's deprecations when imported
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_napari_reads_the_pyramid_as_one_multiscale_layer(tmp_path):
-    from dask_localstats._ome import OmeImage
 
     napari_get_reader = pytest.importorskip("napari_ome_zarr").napari_get_reader
     image = np.random.default_rng(5).integers(0, 4000, (40, 100, 90), np.uint16)
