@@ -59,6 +59,7 @@ continued and nothing that is not the writer's own is ever touched:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -86,7 +87,7 @@ from ._engine import SPARES, computing, region_task
 from ._graph import batches, cull, edges_of, gathered, note, spans
 from ._layout import layout_of
 from ._lock import LOCK, check_guard, holder, locked
-from ._place import place_of
+from ._place import Folder, place_of
 from ._progress import COARSE, WRITE, Progress, Stage
 from ._public import public
 from ._pyramid import downsample, halved_axes, level_image
@@ -106,13 +107,6 @@ _CHECKPOINT = re.compile(
     r"^\.dask_localstats/coarse-[0-9a-f]{20}/\.?(\d+(-\d+)*|extremes)\.npy"
     r"(\.[0-9a-f]{32}\.partial)?$"
 )
-
-try:  # recent zarr renames whole chunk files into place (zarr-python #3412)
-    from zarr.storage._local import _atomic_write  # noqa: F401
-
-    ATOMIC_CHUNKS = True
-except ImportError:  # pragma: no cover - older zarr: check chunks on resume
-    ATOMIC_CHUNKS = False
 
 
 def _version():
@@ -412,31 +406,41 @@ def _regions(shape, unit):
         yield index, region
 
 
-def _written(target, place, indices, check=not ATOMIC_CHUNKS):
-    """The chunk indices whose files exist (and, with `check`, decode).
+def _written(target, place, indices, check=None):
+    """The chunk (or shard) indices whose files exist and decode.
 
-    Stray temporary files of interrupted writes are removed first. With
-    `check` (zarr versions whose local store writes in place), a chunk that
-    does not decode is deleted and counted as missing.
+    Stray temporary files of interrupted writes are removed first. In a
+    local folder (`check` None), each file found is read back, a few at a
+    time: zarr renames a chunk file into place without syncing it, so a
+    machine that stops can leave one renamed but not written whole; one
+    that does not decode is deleted and counted as missing. An object store
+    shows an object whole or not at all: there, being listed suffices.
     """
     keys, _ = place.files()
     place.delete([key for key in keys if _PARTIAL.search(key)])
     prefix = target.store_path.path.strip("/")
-    done = set()
     keys = set(keys)
-    for index in indices:
+
+    def key_of(index):
         key = target.metadata.encode_chunk_key(index)
-        key = f"{prefix}/{key}" if prefix else key
-        if key not in keys:
-            continue
-        if check:
-            try:
-                target.get_block_selection(index)
-            except Exception:  # a torn chunk: recompute it
-                place.delete([key])
-                continue
-        done.add(index)
-    return done
+        return f"{prefix}/{key}" if prefix else key
+
+    found = [index for index in indices if key_of(index) in keys]
+    if not (isinstance(place, Folder) if check is None else check):
+        return set(found)
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        whole = list(pool.map(functools.partial(_decodes, target), found))
+    place.delete([key_of(i) for i, ok in zip(found, whole, strict=True) if not ok])
+    return {i for i, ok in zip(found, whole, strict=True) if ok}
+
+
+def _decodes(target, index):
+    """Whether the stored chunk (or shard) `index` of `target` decodes."""
+    try:
+        target.get_block_selection(index)
+    except Exception:  # torn: computed again
+        return False
+    return True
 
 
 def _write_pieces(target, shape, dtype, pieces, region, guard=None):
