@@ -102,6 +102,7 @@ _WHOLE = 1 << 15  # samples of a tile counted alone (:meth:`_PhaseTiles._by_tile
 _THIN = 8  # the estimate of where ranks fall reads 1 / _THIN of the samples
 _SINGLE = 8  # single-value columns at once where tiles x values x this <= samples
 _MARGIN = 8  # values kept single beyond a tiling's ranks, at least, for the next
+_PASSES = 4  # passes short of columns a tiling may take before sorted tiles
 
 
 class AxisTiling(NamedTuple):
@@ -893,6 +894,7 @@ class _Columns:
         self.run = 1 if single else 1 << _fine_shift(nbins)  # values a run
         self.edges = np.arange(0, nbins, self.run)
         self.estimated = single  # whether a sample of the block split them
+        self.short = False  # whether the last refine ran out of budget
 
     @property
     def single(self):
@@ -921,11 +923,13 @@ class _Columns:
 
         Returns whether any column was split. Columns are split in the order
         given; one that does not fit whole is split in as many equal parts
-        as fit (at least two). A column wider than a run (merged by
-        :meth:`narrow`) goes back to the runs it holds first.
+        as fit (at least two), and :attr:`short` notes that the budget ran
+        out. A column wider than a run (merged by :meth:`narrow`) goes back
+        to the runs it holds first.
         """
         widths = np.diff(self.edges, append=self.nbins)
         room, added = self.budget - len(self.edges), []
+        self.short = int((widths[hit] - 1).sum()) > room
         for column in hit[widths[hit] > self.run]:  # merged: back into runs first
             start = self.edges[column]
             runs = np.arange(start - start % self.run, start + widths[column], self.run)
@@ -1019,14 +1023,21 @@ def _percentile_select(samples, tiling, statistic, columns, dtype):
     and sums them per window; a rank falls in the column where the
     window's cumulative count exceeds it. Columns holding a rank and more
     than one value are split, and the pass repeated, until every wanted
-    rank sits in a single-value column.
+    rank sits in a single-value column. Where the columns' budget cannot
+    hold the splits, each pass splits a few: after :data:`_PASSES` passes
+    short of budget (the windows' ranks fall on too many values), None, and
+    sorted tiles take over.
     """
+    short = 0
     while True:
         cumulative, n = _cumulative(samples, tiling, columns)
         ranks = statistic.ranks(n)
         hits, hit = _hit_columns(cumulative, n, ranks)
         if not columns.refine(hit):
             break
+        short += columns.short
+        if short > _PASSES:
+            return None
     edges = np.append(columns.edges, 0)  # empty windows: any value
     values = {
         rank.tobytes(): _offsets(edges[h], -samples.low, dtype)
@@ -1156,10 +1167,19 @@ def tile_reduce(
             sums = _window_sums(histograms, tiling)
             out[rows] = sums
             counts[rows] = sums.sum(axis=-1)
-        else:
-            out[rows], counts[rows] = _tiling_percentiles(
-                block, mask, tiling, grid.step, statistic, (low, high), columns, most
+            continue
+        kept = (low, high)
+        found = _tiling_percentiles(
+            block, mask, tiling, grid.step, statistic, kept, columns, most
+        )
+        if found is None and not sort:  # the columns' budget is short
+            return None
+        if found is None:  # sorted tiles, from this tiling on
+            columns = None
+            found = _tiling_percentiles(
+                block, mask, tiling, grid.step, statistic, kept, None, most
             )
+        out[rows], counts[rows] = found
     return out, counts
 
 
@@ -1192,6 +1212,8 @@ def _tiling_percentiles(
         ``(*windows, *fshape)``, as ``statistic.combine`` gives them.
     counts : numpy.ndarray
         Kept voxels per window, ``windows``.
+
+    None where the columns' budget is short (see :func:`_percentile_select`).
     """
     low, high = kept_range
     if columns is None:
@@ -1206,7 +1228,10 @@ def _tiling_percentiles(
             sample = _PhaseTiles(block, mask, *thin, low, most)
             _estimate(sample, thin[0], statistic, columns, samples.per_tile)
         columns.estimated = True
-        n, select = _percentile_select(samples, tiling, statistic, columns, block.dtype)
+        selected = _percentile_select(samples, tiling, statistic, columns, block.dtype)
+        if selected is None:
+            return None
+        n, select = selected
     windows = tuple(len(axis.rows) for axis in tiling)
     values = statistic.combine(select, n).reshape(windows + statistic.fshape)
     return values, n.reshape(windows)

@@ -84,8 +84,8 @@ def test_both_methods_match_the_reference(sorting, data, geometry, percentile):
 def test_histogram_columns_are_exact_within_any_budget(
     data, geometry, percentile, room
 ):
-    # a budget of a few columns more than the first histograms: the runs
-    # holding ranks are split a few parts at a time, over many passes
+    # a budget of a few columns more than the first histograms: where the
+    # runs holding ranks do not fit split, sorted tiles take over
     source = data.draw(arrays(np.uint16, geometry[0], st.integers(0, 700)))
     mask = data.draw(masks(geometry[0]))
     columns = _tiles._Columns
@@ -206,11 +206,29 @@ def test_columns_split_the_runs_holding_ranks():
     columns = _tiles._Columns(100, budget=30)
     np.testing.assert_array_equal(columns.edges, np.arange(0, 100, 16))
     assert columns.table()[[0, 15, 16, 99]].tolist() == [0, 0, 1, 6]
-    assert columns.refine(np.array([1, 6]))  # 16..31 whole, then 96..99 in part
+    assert columns.refine(np.array([1, 6]))  # 16..31 and 96..99, whole
     np.testing.assert_array_equal(
         columns.edges, [0, *range(16, 32), 32, 48, 64, 80, 96, 97, 98, 99]
     )
+    assert not columns.short
     assert not columns.refine(np.array([1, 16, 21, 24]))  # single values already
+    # more splits than the budget holds: the first column in as many parts as fit
+    columns = _tiles._Columns(100, budget=10)
+    assert columns.refine(np.array([0, 1])) and columns.short
+    np.testing.assert_array_equal(columns.edges, [0, 4, 8, 12, 16, 32, 48, 64, 80, 96])
+
+
+def test_ranks_on_more_values_than_columns_take_sorted_tiles():
+    # each window's median on its own value, far apart: the splits do not
+    # fit the columns' budget, and splitting a few a pass took hundreds
+    source = np.random.default_rng(0).integers(0, 60000, 350, dtype=np.uint16)
+    grid = make_grid(source.shape, (6,), (1,))
+    percentile = Percentile(0.5)
+    args = (source, (0,), grid, (0,), grid.counts, percentile, np.uint16, None)
+    values, _ = _tiles.tile_reduce(*args, histogram=False)
+    expected = reference.local_percentile(source, 0.5, selem=6, spacing=1)
+    np.testing.assert_array_equal(values, expected)
+    assert _tiles.tile_reduce(*args, histogram=False, sort=False) is None
 
 
 def test_narrowed_columns_merge_outside_the_ranks_and_split_back_into_runs():
