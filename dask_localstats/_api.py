@@ -740,7 +740,12 @@ def subtract_background(source, background, *, dtype=None, storage_options=None)
         msg = f"`dtype` must be an integer or float dtype, got {dtype}"
         raise TypeError(msg)
     if not isinstance(background, da.Array):
-        background = da.from_array(np.asarray(background))
+        background = np.asarray(background)
+    if background.dtype.kind not in "biuf":
+        msg = f"`background` must be of a real number dtype, got {background.dtype}"
+        raise TypeError(msg)
+    if not isinstance(background, da.Array):
+        background = da.from_array(background)
     if background.shape != source.shape:
         msg = f"`background` must have the shape of `source` {source.shape}, got {background.shape}"
         raise ValueError(msg)

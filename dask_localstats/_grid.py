@@ -27,10 +27,17 @@ __all__ = ["AxisWindows", "Grid", "make_grid"]
 
 def _as_int(name, value):
     try:
+        if isinstance(value, bool | np.bool_):
+            raise TypeError
         return operator.index(value)
     except TypeError:
         msg = f"`{name}` must be made of integers, got {value!r}"
         raise TypeError(msg) from None
+
+
+# Sizes along an axis beyond any image's, so that arithmetic on them stays
+# within NumPy's 64-bit integers.
+_LARGEST = 2**40
 
 
 def _as_tuple(name, value, ndim, *, allow_none=False):
@@ -51,6 +58,9 @@ def _as_tuple(name, value, ndim, *, allow_none=False):
         v = _as_int(name, v)
         if v <= 0:
             msg = f"`{name}` must be positive on every axis, got {value!r}"
+            raise ValueError(msg)
+        if v > _LARGEST:
+            msg = f"`{name}` must be at most 2**40 on every axis, got {value!r}"
             raise ValueError(msg)
         out.append(v)
     return tuple(out)

@@ -108,7 +108,8 @@ class Percentile(Statistic):
     def __init__(self, percentile):
         self.scalar = np.ndim(percentile) == 0
         items = np.ravel(np.asarray(percentile, dtype=object))
-        if any(isinstance(p, str | bytes | bool | np.bool_) for p in items):
+        words = str | bytes | bool | np.bool_ | complex | np.complexfloating
+        if any(isinstance(p, words) for p in items):
             msg = f"`percentile` must be made of numbers, got {percentile!r}"
             raise TypeError(msg)
         if np.ndim(percentile) > 1 or np.size(percentile) == 0:
@@ -410,8 +411,13 @@ class Function(Statistic):
         return {np.mean: "mean", np.var: "var", np.std: "std"}.get(self.function)
 
     def block_reduce(self, block, origin, grid, start, stop, dtype, mask):
-        """``numpy.mean``, ``var`` and ``std`` of integers from exact tile sums."""
-        if not self.moment or self.fshape or block.dtype.kind not in "biu":
+        """``numpy.mean``, ``var`` and ``std`` of integers from exact tile sums.
+
+        Not for integer results: cast, a quotient rounded once, where NumPy's
+        own arithmetic lands a hair below an integer, would be 1 more.
+        """
+        floats = np.dtype(dtype).kind == "f"
+        if not (self.moment and floats) or self.fshape or block.dtype.kind not in "biu":
             return None
         done = tile_moments(block, origin, grid, start, stop, self.moment, mask)
         return None if done is None else (done[0].astype(dtype), done[1])

@@ -163,6 +163,9 @@ BAD_INPUT = [
     (dict(selem=(5, 5, 5)), ValueError, r"`selem` must have one entry per source"),
     (dict(selem=(0, 5)), ValueError, r"`selem` must be positive on every axis"),
     (dict(selem=(2.5, 5)), TypeError, r"`selem` must be made of integers"),
+    (dict(selem=(True, 5)), TypeError, r"`selem` must be made of integers"),
+    (dict(selem=2**70), ValueError, r"`selem` must be at most 2\*\*40 on every axis"),
+    (dict(step=(1, 10**30)), ValueError, r"`step` must be at most 2\*\*40"),
     (dict(spacing=(-1, 5)), ValueError, r"`spacing` must be positive"),
     (dict(step=(0, None)), ValueError, r"`step` must be positive"),
     (dict(spacing=(50, 5)), ValueError, r"smaller than `spacing` on axis 0: size 20"),
@@ -222,7 +225,9 @@ def test_bad_percentile(percentile, match):
         dls.local_percentile(np.zeros((8, 8)), percentile, selem=(4, 4))
 
 
-@pytest.mark.parametrize("percentile", ["0.5", True, ["0.1", 0.2], np.bool_(False)])
+@pytest.mark.parametrize(
+    "percentile", ["0.5", True, ["0.1", 0.2], np.bool_(False), 0.5 + 0j]
+)
 def test_percentile_of_strings_or_bools_is_a_type_error(percentile):
     with pytest.raises(TypeError, match=r"`percentile` must be made of numbers"):
         dls.local_percentile(np.zeros((8, 8)), percentile, selem=(4, 4))
@@ -502,6 +507,9 @@ def test_subtract_background_checks():
         dls.subtract_background(image, np.zeros((4, 5)))
     with pytest.raises(TypeError, match=r"`dtype` must be an integer or float"):
         dls.subtract_background(image, np.zeros((4, 4)), dtype=bool)
+    for dtype in (complex, object):
+        with pytest.raises(TypeError, match=r"`background` must be of a real number"):
+            dls.subtract_background(image, np.zeros((4, 4), dtype))
 
 
 def test_subtractions_of_different_sources_are_different_computations():

@@ -152,3 +152,14 @@ def test_windows_that_do_not_overlap_are_partitioned_past_histograms():
     result = reduce_block(image, *args, percentile, np.float64)
     tiles = image.reshape(2, 10, 3, 10).transpose(0, 2, 1, 3).reshape(2, 3, 100)
     np.testing.assert_array_equal(result, np.percentile(tiles, 50, axis=-1))
+
+
+def test_integer_results_of_numpy_moments_are_numpy_s_own():
+    # np.var gives 297.99999999999994 here, the exact quotient 298: cast to
+    # an integer dtype, a rounding below an integer is 1 less
+    window = np.array([48, 37, 31, 6, 0, 20, 0, 44, 24], np.uint16)
+    grid = make_grid(window.shape, (9,))
+    args = (window, (0,), grid, (0,), (1,), Function(np.var))
+    assert reduce_block(*args, np.uint16).tolist() == [297]
+    assert reduce_block(*args, np.float64).tolist() == [298.0]  # to float rounding
+    assert Function(np.var).block_reduce(*args[:-1], np.uint16, None) is None
