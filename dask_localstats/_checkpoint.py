@@ -23,6 +23,7 @@ grid is stored whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -72,18 +73,16 @@ def _saved(block, place, key, guard=None):
 _PARSING = threading.Lock()
 
 
-def _load_block(place, key, shape=None, dtype=None):
-    """The block stored at `key`; with `shape` and `dtype`, refused (naming
-    the file) unless it is a whole ``.npy`` file of them."""
+def _load_block(place, key, shape, dtype):
+    """The block stored at `key`, refused (naming the file) unless it is a
+    whole ``.npy`` file of `shape` and `dtype`."""
     data = io.BytesIO(place.read(key))
     try:
         with _PARSING:
             block = np.load(data, allow_pickle=False)
     except (ValueError, EOFError, OSError) as error:  # not a whole .npy file
-        if shape is None:  # the extremes: gathered again (see _extremes)
-            raise ValueError(str(error)) from None
         _damaged(place, key, str(error).splitlines()[0])
-    if shape is not None and (block.shape, block.dtype) != (shape, np.dtype(dtype)):
+    if (block.shape, block.dtype) != (shape, np.dtype(dtype)):
         found = f"shape {block.shape} and dtype {block.dtype}"
         _damaged(place, key, f"{found}, not {shape} and {np.dtype(dtype)}")
     return block
@@ -331,12 +330,8 @@ def _extremes(graph, mine, extremes, batch_size, compute):
     stored with them; read if stored and every block is (resuming), unless
     the file is damaged (then gathered and stored again)."""
     if not mine.missing:
-        try:
-            value = _load_block(mine.place, mine.extremes)
-        except (FileNotFoundError, ValueError):  # absent, or not a whole .npy
-            value = None
-        if value is not None and value.shape == extremes.shape:
-            return value.astype(np.float64, copy=False)
+        with contextlib.suppress(FileNotFoundError, RefusedError):  # or damaged
+            return _load_block(mine.place, mine.extremes, extremes.shape, np.float64)
     ndim = mine.coarse.ndim - (extremes.ndim - 1)
     sink = _Sink(extremes_of, (ndim,), 2, extremes.shape[1:], np.float64)
     parts = _batched(graph, mine, sink, batch_size, compute, every=True)

@@ -413,11 +413,12 @@ class Function(Statistic):
     def block_reduce(self, block, origin, grid, start, stop, dtype, mask):
         """``numpy.mean``, ``var`` and ``std`` of integers from exact tile sums.
 
-        Not for integer results: cast, a quotient rounded once, where NumPy's
-        own arithmetic lands a hair below an integer, would be 1 more.
+        Not ``var`` and ``std`` into integers: cast, their quotient rounded
+        once, where NumPy's own arithmetic lands a hair below an integer,
+        would be 1 more (a mean's is NumPy's very quotient).
         """
-        floats = np.dtype(dtype).kind == "f"
-        if not (self.moment and floats) or self.fshape or block.dtype.kind not in "biu":
+        truncated = np.dtype(dtype).kind != "f" and self.moment != "mean"
+        if not self.moment or truncated or self.fshape or block.dtype.kind not in "biu":
             return None
         done = tile_moments(block, origin, grid, start, stop, self.moment, mask)
         return None if done is None else (done[0].astype(dtype), done[1])

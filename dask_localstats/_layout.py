@@ -19,7 +19,7 @@ AUTO_COMPRESSION = "blosc-zstd:1"  # "auto", as measured (see compressors_of)
 
 
 def compressors_of(compression):
-    """zarr v3 compressors of a compression spec (or codecs, as they are).
+    """zarr v3 compressors of a compression spec (or codecs, as a list).
 
     Parameters
     ----------
@@ -43,8 +43,10 @@ def compressors_of(compression):
     """
     from zarr.codecs import BloscCodec, ZstdCodec
 
-    if compression is None or not isinstance(compression, str):
+    if compression is None or isinstance(compression, list | tuple):
         return compression
+    if not isinstance(compression, str):  # one codec
+        return [compression]
     if compression == "none":
         return None
     if compression == "auto":

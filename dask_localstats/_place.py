@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 import zarr
 
-from ._stored import blocking, locate
+from ._stored import blocking, locate, protocol_of
 from .errors import LocalStatsError, StorageError
 
 __all__ = ["Folder", "Prefix", "place_of"]
@@ -216,8 +216,8 @@ def place_of(store, storage_options=None):
         return Folder(Path(store.root))
     if isinstance(store, zarr.storage.FsspecStore):
         fs = blocking(store.fs)
-        protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
-        if protocol in ("file", "local"):  # a folder, locked as a path's is
+        protocol = protocol_of(fs)
+        if protocol == "file":  # a folder, locked as a path's is
             return place_of(store.path)
         options = tuple(sorted(fs.storage_options.items()))
         return Prefix(f"{protocol}://{store.path.rstrip('/')}", options)

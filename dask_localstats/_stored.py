@@ -22,6 +22,7 @@ which zarr would otherwise read silently as the fill value.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -92,9 +93,15 @@ def _local(path):
     return Location("file", os.path.realpath(os.path.expanduser(os.fspath(path))))
 
 
-def _fsspec_location(fs, path):
+def protocol_of(fs):
+    """The protocol of an fsspec file system: ``"file"`` for this machine's."""
     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
-    if protocol in _LOCAL:
+    return "file" if protocol in _LOCAL else protocol
+
+
+def _fsspec_location(fs, path):
+    protocol = protocol_of(fs)
+    if protocol == "file":
         return _local(path)
     return Location(protocol, fs._strip_protocol(path).rstrip("/"))
 
@@ -176,10 +183,13 @@ def _held(value, depth=4):
     elif depth and isinstance(value, DataNode):
         yield from _held(value.value, depth - 1)
     elif depth and isinstance(value, Task):  # containers too
-        for argument in (*value.args, *value.kwargs.values()):
+        for argument in (value.func, *value.args, *value.kwargs.values()):
             yield from _held(argument, depth - 1)
-    elif depth and isinstance(value, list | tuple):
-        for item in value:
+    elif depth and isinstance(value, functools.partial):
+        for argument in (*value.args, *value.keywords.values()):
+            yield from _held(argument, depth - 1)
+    elif depth and isinstance(value, list | tuple | dict):
+        for item in value.values() if isinstance(value, dict) else value:
             yield from _held(item, depth - 1)
 
 
@@ -212,8 +222,12 @@ def locations(array):
 
     What a path names is taken whole (an OME-Zarr image or a zarr group,
     not only the array read in it), and so is the outermost zarr group
-    holding a zarr array, and the folder of TIFF slices: an output inside
-    one of those would change the input, or its neighbours.
+    holding a zarr array, and the folder of TIFF slices (all in one
+    folder): an output inside one of those would change the input, or its
+    neighbours. Stored arrays are found in a dask graph's tasks and their
+    arguments (see :func:`_graph_sources`); one read through a function's
+    closure is not seen: name it in ``to_zarr``'s `inputs` (beside the
+    result, whose graph is then searched too).
 
     Parameters
     ----------
@@ -236,8 +250,9 @@ def locations(array):
         files = getattr(source, "files", None)
         if files is not None:
             found.extend(_local(f) for f in files)
-            if len(files) > 1:  # slices: their folder
-                found.append(_local(os.path.commonpath(files)))
+            folders = {os.path.dirname(_local(f).path) for f in files}
+            if len(files) > 1 and len(folders) == 1:  # a folder of slices
+                found.append(_local(folders.pop()))
             continue
         where = locate(source)
         if where is None:
@@ -333,8 +348,7 @@ def _walk_zarr(array):
     if isinstance(store, zarr.storage.FsspecStore):
         root = f"{store.path.rstrip('/')}/{prefix}".rstrip("/")
         fs = blocking(store.fs)
-        protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
-        if protocol in _LOCAL:  # a file:// URL: the status-change times too
+        if protocol_of(fs) == "file":  # a file:// URL: status-change times too
             yield from _walk_local(root)
         else:
             yield from _walk_fsspec(fs, root)

@@ -1036,7 +1036,7 @@ def _percentile_select(samples, tiling, statistic, columns, dtype):
         if not columns.refine(hit):
             break
         short += columns.short
-        if short > _PASSES:
+        if short >= _PASSES:
             return None
     edges = np.append(columns.edges, 0)  # empty windows: any value
     values = {

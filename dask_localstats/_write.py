@@ -10,8 +10,10 @@ continued and nothing that is not the writer's own is ever touched:
   a temporary file and renames it into place (zarr-python 3.1.6 and later),
   and an object store shows an object whole or not at all, so a process
   killed with SIGKILL leaves whole chunks (and locally stray ``*.partial``
-  files), never a torn chunk. Empty chunks are written too, so "the chunk
-  exists" means "the chunk is done".
+  files). Empty chunks are written too, so "the chunk exists" means "the
+  chunk is done" -- unless the machine stopped: zarr does not sync a file
+  before renaming it, so a resume reads back each chunk file of a local
+  output and computes again those that are empty or do not decode.
 - **One place a unit.** Where units are enough for all threads, a unit's
   task also runs the tasks that only it needs (the chunks of a user's
   arithmetic on a background, their resampling; see
@@ -25,13 +27,15 @@ continued and nothing that is not the writer's own is ever touched:
   scheduler's graph and the client's memory bounded.
 - **A record.** The array's attributes hold a ``dask_localstats`` record: the
   package version, a fingerprint of the computation (the dask graph's name,
-  shape, dtype, chunks and the caller's ``provenance``), an inventory of each
+  shape, dtype, how the output is stored: chunks, shards, codecs, OME-Zarr
+  placement, pyramid levels; and the caller's ``provenance``), an inventory of each
   stored input (see :class:`~dask_localstats._stored.Inventory`) and
   ``"complete": false`` until the last chunk is written and the inputs are
   found unchanged.
 - **Resume.** ``resume=True`` checks the record, refuses inputs whose
   inventory changed, removes stray temporary files and computes only the
-  chunks that are missing.
+  chunks that are missing (or torn, see above). A stored coarse block that
+  is not a whole ``.npy`` file of its shape and dtype is refused, named.
 - **Checkpoints.** The coarse grid of every resampling in the result (see
   :func:`dask_localstats._engine.checkpoint_of`) is stored inside the output
   (``.dask_localstats/coarse-*``) block by block, by the tasks that compute
@@ -49,17 +53,18 @@ continued and nothing that is not the writer's own is ever touched:
   :class:`~dask_localstats._place.Prefix` that lists, reads, writes whole
   files and creates them only if absent.
 - **Only its own.** The output is never an input, inside one or holding one,
-  whatever the spelling of either (:class:`~dask_localstats._stored.Location`).
-  ``overwrite`` replaces an existing store only when every file in it is a
-  zarr entry (metadata, chunk keys of its arrays, the lock, temporary files):
-  a folder holding anything else is refused, and only the proven entries are
-  deleted.
+  whatever the spelling of either (:class:`~dask_localstats._stored.Location`;
+  an input is taken whole, see :func:`~dask_localstats._stored.locations`).
+  ``overwrite`` replaces an existing store only when it carries this
+  library's record at its root and every file in it is a zarr entry
+  (metadata, chunk keys of its arrays, the lock, temporary files): any other
+  store is refused, and only the proven entries are deleted, the record
+  last.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import itertools
 import json
@@ -225,8 +230,13 @@ def _ours(place, keys):
 
 
 def _clear(place):
-    """Delete the zarr entries of the store at `place` (not the lock)."""
-    place.delete([key for key in _check_replaceable(place) if key != LOCK])
+    """Delete the zarr entries of the store at `place` (not the lock): the
+    chunks first, the metadata after, the record (the root's ``zarr.json``)
+    last, so that a run stopped meanwhile leaves an output still ours."""
+    keys = [key for key in _check_replaceable(place) if key != LOCK]
+    metadata = [key for key in keys if key.rpartition("/")[2] in _METADATA]
+    place.delete([key for key in keys if key not in set(metadata)])
+    place.delete(sorted(metadata, key=lambda key: key == "zarr.json"))
 
 
 # --- the record -----------------------------------------------------------------
@@ -235,11 +245,19 @@ def _clear(place):
 def _stored_as(layout, ome, pyramid):
     """How the output is stored (JSON-able): its layout, codecs and OME-Zarr
     metadata, part of the record and of its fingerprint."""
+    placed = ome and {
+        "axes": ome.axes,
+        "scale": ome.scale,
+        "translation": ome.translation,
+    }
     stored = {
         "chunks": list(layout.chunks),
         "shards": layout.shards and list(layout.shards),
-        "compressors": [codec.to_dict() for codec in layout.compressors or ()],
-        "ome": ome and ome.attributes(),
+        "compressors": [
+            c.to_dict() if hasattr(c, "to_dict") else c
+            for c in layout.compressors or ()
+        ],
+        "ome": placed,  # not its name, which is the output folder's
         "pyramid": pyramid,
     }
     return json.loads(json.dumps(stored, default=str))
@@ -406,15 +424,16 @@ def _regions(shape, unit):
         yield index, region
 
 
-def _written(target, place, indices, check=None):
+def _written(target, place, indices):
     """The chunk (or shard) indices whose files exist and decode.
 
     Stray temporary files of interrupted writes are removed first. In a
-    local folder (`check` None), each file found is read back, a few at a
-    time: zarr renames a chunk file into place without syncing it, so a
-    machine that stops can leave one renamed but not written whole; one
-    that does not decode is deleted and counted as missing. An object store
-    shows an object whole or not at all: there, being listed suffices.
+    local folder each file found is read back, a few at a time: zarr
+    renames a chunk file into place without syncing it, so a machine that
+    stops can leave one renamed but not written whole (often empty, which
+    zarr would read as a shard of fill values); one that is empty or does
+    not decode is deleted and counted as missing. An object store shows an
+    object whole or not at all: there, being listed suffices.
     """
     keys, _ = place.files()
     place.delete([key for key in keys if _PARTIAL.search(key)])
@@ -426,12 +445,17 @@ def _written(target, place, indices, check=None):
         return f"{prefix}/{key}" if prefix else key
 
     found = [index for index in indices if key_of(index) in keys]
-    if not (isinstance(place, Folder) if check is None else check):
+    if not isinstance(place, Folder):
         return set(found)
+
+    def whole(index):
+        empty = (place.path / key_of(index)).stat().st_size == 0
+        return not empty and _decodes(target, index)
+
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-        whole = list(pool.map(functools.partial(_decodes, target), found))
-    place.delete([key_of(i) for i, ok in zip(found, whole, strict=True) if not ok])
-    return {i for i, ok in zip(found, whole, strict=True) if ok}
+        kept = list(pool.map(whole, found))
+    place.delete([key_of(i) for i, ok in zip(found, kept, strict=True) if not ok])
+    return {i for i, ok in zip(found, kept, strict=True) if ok}
 
 
 def _decodes(target, index):

@@ -163,3 +163,6 @@ def test_integer_results_of_numpy_moments_are_numpy_s_own():
     assert reduce_block(*args, np.uint16).tolist() == [297]
     assert reduce_block(*args, np.float64).tolist() == [298.0]  # to float rounding
     assert Function(np.var).block_reduce(*args[:-1], np.uint16, None) is None
+    # a mean into integers keeps the tile sums: its quotient is NumPy's
+    mean = Function(np.mean).block_reduce(*args[:-1], np.uint16, None)
+    assert mean[0].tolist() == [np.mean(window).astype(np.uint16)]

@@ -1,5 +1,6 @@
 """Locations of stored data, listings of inputs and absent chunks."""
 
+import functools
 import os
 
 import dask.array as da
@@ -57,6 +58,11 @@ def test_locations_of_arrays_lazy_results_and_tiff_slices(tmp_path):
     files = [locate(tmp_path / "slices" / f"Z{z}.tif") for z in range(3)]
     assert locations(slices) == [*files, locate(tmp_path / "slices")]
     assert locations(image) == []
+    # slices in several folders: the files, not an ancestor of them all
+    (tmp_path / "more").mkdir()
+    tifffile.imwrite(tmp_path / "more" / "Z3.tif", image[0])
+    spread = dls.open_source(str(tmp_path / "*" / "Z*.tif"))
+    assert locations(spread) == [locate(p) for p in spread.files]
 
 
 def test_locations_take_what_holds_an_input_whole(tmp_path):
@@ -77,6 +83,14 @@ def test_locations_take_what_holds_an_input_whole(tmp_path):
         assert locations(inline) == [img]
     named = tmp_path / "img.zarr" / "0"
     assert locations(str(named)) == [locate(named), img]  # as named, and whole
+    # read by a function given it in a partial, or in a dict
+    read = functools.partial(lambda z, block_info=None: z[:], level0)
+    assert locations(da.map_blocks(read, chunks=image.shape, dtype=image.dtype)) == [
+        img
+    ]
+    take = lambda block, of: of["z"][:]  # noqa: E731
+    held = da.map_blocks(take, da.zeros(image.shape), of={"z": level0}, dtype="u2")
+    assert locations(held) == [img]
     zipped = zarr.create_array(
         zarr.storage.ZipStore(tmp_path / "a.zip", mode="w"), data=image
     )

@@ -297,6 +297,29 @@ def test_written_skips_torn_chunks_and_removes_temporary_files(tmp_path):
     assert not list((tmp_path / "a.zarr").rglob("*.partial"))
 
 
+class _Deletions(Folder):
+    """A folder noting the keys of each deletion, in order."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        object.__setattr__(self, "deleted", [])
+
+    def delete(self, keys):
+        self.deleted.append(list(keys))
+        super().delete(keys)
+
+
+def test_overwrite_deletes_the_record_last(tmp_path, image):
+    result = background(image)
+    dls.to_zarr(result, tmp_path / "out.zarr", ome=OmeImage.default(3))
+    place = _Deletions(tmp_path / "out.zarr")
+    _write._clear(place)
+    *chunks, metadata = [keys for keys in place.deleted if keys]
+    assert all(key.rpartition("/")[2] != "zarr.json" for keys in chunks for key in keys)
+    assert metadata == ["0/zarr.json", "zarr.json"]  # the group's, the record: last
+    assert [p.name for p in (tmp_path / "out.zarr").rglob("*")] == []
+
+
 @pytest.mark.parametrize("shards", [None, (4, 6, 6)])
 def test_resume_computes_torn_chunks_again(tmp_path, image, shards):
     result = background(write_zarr(tmp_path / "in.zarr", image))
@@ -305,9 +328,9 @@ def test_resume_computes_torn_chunks_again(tmp_path, image, shards):
     z = zarr.open_array(out, mode="r+")
     z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
     files = sorted(p for p in (out / "c").rglob("*") if p.is_file())
-    files[0].write_bytes(files[0].read_bytes()[:7])  # renamed, never written whole
-    files[-1].write_bytes(b"")
-    files[1].unlink()
+    files[0].write_bytes(b"")  # renamed, never written: zarr reads fill values
+    files[1].write_bytes(files[1].read_bytes()[:7])  # written in part
+    files[2].unlink()
     resumed = dls.to_zarr(result, out, chunks=(2, 3, 3), shards=shards, resume=True)
     assert resumed.attrs["dask_localstats"]["written"] == 3
     np.testing.assert_array_equal(resumed[:], background(image))
@@ -360,7 +383,14 @@ def test_python_resume_after_sigkill_is_byte_identical(tmp_path):
 
 @pytest.mark.parametrize(
     ("spec", "codec"),
-    [("zstd:5", "ZstdCodec"), ("blosc-lz4", "BloscCodec"), ("blosc-zstd:3", "Blosc")],
+    [
+        ("zstd:5", "ZstdCodec"),
+        ("blosc-lz4", "BloscCodec"),
+        ("blosc-zstd:3", "Blosc"),
+        (zarr.codecs.ZstdCodec(level=2), "ZstdCodec"),  # one codec, as zarr takes it
+        ([zarr.codecs.ZstdCodec(level=2)], "ZstdCodec"),
+    ],
+    ids=["zstd", "blosc-lz4", "blosc-zstd", "a-codec", "codecs"],
 )
 def test_shards_and_codecs(tmp_path, spec, codec):
     image = np.arange(32 * 64 * 60, dtype=np.uint16).reshape(32, 64, 60)
