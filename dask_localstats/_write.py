@@ -234,9 +234,9 @@ def _clear(place):
     chunks first, the metadata after, the record (the root's ``zarr.json``)
     last, so that a run stopped meanwhile leaves an output still ours."""
     keys = [key for key in _check_replaceable(place) if key != LOCK]
-    metadata = [key for key in keys if key.rpartition("/")[2] in _METADATA]
-    place.delete([key for key in keys if key not in set(metadata)])
-    place.delete(sorted(metadata, key=lambda key: key == "zarr.json"))
+    metadata = {key for key in keys if key.rpartition("/")[2] in _METADATA}
+    place.delete([key for key in keys if key not in metadata])
+    place.delete(sorted(metadata, key=lambda key: (key == "zarr.json", key)))
 
 
 # --- the record -----------------------------------------------------------------
