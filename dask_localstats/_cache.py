@@ -81,9 +81,13 @@ class ChunkCache:
     Parameters
     ----------
     nbytes : int
-        Most bytes of decoded chunks to hold; the least recently used go
-        first. Chunks decoded together (a run along the last axis) share
-        their memory, which counts until the last of them goes.
+        Most bytes of decoded chunks to hold, those being decoded
+        included: room is made before a run is decoded, the least recently
+        used chunks going first, but not those a read is still pasting
+        (evicting them would not free their memory); a run there is no
+        room for is handed to the reads that wait for it, not kept.
+        Chunks decoded together (a run along the last axis) share their
+        memory, which counts until the last of them goes.
     uses : ChunkUses or None
         The reads to come: a chunk goes as soon as its last is done.
 
@@ -111,6 +115,7 @@ class ChunkCache:
         self._reads = collections.Counter()  # of chunks with reads to come
         self._chunks = collections.OrderedDict()
         self._held = 0
+        self._pins = collections.Counter()  # of chunks claimed, not yet pasted
         self._pending = {}
         self._lock = threading.Lock()
 
@@ -137,28 +142,34 @@ class ChunkCache:
         shape = tuple(s.stop - s.start for s in slices)
         out = np.empty(shape, array.dtype) if out is None else out
 
-        def paste(index, chunk):
-            dst, src = [], []
-            for i, c, s in zip(index, array.chunks, slices, strict=True):
-                lo, hi = max(s.start, i * c), min(s.stop, (i + 1) * c)
-                dst.append(slice(lo - s.start, hi - s.start))
-                src.append(slice(lo - i * c, hi - i * c))
-            out[tuple(dst)] = chunk[tuple(src)]
+        def paste(chunks):  # holding them no longer than this call
+            for index, chunk in chunks:
+                dst, src = [], []
+                for i, c, s in zip(index, array.chunks, slices, strict=True):
+                    lo, hi = max(s.start, i * c), min(s.stop, (i + 1) * c)
+                    dst.append(slice(lo - s.start, hi - s.start))
+                    src.append(slice(lo - i * c, hi - i * c))
+                out[tuple(dst)] = chunk[tuple(src)]
+                self._unpin([index])
+                unpasted.remove(index)
 
         ranges = [
             range(s.start // c, -(-s.stop // c))
             for s, c in zip(slices, array.chunks, strict=True)
         ]
-        held, waiting, mine = self._claim(itertools.product(*ranges))
-        for index, chunk in held:
-            paste(index, chunk)
-        del held
-        for run in _runs(mine):
-            for index, chunk in self._decode(array, run).items():
-                paste(index, chunk)
-        for index, pending in waiting:
-            paste(index, pending.result())
-        self._done(itertools.product(*ranges))
+        indices = list(itertools.product(*ranges))
+        unpasted = set(indices)
+        held, waiting, mine = self._claim(indices)
+        try:
+            paste(held)
+            del held  # a chunk evicted meanwhile lets its memory go
+            for run in _runs(mine):
+                paste(self._decode(array, run).items())
+            for index, pending in waiting:
+                paste([(index, pending.result())])
+        finally:
+            self._unpin(unpasted)
+        self._done(indices)
         return out
 
     def chunk(self, array, index):
@@ -167,17 +178,30 @@ class ChunkCache:
         The cache's own array, read-only: no copy is made (a step that only
         reads a region of exactly one chunk needs none).
         """
-        held, waiting, mine = self._claim([tuple(index)])
-        if held:
-            chunk = held[0][1]
-        elif waiting:
-            chunk = waiting[0][1].result()
-        else:
-            chunk = self._decode(array, mine)[mine[0]]
+        index = tuple(index)
+        held, waiting, mine = self._claim([index])
+        try:
+            if held:
+                chunk = held[0][1]
+            elif waiting:
+                chunk = waiting[0][1].result()
+            else:
+                chunk = self._decode(array, mine)[mine[0]]
+        finally:
+            self._unpin([index])
         view = chunk.view()
         view.flags.writeable = False
-        self._done([tuple(index)])
+        self._done([index])
         return view
+
+    def _unpin(self, indices):
+        """A read is done with chunks `indices` (see :meth:`_claim`)."""
+        with self._lock:
+            for index in indices:
+                self._pins[index] -= 1
+                if not self._pins[index]:
+                    del self._pins[index]
+            self._shrink(self.nbytes)  # what the budget could not let go
 
     def _done(self, indices):
         """A read of chunks `indices` is done: those no read needs again go."""
@@ -202,10 +226,13 @@ class ChunkCache:
     def _claim(self, indices):
         """Sort chunk `indices` into those held ``(index, chunk)``, those
         another thread is decoding ``(index, future)``, and those not held,
-        claimed for the caller to decode (:meth:`_decode`)."""
+        claimed for the caller to decode (:meth:`_decode`). All are pinned
+        until the caller has pasted them (:meth:`_unpin`): evicting them
+        before would not let their memory go."""
         held, waiting, mine = [], [], []
         with self._lock:
             for index in indices:
+                self._pins[index] += 1
                 if index in self._chunks:
                     self._chunks.move_to_end(index)
                     held.append((index, self._chunks[index][0]))
@@ -223,10 +250,15 @@ class ChunkCache:
             slice(i * c, min((j + 1) * c, n))
             for i, j, c, n in zip(first, last, array.chunks, array.shape, strict=True)
         )
+        nbytes = array.dtype.itemsize * math.prod(s.stop - s.start for s in region)
+        with self._lock:  # room first, counting what other threads decode
+            self._held += nbytes
+            self._shrink(self.nbytes)
         try:
             data = read_region(array, region)
         except BaseException as error:
             with self._lock:
+                self._held -= nbytes
                 for index in run:
                     self._pending.pop(index).set_exception(error)
             raise
@@ -237,15 +269,29 @@ class ChunkCache:
         chunks = {
             index: data[..., k * step : (k + 1) * step] for k, index in enumerate(run)
         }
-        memory = [data.nbytes, len(chunks)]  # bytes, views held
+        memory = [nbytes, len(chunks)]  # bytes, views held
         with self._lock:
+            self._shrink(self.nbytes)  # reads may have pasted chunks meanwhile
+            kept = self._held <= self.nbytes
             for index, chunk in chunks.items():
-                self._chunks[index] = (chunk, memory)
+                if kept:
+                    self._chunks[index] = (chunk, memory)
                 self._pending.pop(index).set_result(chunk)
-            self._held += data.nbytes
-            while self._held > self.nbytes and len(self._chunks) > 1:
-                self._evict(next(iter(self._chunks)))  # the least recently used
+            if not kept:  # for the reads waiting for it only
+                self._held -= nbytes
         return chunks
+
+    def _shrink(self, nbytes):
+        """Let the least recently used chunks go (holding the lock) until
+        those held and being decoded take at most `nbytes`, but not the
+        runs a read has still to paste from (pinned)."""
+        if self._held <= nbytes:
+            return
+        pinned = {id(self._chunks[i][1]) for i in self._pins if i in self._chunks}
+        for index in [i for i, (_, m) in self._chunks.items() if id(m) not in pinned]:
+            if self._held <= nbytes:
+                break
+            self._evict(index)
 
 
 def _runs(indices):

@@ -1,7 +1,10 @@
 """The chunk cache: each chunk decoded about once, in bounded memory."""
 
 import itertools
+import math
 import pickle
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 import numpy as np
@@ -59,6 +62,61 @@ def test_chunk_cache_gives_whole_chunks_read_only_and_pastes_into_out(tmp_path, 
     np.testing.assert_array_equal(out, image[region])
     assert len(z.chunks_read) == len(set(z.chunks_read))  # each decoded once
     assert (1, 2, 0) in z.chunks_read
+
+
+def test_chunk_cache_makes_room_before_it_decodes(tmp_path, image):
+    # a budget of two runs of three chunks (a row of chunks): decoding the
+    # third, the cache lets the least recently used run go first, so the
+    # chunks held and those being decoded never take more than the budget
+    # (they took three runs)
+    taken = []
+
+    class Watched(Counting):
+        def __getitem__(self, region):
+            decoding = math.prod(s.stop - s.start for s in region) * image.itemsize
+            runs = {id(memory): memory[0] for _, memory in cache._chunks.values()}
+            taken.append(sum(runs.values()) + decoding)
+            return super().__getitem__(region)
+
+    z = Watched(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
+    run = 5 * 7 * 25 * image.itemsize
+    cache = ChunkCache(2 * run)
+    for y in range(0, 30, 7):  # a row of each row of chunks
+        got = cache.read(z, (slice(0, 5), slice(y, y + 1), slice(0, 25)))
+        np.testing.assert_array_equal(got, image[:5, y : y + 1])
+    assert len(taken) == 5 and max(taken) == 2 * run == cache.nbytes
+    assert len(cache) == 6 and cache._held == run + 5 * 2 * 25 * image.itemsize
+    # a run larger than the budget is handed to its read, not kept
+    small = ChunkCache(run - 1)
+    got = small.read(z, (slice(0, 5), slice(0, 7), slice(0, 25)))
+    np.testing.assert_array_equal(got, image[:5, :7])
+    assert len(small) == 0 and small._held == 0
+
+
+def test_chunk_cache_makes_room_for_the_runs_other_threads_decode(tmp_path, image):
+    # a budget of two runs (rows of chunks), one held: two threads then
+    # decode a run each at once, and the second to claim its run lets the
+    # held one go
+    together = threading.Barrier(2, timeout=30)
+    held = []
+
+    class Together(Counting):
+        def __getitem__(self, region):
+            if len(self.chunks_read) >= 3:  # the first run is held
+                together.wait()  # both runs are being decoded
+                runs = {id(m): m[0] for _, m in cache._chunks.values()}
+                held.append(sum(runs.values()))
+            return super().__getitem__(region)
+
+    z = Together(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
+    run = 5 * 7 * 25 * image.itemsize
+    cache = ChunkCache(2 * run)
+    rows = [(slice(0, 5), slice(y, y + 1), slice(0, 25)) for y in (0, 7, 14)]
+    cache.read(z, rows[0])
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda region: cache.read(z, region), rows[1:]))
+    np.testing.assert_array_equal(got[1], image[:5, 14:15])
+    assert held == [0, 0]  # not one run more than the budget
 
 
 def test_chunk_cache_read_errors_propagate_and_are_not_cached(tmp_path, image):
