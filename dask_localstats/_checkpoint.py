@@ -3,8 +3,8 @@
 Every coarse grid that a result resamples (see
 :func:`dask_localstats._engine.checkpoint_of`) gets a folder in the output,
 ``.dask_localstats/coarse-<digest of its dask name>/``, with one ``.npy``
-file a block, stored whole (see :mod:`dask_localstats._place`) as soon as
-the block is computed, in the same graph as the output's chunks. Blocks
+file a block (its checksum appended), stored whole (see
+:mod:`dask_localstats._place`) as soon as the block is computed, in the same graph as the output's chunks. Blocks
 found stored are read instead of computed: by a later batch of the same run
 (the blocks that neighbouring batches share are computed once) and by a
 later run of the same computation (resuming), so finishing the last chunks
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import dask.array as da
+import google_crc32c
 import numpy as np
 from dask._task_spec import Alias, DataNode, Task, TaskRef
 from dask.base import tokenize
@@ -59,12 +60,18 @@ _BLOCK = re.compile(r"\d+(-\d+)*\.npy")
 
 
 def _saved(block, place, key, guard=None):
-    """`block`, once stored whole in the output at `key`."""
+    """`block`, once stored whole in the output at `key`: a ``.npy`` file
+    followed by the CRC-32C of its bytes (which ``numpy.load`` ignores)."""
     check_guard(guard)
     data = io.BytesIO()
     np.save(data, block, allow_pickle=False)
+    data.write(_checksum(data.getvalue()))
     place.write(key, data.getvalue())
     return block
+
+
+def _checksum(data):
+    return np.uint32(google_crc32c.value(data)).tobytes()
 
 
 # NumPy parses a .npy header with ast.literal_eval, whose AST construction
@@ -75,8 +82,12 @@ _PARSING = threading.Lock()
 
 def _load_block(place, key, shape, dtype):
     """The block stored at `key`, refused (naming the file) unless it is a
-    whole ``.npy`` file of `shape` and `dtype`."""
-    data = io.BytesIO(place.read(key))
+    whole ``.npy`` file of `shape` and `dtype`, unchanged since it was
+    stored (its checksum, see :func:`_saved`)."""
+    data = place.read(key)
+    if len(data) < 4 or _checksum(data[:-4]) != data[-4:]:
+        _damaged(place, key, "its checksum does not match its bytes")
+    data = io.BytesIO(data)
     try:
         with _PARSING:
             block = np.load(data, allow_pickle=False)

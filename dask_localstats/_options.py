@@ -140,7 +140,8 @@ def _add_common(parser):
                        "axes longer than 32 voxels (implies --ome; default 1)")  # fmt: skip
     group.add_argument("--compression", default="auto", metavar="SPEC",
                        help="zstd[:LEVEL], blosc-zstd[:LEVEL], blosc-lz4[:LEVEL] "
-                       "or none (default: blosc-zstd:1)")  # fmt: skip
+                       "or none (default: blosc-zstd:1); a crc32c checksum "
+                       "follows")  # fmt: skip
     group.add_argument("--missing-chunks", choices=MISSING_CHUNKS,
                        default="error", help="chunks absent from a zarr IN or "
                        "MASK: refuse (default), or read them as the fill value "

@@ -13,7 +13,9 @@ continued and nothing that is not the writer's own is ever touched:
   files). Empty chunks are written too, so "the chunk exists" means "the
   chunk is done" -- unless the machine stopped: zarr does not sync a file
   before renaming it, so a resume reads back each chunk file of a local
-  output and computes again those that are empty or do not decode.
+  output and computes again those that are empty or do not decode; every
+  chunk ends with a crc32c checksum (zarr v3's codec), so one cut short or
+  changed in any byte does not decode.
 - **One place a unit.** Where units are enough for all threads, a unit's
   task also runs the tasks that only it needs (the chunks of a user's
   arithmetic on a background, their resampling; see
@@ -693,7 +695,9 @@ def to_zarr(
         ``"auto"`` (blosc-zstd level 1 with byte shuffle: smaller and faster
         than zarr's default zstd on light-sheet data), a spec such as ``"zstd:3"``,
         ``"blosc-zstd:5"``, ``"blosc-lz4"`` or ``"none"`` (see
-        :func:`compressors_of`), or zarr v3 codecs.
+        :func:`compressors_of`), or zarr v3 codecs. A crc32c checksum
+        follows them (:func:`~dask_localstats._layout.with_checksum`), so
+        that a resume tells a damaged chunk from a whole one.
     overwrite : bool
         Replace an existing store, only if it is an output of this library
         (its record at the root) holding nothing but zarr entries (and clear

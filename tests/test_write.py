@@ -25,7 +25,7 @@ from strategies import write_zarr
 
 import dask_localstats as dls
 from dask_localstats import _engine, _write
-from dask_localstats._checkpoint import _load_block
+from dask_localstats._checkpoint import _load_block, _saved
 from dask_localstats._engine import _coarse_block
 from dask_localstats._fill import fill_block, reach, sweep
 from dask_localstats._graph import cull
@@ -320,20 +320,30 @@ def test_overwrite_deletes_the_record_last(tmp_path, image):
     assert [p.name for p in (tmp_path / "out.zarr").rglob("*")] == []
 
 
-@pytest.mark.parametrize("shards", [None, (4, 6, 6)])
-def test_resume_computes_torn_chunks_again(tmp_path, image, shards):
+@pytest.mark.parametrize(
+    ("shards", "compressors"), [(None, "auto"), ((4, 6, 6), "auto"), (None, "none")]
+)
+def test_resume_computes_damaged_chunks_again(tmp_path, image, shards, compressors):
     result = background(write_zarr(tmp_path / "in.zarr", image))
     out = tmp_path / "out.zarr"
-    dls.to_zarr(result, out, chunks=(2, 3, 3), shards=shards)
+    options = dict(chunks=(2, 3, 3), shards=shards, compressors=compressors)
+    dls.to_zarr(result, out, **options)
     z = zarr.open_array(out, mode="r+")
     z.attrs["dask_localstats"] = {**z.attrs["dask_localstats"], "complete": False}
     files = sorted(p for p in (out / "c").rglob("*") if p.is_file())
     files[0].write_bytes(b"")  # renamed, never written: zarr reads fill values
     files[1].write_bytes(files[1].read_bytes()[:7])  # written in part
     files[2].unlink()
-    resumed = dls.to_zarr(result, out, chunks=(2, 3, 3), shards=shards, resume=True)
-    assert resumed.attrs["dask_localstats"]["written"] == 3
+    # whole in length, but not in content: they decode without a checksum
+    stored = files[3].read_bytes()
+    files[3].write_bytes(stored[:-12] + bytes(12))  # its end never written
+    stored = bytearray(files[4].read_bytes())
+    stored[len(stored) // 2] ^= 1
+    files[4].write_bytes(bytes(stored))  # a bit flipped
+    resumed = dls.to_zarr(result, out, resume=True, **options)
+    assert resumed.attrs["dask_localstats"]["written"] == 5
     np.testing.assert_array_equal(resumed[:], background(image))
+    assert resumed.compressors[-1].to_dict() == {"name": "crc32c"}
 
 
 RESUMABLE = """
@@ -536,11 +546,18 @@ def test_resume_reads_the_stored_coarse_blocks_instead_of_the_source(tmp_path, i
     resumed = dls.to_zarr(result, out, resume=True)
     assert 0 < len(source.chunks_read) < full
     np.testing.assert_array_equal(resumed[:], expected, strict=True)
-    # a damaged block, truncated or of another shape, is refused, named
-    other = np.zeros(np.load(blocks[1]).shape[:-1])
+    # a damaged block (cut short, its end zeroed) or one of another shape
+    # is refused, named
+    other = np.zeros(np.load(blocks[1]).shape[:-1])  # numpy reads a block
+    stored = blocks[0].read_bytes()
+    key = blocks[0].relative_to(out).as_posix()
     for damage, match in [
-        (lambda: blocks[0].write_bytes(blocks[0].read_bytes()[:90]), "EOF"),
-        (lambda: np.save(blocks[0], other), r"shape \(.*\) and dtype float64, not"),
+        (lambda: blocks[0].write_bytes(stored[:90]), "its checksum does not"),
+        (lambda: blocks[0].write_bytes(stored[:-9] + bytes(9)), "its checksum"),
+        (
+            lambda: _saved(other, Folder(out), key),
+            r"shape \(.*\) and dtype float64, not",
+        ),
     ]:
         interrupt(0)
         damage()
