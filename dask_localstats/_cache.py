@@ -195,12 +195,15 @@ class ChunkCache:
         return view
 
     def _unpin(self, indices):
-        """A read is done with chunks `indices` (see :meth:`_claim`)."""
+        """A read is done with chunks `indices` (see :meth:`_claim`): they
+        are the most recently used."""
         with self._lock:
             for index in indices:
                 self._pins[index] -= 1
                 if not self._pins[index]:
                     del self._pins[index]
+                if index in self._chunks:
+                    self._chunks.move_to_end(index)
             self._shrink(self.nbytes)  # what the budget could not let go
 
     def _done(self, indices):
@@ -234,7 +237,6 @@ class ChunkCache:
             for index in indices:
                 self._pins[index] += 1
                 if index in self._chunks:
-                    self._chunks.move_to_end(index)
                     held.append((index, self._chunks[index][0]))
                 elif index in self._pending:
                     waiting.append((index, self._pending[index]))

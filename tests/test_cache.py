@@ -4,6 +4,7 @@ import itertools
 import math
 import pickle
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
@@ -117,6 +118,49 @@ def test_chunk_cache_makes_room_for_the_runs_other_threads_decode(tmp_path, imag
         got = list(pool.map(lambda region: cache.read(z, region), rows[1:]))
     np.testing.assert_array_equal(got[1], image[:5, 14:15])
     assert held == [0, 0]  # not one run more than the budget
+
+
+def test_chunk_cache_keeps_a_run_until_the_reads_waiting_for_it_pasted_it(
+    tmp_path, image
+):
+    # rows of chunks a, c, b (runs of three), a budget of two: one thread
+    # decodes a while another waits for it (and decodes c first): when b
+    # then needs room, a is not let go (the waiting read still has to paste
+    # it, and would keep its memory) and b, no room made, is not kept
+    gates = {y: threading.Event() for y in (0, 1)}  # chunk rows a and c
+
+    class Gated(Counting):
+        def __getitem__(self, region):
+            gate = gates.get(region[1].start // 7)
+            if gate is not None:
+                assert gate.wait(30)
+            return super().__getitem__(region)
+
+    z = Gated(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
+    cache = ChunkCache(2 * 5 * 7 * 25 * image.itemsize)
+    a, b = [(slice(0, 5), slice(y, y + 7), slice(0, 25)) for y in (0, 14)]
+    a_and_c = (slice(0, 5), slice(0, 14), slice(0, 25))
+
+    def claimed(reads):  # until `reads` reads have claimed the first chunk
+        for _ in range(3000):
+            if cache._pins[0, 0, 0] == reads:
+                return
+            time.sleep(0.01)
+        raise TimeoutError
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(cache.read, z, a)
+        claimed(1)
+        both = pool.submit(cache.read, z, a_and_c)  # waits for a, decodes c
+        claimed(2)
+        gates[0].set()
+        first.result(timeout=30)
+        cache.read(z, b)
+        gates[1].set()
+        got = both.result(timeout=30)
+    np.testing.assert_array_equal(got, image[:5, :14])
+    assert {index[1] for index in cache._chunks} == {0, 1}  # a and c, not b
+    assert z.chunks_read.count((0, 0, 0)) == 1
 
 
 def test_chunk_cache_read_errors_propagate_and_are_not_cached(tmp_path, image):
