@@ -84,8 +84,10 @@ class ChunkCache:
         Most bytes of decoded chunks to hold, those being decoded
         included: room is made before a run is decoded, the least recently
         used chunks going first, but not those a read is still pasting
-        (evicting them would not free their memory); a run there is no
-        room for is handed to the reads that wait for it, not kept.
+        (evicting them would not free their memory). A run there is no
+        room for (all held being pinned so) is decoded all the same, for
+        the reads that wait for it, and not kept: with many threads the
+        runs being decoded can take more than `nbytes` for a while.
         Chunks decoded together (a run along the last axis) share their
         memory, which counts until the last of them goes.
     uses : ChunkUses or None
@@ -167,6 +169,9 @@ class ChunkCache:
                 paste(self._decode(array, run).items())
             for index, pending in waiting:
                 paste([(index, pending.result())])
+        except BaseException as error:
+            self._abandon(mine, error)
+            raise
         finally:
             self._unpin(unpasted)
         self._done(indices)
@@ -193,6 +198,15 @@ class ChunkCache:
         view.flags.writeable = False
         self._done([index])
         return view
+
+    def _abandon(self, indices, error):
+        """A read failed: the chunks `indices` it claimed and has not
+        decoded fail with `error` for the reads waiting for them."""
+        with self._lock:
+            for index in indices:
+                pending = self._pending.pop(index, None)  # still ours
+                if pending is not None:
+                    pending.set_exception(error)
 
     def _unpin(self, indices):
         """A read is done with chunks `indices` (see :meth:`_claim`): they

@@ -71,7 +71,7 @@ def _saved(block, place, key, guard=None):
 
 
 def _checksum(data):
-    return np.uint32(google_crc32c.value(data)).tobytes()
+    return google_crc32c.value(data).to_bytes(4, "little")
 
 
 # NumPy parses a .npy header with ast.literal_eval, whose AST construction

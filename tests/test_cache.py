@@ -175,6 +175,51 @@ def test_chunk_cache_read_errors_propagate_and_are_not_cached(tmp_path, image):
     )
 
 
+def test_a_failed_read_fails_the_reads_waiting_for_its_other_chunks(tmp_path, image):
+    # a read claims two runs and fails on the first: a read waiting for a
+    # chunk of its second run gets the error (it waited forever, and a
+    # write with it)
+    gate = threading.Event()
+
+    class Damaged(Counting):
+        def __getitem__(self, region):
+            if region[1].start == 0:  # the first row of chunks
+                assert gate.wait(30)
+                raise OSError("chunk 0 is damaged")
+            return super().__getitem__(region)
+
+    z = Damaged(_write(tmp_path / "image.zarr", image, chunks=(5, 7, 9)))
+    cache = ChunkCache(2**20)
+    errors = []
+
+    def read(region):  # in a thread that cannot keep the test from ending
+        try:
+            cache.read(z, region)
+        except OSError as error:
+            errors.append(error)
+
+    reads = [
+        threading.Thread(target=read, args=(region,), daemon=True)
+        for region in [
+            (slice(0, 5), slice(0, 14), slice(0, 25)),  # the two runs
+            (slice(0, 5), slice(7, 14), slice(0, 9)),  # waits for the second
+        ]
+    ]
+    for thread, pins in zip(reads, (1, 2), strict=True):
+        thread.start()
+        while cache._pins[0, 1, 0] < pins:
+            time.sleep(0.01)
+    gate.set()
+    for thread in reads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in reads)
+    assert [str(e) for e in errors] == ["chunk 0 is damaged"] * 2
+    assert not cache._pending and not cache._pins and cache._held == 0
+    np.testing.assert_array_equal(
+        cache.read(z, (slice(0, 5), slice(7, 14), slice(0, 9))), image[:5, 7:14, :9]
+    )
+
+
 def test_chunk_uses_count_the_reads_of_each_grid_of_regions():
     rng = np.random.default_rng(1)
     shape, chunks = (23, 17), (5, 4)
