@@ -4,7 +4,8 @@ Every coarse grid that a result resamples (see
 :func:`dask_localstats._engine.checkpoint_of`) gets a folder in the output,
 ``.dask_localstats/coarse-<digest of its dask name>/``, with one ``.npy``
 file a block (its checksum appended), stored whole (see
-:mod:`dask_localstats._place`) as soon as the block is computed, in the same graph as the output's chunks. Blocks
+:mod:`dask_localstats._place`) as soon as the block is computed, in the
+same graph as the output's chunks. Blocks
 found stored are read instead of computed: by a later batch of the same run
 (the blocks that neighbouring batches share are computed once) and by a
 later run of the same computation (resuming), so finishing the last chunks
