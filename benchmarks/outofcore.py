@@ -6,7 +6,9 @@ stores go; they are made once and reused; ``--malloc-arena-max 2`` runs both
 sides with glibc's per-thread heaps capped, see the README;
 ``--tiff-chunks`` the output chunks of W11; ``--only stages`` times W10's
 steps one by one in one process, on the first of ``--sizes``; ``--only
-resume`` times R1).
+resume`` times R1; ``--against DIR`` also runs the job of W7 to W11 with
+the library of another checkout, alternating with the others, to compare
+two versions in one run).
 
 - W7: ``v - local_percentile(v, 0.1, selem=(64,)*3, spacing=(32,)*3)``
   stored into a new zstd zarr store, against B4, a plain
@@ -318,20 +320,43 @@ def child(workload, side, src, dst, extra):
         lightsheet_job(src, dst, shards=None if side == "flat" else "auto")
     elif workload == "R1":
         lightsheet_job(src, dst, resume=side == "resume")
-    elif workload == "W11" and side == "ours":
+    elif workload == "W11" and side in ("ours", "against"):
         lightsheet_job(src, dst, parse_chunks(extra))
     elif workload == "W11":
         tiff_copy(src, dst, parse_chunks(extra))
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu + workers
-    result = {"seconds": seconds, "cpu": cpu, "rss": peak_rss_mib()}
+    library = str(Path(dls.__file__).parent.parent)  # the checkout it ran
+    result = {"seconds": seconds, "cpu": cpu, "rss": peak_rss_mib(), "library": library}
     print(json.dumps(result | {"threads": clock.stop()}))
 
 
 ENV = dict(os.environ)
+AGAINST = {}  # the side "against": the environment of its children (--against)
 
 
 def run_child(*args):
     return child_json(__file__, *args, env=ENV)
+
+
+def against(extras):
+    """`extras` and, with ``--against``, the side "against": the job of
+    "ours" with the library of the other checkout."""
+    return extras | ({"against": extras["ours"]} if AGAINST else {})
+
+
+def against_lines(label, runs):
+    """Rows of the main table: ours against the other checkout's library
+    (none without ``--against``)."""
+    if "against" not in runs:
+        return []
+    sides = ("ours", "against")
+    ours, other = (statistics.median(r["seconds"] for r in runs[s]) for s in sides)
+    rss, other_rss = (max(r["rss"] for r in runs[s]) for s in sides)
+    where = runs["against"][0]["library"]
+    return [
+        f"| {label}, this library against {where}'s | {ours:.1f} | {other:.1f} | "
+        f"{ours / other:.2f}x its time | - | {rss:.0f} / {other_rss:.0f} |"
+    ]
 
 
 def chunk_files(store):
@@ -639,7 +664,9 @@ def side_by_side(workload, src, extras, repeat, workdir):
     for _ in range(repeat):
         for side, extra in extras.items():
             dst = workdir / f"out-{side}.zarr"
-            runs[side].append(run_child(workload, side, src, dst, extra))
+            env = AGAINST if side == "against" else ENV
+            args = (workload, side, src, dst, extra)
+            runs[side].append(child_json(__file__, *args, env=env))
             shutil.rmtree(dst, ignore_errors=True)
     return runs
 
@@ -708,10 +735,19 @@ def main(argv=None):
         default=["default", "64,256,256"],
         help="W11's output chunks: 'default' (the library's) or z,y,x",
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="a checkout of this project (a git worktree of another commit, "
+        "say): W7 to W11 also run their job with its library, side 'against'",
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.malloc_arena_max:
         ENV["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
+    if args.against:
+        paths = [str(args.against.resolve()), ENV.get("PYTHONPATH", "")]
+        AGAINST.update(ENV, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     if args.child:
         workload, side, src, dst, extra = args.child
         if workload == "W9":
@@ -734,12 +770,14 @@ def main(argv=None):
         for gib in args.sizes:
             src = args.workdir / f"volume-{gib:g}GiB.zarr"
             make_volume(src, gib)
-            extras = {"ours": pipeline, "B4": 0}
+            extras = against({"ours": pipeline, "B4": 0})
             runs = side_by_side(workload, src, extras, args.repeat, args.workdir)
             label = f"{workload} {gib:g} GiB"
-            lines.append(ratio_line(label, runs, "B4 copy", "<= 1.3x"))
-            costs += cost_lines(label, runs, gib)
-            print(lines[-1], *costs[-2:], sep="\n", flush=True)
+            new = [ratio_line(label, runs, "B4 copy", "<= 1.3x")]
+            new += against_lines(label, runs)
+            new_costs = cost_lines(label, runs, gib)
+            lines, costs = lines + new, costs + new_costs
+            print(*new, *new_costs, sep="\n", flush=True)
     if "W8" in only:
         src = args.workdir / "volume-1GiB.zarr"
         make_volume(src, 1)
@@ -779,15 +817,19 @@ def main(argv=None):
         for gib in args.sizes:
             src = args.workdir / f"lightsheet-{gib:g}GiB.zarr"
             z = make_volume(src, gib, LIGHTSHEET_SECTION, LIGHTSHEET_CHUNKS)
-            extras = {"ours": "-", "flat": "-", "B4": "-"}
+            extras = against({"ours": "-", "flat": "-", "B4": "-"})
             runs = side_by_side("W10", src, extras, args.repeat, args.workdir)
             label = f"W10 {gib:g} GiB {'x'.join(map(str, z.shape))}"
             target = "<= 1.5x, <= 1.5 GiB"
-            lines.append(ratio_line(label, runs, "B4 copy", target))
             flat = {"ours": runs["flat"], "B4": runs["B4"]}
-            lines.append(ratio_line(f"{label} flat", flat, "B4 copy", target))
-            costs += cost_lines(label, runs, z.nbytes / 2**30)
-            print(*lines[-2:], *costs[-3:], sep="\n", flush=True)
+            new = [
+                ratio_line(label, runs, "B4 copy", target),
+                ratio_line(f"{label} flat", flat, "B4 copy", target),
+                *against_lines(label, runs),
+            ]
+            new_costs = cost_lines(label, runs, z.nbytes / 2**30)
+            lines, costs = lines + new, costs + new_costs
+            print(*new, *new_costs, sep="\n", flush=True)
     if "W10cluster" in only:
         for gib in args.sizes:
             src = args.workdir / f"lightsheet-{gib:g}GiB.zarr"
@@ -811,12 +853,14 @@ def main(argv=None):
         for text in args.tiff_chunks:
             chunks = output_chunks(folder, parse_chunks(text))
             shown = "x".join(map(str, chunks))
-            extras = {"ours": text, "B4": ",".join(map(str, chunks))}
+            extras = against({"ours": text, "B4": ",".join(map(str, chunks))})
             runs = side_by_side("W11", folder, extras, args.repeat, args.workdir)
             label = f"W11 {SLICES} TIFF slices, chunks {shown} ({text})"
-            lines.append(ratio_line(label, runs, "TIFF -> zarr", "<= 1.5x"))
-            costs += cost_lines(label, runs, gib)
-            print(lines[-1], *costs[-2:], sep="\n", flush=True)
+            new = [ratio_line(label, runs, "TIFF -> zarr", "<= 1.5x")]
+            new += against_lines(label, runs)
+            new_costs = cost_lines(label, runs, gib)
+            lines, costs = lines + new, costs + new_costs
+            print(*new, *new_costs, sep="\n", flush=True)
     steps = {}
     if "stages" in only:
         src = args.workdir / f"lightsheet-{args.sizes[0]:g}GiB.zarr"
