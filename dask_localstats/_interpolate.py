@@ -26,7 +26,10 @@ Coordinates come from :func:`coordinates`: ``align="corners"`` is zoom's
 (and ClearMap's) convention, the first coarse sample on voxel 0 and the last
 on voxel ``S - 1``; ``align="centers"`` puts every coarse sample on its own
 center voxel and holds the value beyond the outermost centers.
-Integer outputs are rounded half away from zero and clipped, as scipy does.
+Integer outputs are rounded half away from zero and clipped, as scipy does;
+orders 0 and 1 into an unsigned dtype, whose values are then weighted means
+of coefficients of at least 0 and need no clipping, add the half to the
+coefficients once instead of to every voxel (a pass fewer).
 """
 
 from __future__ import annotations
@@ -182,6 +185,11 @@ def resample_block(
     low, high = (values.min(), values.max()) if order <= 1 and values.size else (0, 0)
     inside = order <= 1 and _within(low, high, dtype)  # needs no clipping
     finite = order != 1 or bool(np.isfinite(low) and np.isfinite(high))  # see _mix
+    # unsigned and inside: every value is a weighted mean of coefficients of
+    # at least 0, so the rounding's half can be added to them, once
+    half = inside and bounds is None and np.dtype(dtype).kind == "u"
+    if half:
+        values = values + 0.5
     if ahead is None:
         ahead = expands(len(coords[0]), values.shape[0])
     plane = math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :])
@@ -189,7 +197,7 @@ def resample_block(
         axes = list(reversed(range(len(coords))))  # the others, then the first
         for axis in axes if ahead else axes[-1:] + axes[:-1]:
             values = _contract(values, axis, *taps[axis], order == 1, finite)
-        values = cast(_clip(values, bounds), dtype, inside=inside)
+        values = cast(_clip(values, bounds), dtype, inside=inside, half=half)
         values = values if then is None else each_slab(then, values, then.dtype)
         if into is None:
             return values
@@ -202,7 +210,7 @@ def resample_block(
     out = (
         np.empty(shape, dtype if then is None else then.dtype) if into is None else into
     )
-    spline = _Spline(order, finite, inside, bounds, np.dtype(dtype), then)
+    spline = _Spline(order, finite, inside, half, bounds, np.dtype(dtype), then)
     return _by_pieces(values, taps, out, ahead, spline)
 
 
@@ -212,6 +220,7 @@ class _Spline(NamedTuple):
     order: int
     finite: bool  # every coefficient is finite (see _mix)
     inside: bool  # the values need no clipping to `dtype` (see cast)
+    half: bool  # the rounding's half is added to the coefficients (see cast)
     bounds: np.ndarray | None  # (2, ...) extremes to clip the values to
     dtype: np.dtype  # of the values
     then: object  # the step fused after, or None
@@ -236,6 +245,8 @@ def _by_pieces(values, taps, out, ahead, spline):
     direct = ahead and spline.then is None and spline.bounds is None
     direct = direct and out.dtype == values.dtype
     index, weights = taps[0]
+    if ahead and not direct:
+        return _expanding(values, taps[0], out, spline, ndim)
     copies = not ahead and index.shape[1] == 1 and bool((weights == 1).all())
     depth = slab_depth(math.prod(out.shape[1:])) if copies else 1
     bands = _bands(out.shape) if ndim > 1 else [slice(None)]
@@ -262,13 +273,51 @@ def _by_pieces(values, taps, out, ahead, spline):
     return out
 
 
+def _expanding(values, taps, out, spline, ndim):
+    """:func:`_by_pieces` where the first axis expands, `values` contracted
+    on the other axes: a slab of output planes at once.
+
+    Consecutive output planes between the same coarse planes (taps) are
+    mixed from them in one slab of about :data:`_EXPANDING_VOXELS`, each
+    plane with its own weights (broadcast), into memory reused from slab
+    to slab: NumPy calls long enough that two threads doing this do not
+    spend their time handing the GIL over, as calls on single planes
+    would. Each voxel gets the arithmetic of a plane made alone.
+    """
+    index, weights = taps
+    depth = max(1, _EXPANDING_VOXELS // max(math.prod(out.shape[1:]), 1))
+    buffer = np.empty((depth, *values.shape[1:]), values.dtype)
+    scratch = np.empty_like(buffer)
+    pairs = {} if spline.order == 1 else None  # see _combine
+    bands = _bands(out.shape) if ndim > 1 else [slice(None)]
+    start = 0
+    while start < len(index):
+        stop = start + 1  # the planes of one slab share their taps
+        while stop < min(start + depth, len(index)) and np.array_equal(
+            index[stop], index[start]
+        ):
+            stop += 1
+        k, shape = stop - start, (stop - start,) + (1,) * (values.ndim - 1)
+        each = [w.reshape(shape) for w in weights[start:stop].T]  # broadcast
+        terms = (values, index[start], each, buffer[:k], scratch[:k])
+        slab = _combine(*terms, pairs, spline.finite)
+        planes = slice(start, stop)
+        for rows in bands:
+            piece, where = (
+                (slab[:, rows], (planes, rows)) if ndim > 1 else (slab, planes)
+            )
+            _finish(piece, where, out, spline)
+        start = stop
+    return out
+
+
 def _finish(piece, where, out, spline):
     """A piece of values clipped, cast and passed on, into ``out[where]``."""
     piece = _clip(piece, spline.bounds)
     if spline.then is None:
-        cast(piece, spline.dtype, out[where], spline.inside)
+        cast(piece, spline.dtype, out[where], spline.inside, spline.half)
     else:
-        cast_piece = cast(piece, spline.dtype, inside=spline.inside)
+        cast_piece = cast(piece, spline.dtype, inside=spline.inside, half=spline.half)
         out[where] = spline.then(where, cast_piece)
 
 
@@ -283,6 +332,9 @@ def _bands(shape):
 # Voxels of a piece of output made at once (1 MiB of float64): its
 # temporaries, and those of a step fused after it, stay in cache.
 _SLAB_VOXELS = 1 << 17
+# Voxels of a slab of output planes mixed at once from the same coarse
+# planes (see _expanding).
+_EXPANDING_VOXELS = 1 << 18
 
 
 def slab_depth(plane):
@@ -327,13 +379,14 @@ def expands(size, count):
 def _combine(values, index, weights, out, scratch, pairs=None, finite=True):
     """``sum_j weights[j] * values[index[j]]``, into `out` (None: a new array).
 
-    `scratch`, of the shape of a term, holds each term after the first.
-    With `pairs` (order 1: a dict that keeps the last pair's difference,
+    `weights` are numbers, or arrays that broadcast against a term (the
+    weights of each plane of a slab, :func:`_expanding`). `scratch`, of
+    the shape of the result, holds each term after the first. With `pairs` (order 1: a dict that keeps the last pair's difference,
     the planes coming in order), two taps are mixed by :func:`_mix`, the
     difference ``b - a`` computed once for all the planes between the same
     two: a pass fewer a plane, and ``a`` itself where the weight is 0.
     """
-    if len(index) == 1 and weights[0] == 1:
+    if len(index) == 1 and np.all(weights[0] == 1):
         if out is None:
             return values[index[0]].copy()
         out[...] = values[index[0]]
@@ -436,21 +489,22 @@ def _contract(values, axis, index, weights, lerp=False, finite=True):
     return result
 
 
-def cast(values, dtype, out=None, inside=False):
+def cast(values, dtype, out=None, inside=False, half=False):
     """Cast float values to `dtype`, rounding and clipping integers like scipy.
 
     Integers are rounded half away from zero and clipped to the dtype's
     range, unless `inside`: `values` are known to lie in it, give or take
-    float rounding. `values` may be overwritten; the result goes to `out`
-    if given (an array of `dtype`, saving a copy).
+    float rounding. With `half`, unsigned `values` hold the rounding's half
+    already. `values` may be overwritten; the result goes to `out` if
+    given (an array of `dtype`, saving a copy).
     """
     dtype = np.dtype(dtype)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        if dtype.kind == "u":
-            values += 0.5
-        else:
+        if dtype.kind == "i":
             values += np.copysign(0.5, values)
+        elif not half:
+            values += 0.5
         # the cast truncates toward zero, completing the rounding
         if not inside:
             values = np.clip(values, info.min, info.max, out=values)

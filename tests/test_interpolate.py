@@ -264,6 +264,7 @@ def test_pieces_of_any_size_give_the_bits_of_the_whole_block(
     def resampled(voxels, small):
         seen[...] = 0
         monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
+        monkeypatch.setattr(_interpolate, "_EXPANDING_VOXELS", voxels)
         monkeypatch.setattr(_interpolate, "_SMALL", small)
         args = (coefficients, (0, 0, 0), coords, coarse.shape[:3], order, dtype)
         then = None if step is None else Subtract()
@@ -276,8 +277,10 @@ def test_pieces_of_any_size_give_the_bits_of_the_whole_block(
     np.testing.assert_array_equal(pieces, whole, strict=True)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])  # summed in place or not
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("voxels", [1, 2**20])
-def test_pieces_keep_infinities_as_whole_blocks_do(monkeypatch, voxels):
+def test_pieces_keep_infinities_as_whole_blocks_do(monkeypatch, voxels, ahead, dtype):
     from dask_localstats import _interpolate
 
     coarse = np.random.default_rng(4).normal(size=(10, 5, 6))
@@ -289,10 +292,45 @@ def test_pieces_keep_infinities_as_whole_blocks_do(monkeypatch, voxels):
 
     def resampled(small):
         monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
+        monkeypatch.setattr(_interpolate, "_EXPANDING_VOXELS", voxels)
         monkeypatch.setattr(_interpolate, "_SMALL", small)
-        args = (coarse, (0, 0, 0), coords, coarse.shape, 1, np.float64)
-        return resample_block(*args, ahead=False)
+        args = (coarse, (0, 0, 0), coords, coarse.shape, 1, dtype)
+        return resample_block(*args, ahead=ahead)
 
     whole = resampled(2**30)
     np.testing.assert_array_equal(resampled(1), whole, strict=True)
     assert np.isinf(whole).any() and not np.isnan(whole).any()
+
+
+@pytest.mark.parametrize("voxels", [1, 3 * 70, 2**20])
+@pytest.mark.parametrize("planes", [6, 10])
+@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("order", [0, 1])
+def test_unsigned_outputs_round_alike_in_pieces_of_any_size(
+    monkeypatch, order, ahead, planes, voxels
+):
+    # orders 0 and 1 into an unsigned dtype add the rounding's half to the
+    # coefficients once: the same bits however the block is cut, and the
+    # float values rounded half up (within float rounding of a half)
+    from dask_localstats import _interpolate
+
+    coarse = np.random.default_rng(9).uniform(0, 60000, (planes, 5, 6))
+    shape = (10, 90, 70)
+    coords = [
+        coordinates(s, m, 0, 1, "corners")
+        for s, m in zip(shape, coarse.shape, strict=True)
+    ]
+    args = (coarse, (0, 0, 0), coords, coarse.shape, order)
+
+    def resampled(small):
+        monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
+        monkeypatch.setattr(_interpolate, "_EXPANDING_VOXELS", voxels)
+        monkeypatch.setattr(_interpolate, "_SMALL", small)
+        return resample_block(*args, np.uint16, ahead=ahead)
+
+    whole = resampled(2**30)
+    np.testing.assert_array_equal(resampled(1), whole, strict=True)
+    floats = resample_block(*args, np.float64, ahead=ahead)
+    rounded = np.trunc(floats + 0.5)
+    assert np.abs(whole - rounded).max() <= 1
+    assert (whole == rounded).mean() > 0.999
