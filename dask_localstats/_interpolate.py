@@ -287,7 +287,9 @@ def _expanding(values, taps, out, spline, ndim):
     index, weights = taps
     depth = max(1, _EXPANDING_VOXELS // max(math.prod(out.shape[1:]), 1))
     buffer = np.empty((depth, *values.shape[1:]), values.dtype)
-    scratch = np.empty_like(buffer)
+    # the terms after the first, where taps are summed (not one, nor a pair)
+    summed = index.shape[1] > 2 or (index.shape[1] == 2 and spline.order != 1)
+    scratch = np.empty_like(buffer) if summed else None
     pairs = {} if spline.order == 1 else None  # see _combine
     bands = _bands(out.shape) if ndim > 1 else [slice(None)]
     start = 0
@@ -299,7 +301,8 @@ def _expanding(values, taps, out, spline, ndim):
             stop += 1
         k, shape = stop - start, (stop - start,) + (1,) * (values.ndim - 1)
         each = [w.reshape(shape) for w in weights[start:stop].T]  # broadcast
-        terms = (values, index[start], each, buffer[:k], scratch[:k])
+        scratch_k = None if scratch is None else scratch[:k]
+        terms = (values, index[start], each, buffer[:k], scratch_k)
         slab = _combine(*terms, pairs, spline.finite)
         planes = slice(start, stop)
         for rows in bands:
