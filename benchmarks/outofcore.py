@@ -334,8 +334,15 @@ ENV = dict(os.environ)
 AGAINST = {}  # the side "against": the environment of its children (--against)
 
 
-def run_child(*args):
-    return child_json(__file__, *args, env=ENV)
+def run_child(*args, env=ENV):
+    return child_json(__file__, *args, env=env)
+
+
+def report(lines, costs, rows, cost_rows):
+    """Add a workload's rows to the main and cost tables, and print them."""
+    lines += rows
+    costs += cost_rows
+    print(*rows, *cost_rows, sep="\n", flush=True)
 
 
 def against(extras):
@@ -665,8 +672,7 @@ def side_by_side(workload, src, extras, repeat, workdir):
         for side, extra in extras.items():
             dst = workdir / f"out-{side}.zarr"
             env = AGAINST if side == "against" else ENV
-            args = (workload, side, src, dst, extra)
-            runs[side].append(child_json(__file__, *args, env=env))
+            runs[side].append(run_child(workload, side, src, dst, extra, env=env))
             shutil.rmtree(dst, ignore_errors=True)
     return runs
 
@@ -773,11 +779,9 @@ def main(argv=None):
             extras = against({"ours": pipeline, "B4": 0})
             runs = side_by_side(workload, src, extras, args.repeat, args.workdir)
             label = f"{workload} {gib:g} GiB"
-            new = [ratio_line(label, runs, "B4 copy", "<= 1.3x")]
-            new += against_lines(label, runs)
-            new_costs = cost_lines(label, runs, gib)
-            lines, costs = lines + new, costs + new_costs
-            print(*new, *new_costs, sep="\n", flush=True)
+            rows = [ratio_line(label, runs, "B4 copy", "<= 1.3x")]
+            rows += against_lines(label, runs)
+            report(lines, costs, rows, cost_lines(label, runs, gib))
     if "W8" in only:
         src = args.workdir / "volume-1GiB.zarr"
         make_volume(src, 1)
@@ -822,14 +826,12 @@ def main(argv=None):
             label = f"W10 {gib:g} GiB {'x'.join(map(str, z.shape))}"
             target = "<= 1.5x, <= 1.5 GiB"
             flat = {"ours": runs["flat"], "B4": runs["B4"]}
-            new = [
+            rows = [
                 ratio_line(label, runs, "B4 copy", target),
                 ratio_line(f"{label} flat", flat, "B4 copy", target),
                 *against_lines(label, runs),
             ]
-            new_costs = cost_lines(label, runs, z.nbytes / 2**30)
-            lines, costs = lines + new, costs + new_costs
-            print(*new, *new_costs, sep="\n", flush=True)
+            report(lines, costs, rows, cost_lines(label, runs, z.nbytes / 2**30))
     if "W10cluster" in only:
         for gib in args.sizes:
             src = args.workdir / f"lightsheet-{gib:g}GiB.zarr"
@@ -837,9 +839,9 @@ def main(argv=None):
             extras = {"cluster": "2", "ours": "-"}
             runs = side_by_side("W10", src, extras, args.repeat, args.workdir)
             label = f"W10 {gib:g} GiB on 2 workers"
-            lines.append(cluster_line(label, runs, z.nbytes / 2**30))
-            costs += cost_lines(label, runs, z.nbytes / 2**30)
-            print(lines[-1], *costs[-2:], sep="\n", flush=True)
+            gib_of = z.nbytes / 2**30
+            rows = [cluster_line(label, runs, gib_of)]
+            report(lines, costs, rows, cost_lines(label, runs, gib_of))
     if "resume" in only:
         gib = args.sizes[0]
         src = args.workdir / f"lightsheet-{gib:g}GiB.zarr"
@@ -856,11 +858,9 @@ def main(argv=None):
             extras = against({"ours": text, "B4": ",".join(map(str, chunks))})
             runs = side_by_side("W11", folder, extras, args.repeat, args.workdir)
             label = f"W11 {SLICES} TIFF slices, chunks {shown} ({text})"
-            new = [ratio_line(label, runs, "TIFF -> zarr", "<= 1.5x")]
-            new += against_lines(label, runs)
-            new_costs = cost_lines(label, runs, gib)
-            lines, costs = lines + new, costs + new_costs
-            print(*new, *new_costs, sep="\n", flush=True)
+            rows = [ratio_line(label, runs, "TIFF -> zarr", "<= 1.5x")]
+            rows += against_lines(label, runs)
+            report(lines, costs, rows, cost_lines(label, runs, gib))
     steps = {}
     if "stages" in only:
         src = args.workdir / f"lightsheet-{args.sizes[0]:g}GiB.zarr"
