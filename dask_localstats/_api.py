@@ -714,10 +714,11 @@ def subtract_background(source, background, *, dtype=None, storage_options=None)
         with a float `dtype` (see :func:`background_dtype`).
     dtype : dtype or None
         Result dtype; default the source's. Integer results are rounded to
-        the nearest integer and clipped to the dtype's range (a background
-        above the image gives 0 for unsigned types, never a wrapped value);
-        where the background is NaN (unknown), an integer result is 0 and a
-        float one NaN.
+        the nearest integer, half away from zero (as the library's other
+        integer results, and ``scipy.ndimage``), and clipped to the dtype's
+        range (a background above the image gives 0 for unsigned types,
+        never a wrapped value); where the background is NaN (unknown), an
+        integer result is 0 and a float one NaN.
     storage_options : dict or None
         fsspec options of a `source` given as a zarr URL.
 
@@ -805,8 +806,10 @@ def _subtract_piece(image, background, dtype):
     are unsigned and `image` is of `dtype` (the difference clipped at 0, in
     the wider of their dtypes: two passes); in integers of twice the width
     where both are integers of up to 32 bits and `dtype` is an integer
-    (exact); else in float64, NaN (an unknown background) giving 0 for
-    integer dtypes."""
+    (exact); from a float32 background in the image's unsigned dtype where
+    it can (:func:`_subtract_float32`); else in float64, rounded half away
+    from zero by the cast that follows (0.5 added, toward zero for negative
+    values), NaN (an unknown background) giving 0 for integer dtypes."""
     # arrays even for 0-d images, for the in-place steps
     image, background = np.asarray(image), np.asarray(background)
     width = max(image.dtype.itemsize, background.dtype.itemsize)
@@ -819,13 +822,51 @@ def _subtract_piece(image, background, dtype):
         difference = np.asarray(np.subtract(image, background, dtype=wide))
         low, high = _limits(dtype, wide)
         return np.clip(difference, low, high, out=difference)
+    if kinds == "ufu" and image.dtype == dtype and background.dtype == np.float32:
+        difference = _subtract_float32(image, background)
+        if difference is not None:
+            return difference
     difference = np.asarray(np.subtract(image, background, dtype=np.float64))
     if dtype.kind in "iu":
-        np.rint(difference, out=difference)
+        half = np.copysign(0.5, difference) if dtype.kind == "i" else 0.5
+        difference += half  # the cast's truncation completes the rounding
         np.clip(difference, *_limits(dtype, np.float64), out=difference)
         if difference.size and np.isnan(difference.max()):  # unknown: 0
             np.nan_to_num(difference, copy=False, nan=0.0)
     return difference
+
+
+def _subtract_float32(image, background):
+    """``image - background`` for a float32 background and an unsigned image
+    of up to 16 bits, rounded half away from zero and clipped, in the
+    image's dtype; None where the background holds NaN or values of -0.5
+    or less.
+
+    The difference rounds as ``image - c``, clipped at 0, for ``c =
+    ceil(background - 0.5)``, the background rounded half down: float32
+    holds ``background - 0.5`` exactly below 2**23 (higher backgrounds
+    give 0 anyway, ``c`` clipped to the dtype's maximum), so these are the
+    integers of the exact float64 difference rounded, in four passes over
+    float32 and two over the image's dtype instead of as many over float64.
+
+    Examples
+    --------
+    >>> image = np.array([0, 3, 3, 4, 9], np.uint16)
+    >>> background = np.array([0.4, 2.5, 3.5, 3.5, 70000.0], np.float32)
+    >>> _subtract_float32(image, background).tolist()
+    [0, 1, 0, 1, 0]
+    """
+    if not image.size or not image.dtype.itemsize <= 2:
+        return None
+    if not background.min() > -0.5:  # False for NaN too
+        return None
+    c = np.subtract(background, np.float32(0.5))
+    top = np.iinfo(image.dtype).max
+    if background.max() > top:  # c would not fit in the image's dtype
+        np.minimum(c, top, out=c)
+    rounded = np.ceil(c, out=c).astype(image.dtype)
+    np.minimum(image, rounded, out=rounded)
+    return np.subtract(image, rounded, out=rounded)
 
 
 @functools.cache

@@ -268,3 +268,19 @@ def fill_nearest(values, missing):
         d2 = np.square(valid - point).sum(axis=1)
         values[tuple(point)] = values[tuple(valid[np.argmin(d2)])]
     return values
+
+
+def subtract_background(image, background, dtype=None):
+    """``image - background`` in float64, rounded half away from zero and
+    clipped for an integer `dtype` (the image's by default), NaN giving 0
+    (docs/semantics.md, `subtract_background`)."""
+    dtype = np.dtype(image.dtype if dtype is None else dtype)
+    difference = np.asarray(image, np.float64) - np.asarray(background, np.float64)
+    if dtype.kind not in "iu":
+        return difference.astype(dtype)
+    rounded = np.where(
+        difference >= 0, np.floor(difference + 0.5), np.ceil(difference - 0.5)
+    )
+    info = np.iinfo(dtype)
+    rounded = np.clip(np.nan_to_num(rounded, nan=0.0), info.min, info.max)
+    return rounded.astype(dtype)

@@ -11,7 +11,15 @@ import scipy.ndimage as ndi
 import zarr
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import geometries, images, masks, orders, percentiles, write_zarr
+from strategies import (
+    arrays,
+    geometries,
+    images,
+    masks,
+    orders,
+    percentiles,
+    write_zarr,
+)
 from zarr.storage import LocalStore, LoggingStore
 
 import dask_localstats as dls
@@ -465,7 +473,7 @@ def test_bad_missing_data_options(kwargs, error, match):
 
 @pytest.mark.parametrize("dtype", [None, np.int16, np.float32, np.uint8, np.int64])
 @pytest.mark.parametrize("kind", [np.float32, np.uint16, np.int8, np.uint32])
-def test_subtract_background_rounds_and_clips_like_numpy(dtype, kind):
+def test_subtract_background_rounds_half_away_from_zero_and_clips(dtype, kind):
     # integer backgrounds are subtracted in integers, with the same values
     rng = np.random.default_rng(3)
     image = rng.integers(0, 4000, (6, 20, 30)).astype(np.uint16)
@@ -476,12 +484,40 @@ def test_subtract_background_rounds_and_clips_like_numpy(dtype, kind):
     background = da.from_array(background.astype(kind), chunks=(4, 10, 30))
     got = dls.subtract_background(image, background, dtype=dtype)
     out = np.dtype(image.dtype if dtype is None else dtype)
-    difference = image.astype(np.float64) - background.compute().astype(np.float64)
-    if out.kind in "iu":
-        info = np.iinfo(out)
-        difference = np.clip(np.rint(difference), info.min, info.max)
+    expected = reference.subtract_background(image, background.compute(), out)
     assert got.chunks == background.chunks
-    np.testing.assert_array_equal(got.compute(), difference.astype(out), strict=True)
+    np.testing.assert_array_equal(got.compute(), expected, strict=True)
+
+
+def _float32_backgrounds(shape):
+    """float32 backgrounds: ties, their neighbours, negatives, NaN, huge values."""
+    near = st.sampled_from([0.5, 1.5, 2.5, 255.5, 65534.5, 65535.5, 2.0**23 + 1])
+    nudged = st.tuples(near, st.integers(-2, 2)).map(
+        lambda t: float(np.float32(t[0]) + t[1] * np.spacing(np.float32(t[0])))
+    )
+    anything = st.floats(width=32)
+    values = st.one_of(nudged, anything, st.integers(-3, 300).map(lambda i: i / 4))
+    return arrays(np.float32, shape, values)
+
+
+@given(data=st.data(), dtype=st.sampled_from([np.uint8, np.uint16]))
+def test_a_float32_background_rounds_alike_in_the_image_dtype_and_in_float64(
+    data, dtype
+):
+    # every piece of an array rounds as any other, fast path or not
+    from dask_localstats._api import _subtract_float32, _subtract_piece
+
+    shape = (data.draw(st.integers(1, 40)),)
+    top = int(np.iinfo(dtype).max)
+    image = data.draw(arrays(dtype, shape, st.integers(0, top)))
+    background = data.draw(_float32_backgrounds(shape))
+    expected = reference.subtract_background(image, background)
+    got = _subtract_piece(image, background, np.dtype(dtype)).astype(dtype)
+    np.testing.assert_array_equal(got, expected, strict=True)
+    fast = _subtract_float32(image, background)
+    if fast is not None:
+        np.testing.assert_array_equal(fast, expected, strict=True)
+    assert (fast is None) == (not background.min() > -0.5)
 
 
 def test_subtracting_integers_from_1d_images_and_at_the_64_bit_limits():
