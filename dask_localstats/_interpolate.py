@@ -29,7 +29,12 @@ center voxel and holds the value beyond the outermost centers.
 Integer outputs are rounded half away from zero and clipped, as scipy does;
 orders 0 and 1 into an unsigned dtype, whose values are then weighted means
 of coefficients of at least 0 and need no clipping, add the half to the
-coefficients once instead of to every voxel (a pass fewer).
+coefficients once instead of to every voxel (a pass fewer). Order 1 into
+float32 (backgrounds of 16-bit images) makes its last contraction, the one
+that writes every output voxel, in float32: ``a`` and ``b - a`` rounded to
+float32 once per pair of coarse values, then ``a + w * (b - a)`` in float32,
+two passes over half the bytes (values within two float32 rounding steps
+of the float64 interpolation, the same bits for every block and piece).
 """
 
 from __future__ import annotations
@@ -193,10 +198,13 @@ def resample_block(
     if ahead is None:
         ahead = expands(len(coords[0]), values.shape[0])
     plane = math.prod(map(len, coords[1:])) * math.prod(values.shape[len(coords) :])
+    narrow = order == 1 and np.dtype(dtype) == np.float32 and bounds is None
     if plane < _SMALL:  # the whole block at once
         axes = list(reversed(range(len(coords))))  # the others, then the first
-        for axis in axes if ahead else axes[-1:] + axes[:-1]:
-            values = _contract(values, axis, *taps[axis], order == 1, finite)
+        axes = axes if ahead else axes[-1:] + axes[:-1]
+        for axis in axes:
+            last = narrow and axis == axes[-1]
+            values = _contract(values, axis, *taps[axis], order == 1, finite, last)
         values = cast(_clip(values, bounds), dtype, inside=inside, half=half)
         values = values if then is None else each_slab(then, values, then.dtype)
         if into is None:
@@ -210,7 +218,7 @@ def resample_block(
     out = (
         np.empty(shape, dtype if then is None else then.dtype) if into is None else into
     )
-    spline = _Spline(order, finite, inside, half, bounds, np.dtype(dtype), then)
+    spline = _Spline(order, finite, inside, half, narrow, bounds, np.dtype(dtype), then)
     return _by_pieces(values, taps, out, ahead, spline)
 
 
@@ -221,6 +229,7 @@ class _Spline(NamedTuple):
     finite: bool  # every coefficient is finite (see _mix)
     inside: bool  # the values need no clipping to `dtype` (see cast)
     half: bool  # the rounding's half is added to the coefficients (see cast)
+    narrow: bool  # the last contraction in float32 (see _lerp32)
     bounds: np.ndarray | None  # (2, ...) extremes to clip the values to
     dtype: np.dtype  # of the values
     then: object  # the step fused after, or None
@@ -241,6 +250,7 @@ def _by_pieces(values, taps, out, ahead, spline):
     contracted band by band. Every voxel gets the same arithmetic.
     """
     lerp, finite, ndim = spline.order == 1, spline.finite, len(taps)
+    narrow = spline.narrow
     # float64 planes that need no more steps are summed in place in `out`
     direct = ahead and spline.then is None and spline.bounds is None
     direct = direct and out.dtype == values.dtype
@@ -251,7 +261,8 @@ def _by_pieces(values, taps, out, ahead, spline):
     depth = slab_depth(math.prod(out.shape[1:])) if copies else 1
     bands = _bands(out.shape) if ndim > 1 else [slice(None)]
     scratch = np.empty(values.shape[1:], values.dtype)
-    pairs = {} if lerp else None  # see _combine
+    # order 1 mixes pairs of planes; in float32 where the first axis is the last
+    pairs = _Pairs(narrow and ndim == 1) if lerp else None
     for start in range(0, len(index), depth):
         planes = slice(start, start + depth)
         terms = (values, index[start], weights[start])
@@ -268,7 +279,8 @@ def _by_pieces(values, taps, out, ahead, spline):
             if ahead or ndim == 1:
                 piece = slab[:, rows]
             else:
-                piece = _contract(slab, 1, *(t[rows] for t in taps[1]), lerp, finite)
+                rows_taps = (t[rows] for t in taps[1])
+                piece = _contract(slab, 1, *rows_taps, lerp, finite, narrow)
             _finish(piece, (planes, rows) if ndim > 1 else planes, out, spline)
     return out
 
@@ -286,11 +298,12 @@ def _expanding(values, taps, out, spline, ndim):
     """
     index, weights = taps
     depth = max(1, _EXPANDING_VOXELS // max(math.prod(out.shape[1:]), 1))
-    buffer = np.empty((depth, *values.shape[1:]), values.dtype)
+    mixed = np.float32 if spline.narrow else values.dtype  # see _lerp32
+    buffer = np.empty((depth, *values.shape[1:]), mixed)
     # the terms after the first, where taps are summed (not one, nor a pair)
     summed = index.shape[1] > 2 or (index.shape[1] == 2 and spline.order != 1)
     scratch = np.empty_like(buffer) if summed else None
-    pairs = {} if spline.order == 1 else None  # see _combine
+    pairs = _Pairs(spline.narrow) if spline.order == 1 else None  # see _combine
     bands = _bands(out.shape) if ndim > 1 else [slice(None)]
     start = 0
     while start < len(index):
@@ -300,7 +313,7 @@ def _expanding(values, taps, out, spline, ndim):
         ):
             stop += 1
         k, shape = stop - start, (stop - start,) + (1,) * (values.ndim - 1)
-        each = [w.reshape(shape) for w in weights[start:stop].T]  # broadcast
+        each = [w.reshape(shape).astype(mixed) for w in weights[start:stop].T]
         scratch_k = None if scratch is None else scratch[:k]
         terms = (values, index[start], each, buffer[:k], scratch_k)
         slab = _combine(*terms, pairs, spline.finite)
@@ -385,10 +398,10 @@ def _combine(values, index, weights, out, scratch, pairs=None, finite=True):
     `weights` are numbers, or arrays that broadcast against a term (the
     weights of each plane of a slab, :func:`_expanding`). `scratch`, of
     the shape of the result, holds each term after the first. With
-    `pairs` (order 1: a dict that keeps the last pair's difference, the
-    planes coming in order), two taps are mixed by :func:`_mix`, the
-    difference ``b - a`` computed once for all the planes between the same
-    two: a pass fewer a plane, and ``a`` itself where the weight is 0.
+    `pairs` (order 1: a :class:`_Pairs`, the planes coming in order), two
+    taps are mixed by :func:`_mix`, the difference ``b - a`` computed once
+    for all the planes between the same two: a pass fewer a plane, and
+    ``a`` itself where the weight is 0.
     """
     if len(index) == 1 and np.all(weights[0] == 1):
         if out is None:
@@ -396,15 +409,82 @@ def _combine(values, index, weights, out, scratch, pairs=None, finite=True):
         out[...] = values[index[0]]
         return out
     if pairs is not None and len(index) == 2:
-        a, b = int(index[0]), int(index[1])
-        with np.errstate(invalid="ignore"):  # inf - inf, where not finite
-            if (a, b) not in pairs:
-                pairs.clear()
-                pairs[a, b] = values[b] - values[a]
-            return _mix(values[a], values[b], *weights, pairs[a, b], out, finite)
+        first, second, difference = pairs.of(values, int(index[0]), int(index[1]))
+        if pairs.narrow:
+            weights = [_float32(w) for w in weights]
+        finite = finite and not pairs.overflow
+        with np.errstate(invalid="ignore", over="ignore"):  # where not finite
+            return _mix(first, second, *weights, difference, out, finite)
     total = np.multiply(values[index[0]], weights[0], out=out)
     for tap, weight in zip(index[1:], weights[1:], strict=True):
         total += np.multiply(weight, values[tap], out=scratch)
+    return total
+
+
+class _Pairs:
+    """The last pair of coarse planes that order 1 mixed (:func:`_combine`).
+
+    Output planes come in order, so those between the same two coarse
+    planes ``a`` and ``b`` follow each other: ``b - a`` is computed once
+    for them. With `narrow` (the first axis contracted last, into float32)
+    ``a``, ``b`` and ``b - a`` are rounded to float32 once, and the planes
+    mixed in float32, as :func:`_lerp32` does.
+    """
+
+    def __init__(self, narrow=False):
+        self.narrow, self.key, self.planes = narrow, None, None
+        self.overflow = False  # b - a overflows float32 somewhere
+
+    def of(self, values, a, b):
+        """``values[a]``, ``values[b]`` and their difference."""
+        if self.key != (a, b):
+            with np.errstate(invalid="ignore"):  # inf - inf, where not finite
+                planes = (values[a], values[b], values[b] - values[a])
+            if self.narrow:
+                planes = tuple(_float32(plane) for plane in planes)
+                self.overflow = not np.isfinite(planes[2]).all()
+            self.key, self.planes = (a, b), planes
+        return self.planes
+
+
+def _float32(values):
+    """`values` rounded to float32; those beyond its range become infinite."""
+    with np.errstate(over="ignore"):
+        return np.asarray(values, dtype=np.float32)
+
+
+def _lerp32(values, axis, index, weights, finite):
+    """Order 1's two taps along `axis` mixed in float32 (the last contraction
+    of a float32 result): :func:`_contract`'s ``a + w1 * (b - a)``, with
+    ``a``, ``b`` and ``b - a`` rounded to float32 once per coarse sample
+    ``a`` (the first tap; the second follows from it) and the weights too.
+
+    Two float32 passes (gathers included) write the output, instead of
+    five float64 passes and a cast; the values move by at most two float32
+    rounding steps of ``|a| + |b|``. Where ``b - a`` overflows float32 or a
+    coefficient is not `finite`, the values that are not finite are
+    ``w0 * a + w1 * b`` instead, in float32, as :func:`_mix` does.
+    """
+    first, second = index[:, 0], index[:, 1]
+    low, high = int(first.min()), int(first.max()) + 1
+    following = np.arange(low, high)
+    following[first - low] = second  # the second tap of each first
+    starts = np.take(values, np.arange(low, high), axis=axis)
+    with np.errstate(invalid="ignore"):  # inf - inf, where not finite
+        steps = _float32(np.take(values, following, axis=axis) - starts)
+    starts = _float32(starts)
+    shape = [1] * values.ndim
+    shape[axis] = len(index)
+    w0, w1 = (_float32(w).reshape(shape) for w in weights.T)
+    with np.errstate(invalid="ignore", over="ignore"):  # where not finite
+        total = np.take(steps, first - low, axis=axis)
+        total *= w1
+        total += np.take(starts, first - low, axis=axis)
+        if not (finite and np.isfinite(steps).all()):
+            a = np.take(starts, first - low, axis=axis)
+            b = _float32(np.take(values, second, axis=axis))
+            odd = ~np.isfinite(total)
+            total[odd] = (w0 * a + w1 * b)[odd]
     return total
 
 
@@ -468,14 +548,17 @@ def _mix(a, b, w0, w1, difference, out, finite):
     return total
 
 
-def _contract(values, axis, index, weights, lerp=False, finite=True):
+def _contract(values, axis, index, weights, lerp=False, finite=True, narrow=False):
     """Sum of the taps along `axis`: ``sum_j weights[:, j] * values[index[:, j]]``.
 
     With `lerp` (order 1), two taps are mixed by :func:`_mix`, the very
-    arithmetic of :func:`_combine`.
+    arithmetic of :func:`_combine`; with `narrow` too, in float32
+    (:func:`_lerp32`).
     """
     if index.shape[1] == 1 and (weights == 1).all():
         return np.take(values, index[:, 0], axis=axis)
+    if lerp and narrow and index.shape[1] == 2:
+        return _lerp32(values, axis, index, weights, finite)
     shape = [1] * values.ndim
     shape[axis] = len(index)
     if lerp and index.shape[1] == 2:

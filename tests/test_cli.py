@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import reference
+import tifffile
 import zarr
 from dask.base import tokenize
 from slowly import kill_when

@@ -201,9 +201,10 @@ def test_last_plane_not_zero_where_zoom_returns_its_cval(count, size, order, art
         assert ((default[-1] == 0) | (default[-1] == mirror[-1])).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])  # order 1: in float32
 @pytest.mark.parametrize("ahead", [True, False])
 @pytest.mark.parametrize("order", [1, 3])
-def test_a_block_split_anywhere_gives_the_same_bits(ahead, order):
+def test_a_block_split_anywhere_gives_the_same_bits(ahead, order, dtype):
     # the order of the float sums is the caller's (the engine's, the same for
     # every chunk), not each block's: chunked results are bit-identical
     coarse = np.random.default_rng(1).normal(size=(6, 7, 5)) * 1000
@@ -217,13 +218,13 @@ def test_a_block_split_anywhere_gives_the_same_bits(ahead, order):
 
     def block(first):
         part = [coords[0][first], *coords[1:]]
-        return resample_block(*args, part, coarse.shape, order, np.float64, ahead=ahead)
+        return resample_block(*args, part, coarse.shape, order, dtype, ahead=ahead)
 
     whole = block(slice(None))
     split = np.concatenate([block(slice(a, b)) for a, b in [(0, 1), (1, 3), (3, 60)]])
     np.testing.assert_array_equal(split, whole, strict=True)
     small = [coords[0], coords[1][:20], coords[2][:3]]  # 60 voxels a plane
-    tiny = resample_block(*args, small, coarse.shape, order, np.float64, ahead=ahead)
+    tiny = resample_block(*args, small, coarse.shape, order, dtype, ahead=ahead)
     np.testing.assert_array_equal(tiny, whole[:, :20, :3], strict=True)
 
 
@@ -300,6 +301,50 @@ def test_pieces_keep_infinities_as_whole_blocks_do(monkeypatch, voxels, ahead, d
     whole = resampled(2**30)
     np.testing.assert_array_equal(resampled(1), whole, strict=True)
     assert np.isinf(whole).any() and not np.isnan(whole).any()
+
+
+@pytest.mark.parametrize("voxels", [1, 3 * 70, 2**20])
+@pytest.mark.parametrize("planes", [6, 10])
+@pytest.mark.parametrize("ahead", [False, True])
+def test_float32_results_of_order_1_alike_in_pieces_of_any_size(
+    monkeypatch, ahead, planes, voxels
+):
+    # the last contraction in float32: the same bits however the block is
+    # cut, within two float32 rounding steps of the float64 interpolation
+    from dask_localstats import _interpolate
+
+    counts, shape = (planes, 5, 6), (10, 90, 70)
+    coarse = np.random.default_rng(5).uniform(-1000, 60000, counts)
+    coarse = coarse.astype(np.float32).astype(np.float64)  # a float32 grid
+    coords = [
+        coordinates(s, m, 0, 1, "corners") for s, m in zip(shape, counts, strict=True)
+    ]
+    args = (coarse, (0, 0, 0), coords, counts, 1)
+
+    def resampled(small):
+        monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
+        monkeypatch.setattr(_interpolate, "_EXPANDING_VOXELS", voxels)
+        monkeypatch.setattr(_interpolate, "_SMALL", small)
+        return resample_block(*args, np.float32, ahead=ahead)
+
+    whole = resampled(2**30)
+    np.testing.assert_array_equal(resampled(1), whole, strict=True)
+    exact = resample_block(*args, np.float64, ahead=ahead)
+    step = np.spacing(np.float32(2 * np.abs(coarse).max()))
+    assert np.abs(whole - exact).max() <= 2 * step
+    copied = ahead and planes == shape[0]  # the last axis contracted
+    assert (whole != exact.astype(np.float32)).any() != copied  # float32 sums
+
+
+def test_float32_results_of_order_1_where_differences_overflow():
+    # b - a beyond float32's range: those values mixed as w0 * a + w1 * b
+    top = float(np.finfo(np.float32).max)
+    coarse = np.array([[-top, top, -top]] * 2)
+    coords = [coordinates(2, 2, 0, 1, "corners"), coordinates(9, 3, 0, 1, "corners")]
+    got = resample_block(coarse, (0, 0), coords, coarse.shape, 1, np.float32)
+    exact = resample_block(coarse, (0, 0), coords, coarse.shape, 1, np.float64)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-6 * top)
 
 
 @pytest.mark.parametrize("voxels", [1, 3 * 70, 2**20])
