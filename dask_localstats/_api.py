@@ -780,8 +780,8 @@ class _Subtraction:
     image: np.ndarray
     dtype: np.dtype
 
-    def __call__(self, where, background):
-        return _subtract_piece(self.image[where], background, self.dtype)
+    def __call__(self, where, background, within=None):
+        return _subtract_piece(self.image[where], background, self.dtype, within)
 
 
 def _subtract_block(image, background, dtype):
@@ -800,14 +800,15 @@ def _subtract_block(image, background, dtype):
 _WIDER = {1: np.int16, 2: np.int32, 4: np.int64}
 
 
-def _subtract_piece(image, background, dtype):
+def _subtract_piece(image, background, dtype, within=None):
     """A piece of ``image - background``, rounded and clipped to `dtype`'s
     range (not yet cast): ``image - minimum(image, background)`` where both
     are unsigned and `image` is of `dtype` (the difference clipped at 0, in
     the wider of their dtypes: two passes); in integers of twice the width
     where both are integers of up to 32 bits and `dtype` is an integer
     (exact); from a float32 background in the image's unsigned dtype where
-    it can (:func:`_subtract_float32`); else in float64, rounded half away
+    it can (:func:`_subtract_float32`, told the background's extremes
+    `within` if known); else in float64, rounded half away
     from zero by the cast that follows (0.5 added, toward zero for negative
     values), NaN (an unknown background) giving 0 for integer dtypes."""
     # arrays even for 0-d images, for the in-place steps
@@ -823,7 +824,7 @@ def _subtract_piece(image, background, dtype):
         low, high = _limits(dtype, wide)
         return np.clip(difference, low, high, out=difference)
     if kinds == "ufu" and image.dtype == dtype and background.dtype == np.float32:
-        difference = _subtract_float32(image, background)
+        difference = _subtract_float32(image, background, within)
         if difference is not None:
             return difference
     difference = np.asarray(np.subtract(image, background, dtype=np.float64))
@@ -836,7 +837,7 @@ def _subtract_piece(image, background, dtype):
     return difference
 
 
-def _subtract_float32(image, background):
+def _subtract_float32(image, background, within=None):
     """``image - background`` for a float32 background and an unsigned image
     of up to 16 bits, rounded half away from zero and clipped, in the
     image's dtype; None where the background holds NaN or values of -0.5
@@ -848,6 +849,10 @@ def _subtract_float32(image, background):
     give 0 anyway, ``c`` clipped to the dtype's maximum), so these are the
     integers of the exact float64 difference rounded, in four passes over
     float32 and two over the image's dtype instead of as many over float64.
+    A background resampled from coefficients of at least 0 and below the
+    dtype's maximum (`within`, their extremes) needs no checks: its values
+    lie between 0 and that maximum (the passes for its least and greatest
+    value, which hold the GIL, are saved).
 
     Examples
     --------
@@ -858,11 +863,15 @@ def _subtract_float32(image, background):
     """
     if not image.size or not image.dtype.itemsize <= 2:
         return None
-    if not background.min() > -0.5:  # False for NaN too
-        return None
-    c = np.subtract(background, np.float32(0.5))
     top = np.iinfo(image.dtype).max
-    if background.max() > top:  # c would not fit in the image's dtype
+    if within is not None and within[0] >= 0 and within[1] < top:
+        above = False
+    elif not background.min() > -0.5:  # False for NaN too
+        return None
+    else:
+        above = background.max() > top  # c would not fit in the image's dtype
+    c = np.subtract(background, np.float32(0.5))
+    if above:
         np.minimum(c, top, out=c)
     rounded = np.ceil(c, out=c).astype(image.dtype)
     np.minimum(image, rounded, out=rounded)

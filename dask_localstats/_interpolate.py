@@ -164,11 +164,14 @@ def resample_block(
     bounds : (2, ...) array or None
         Minimum and maximum (per trailing component) to clip values to.
     then : callable or None
-        A step fused into the same pass: ``then(where, piece)`` maps the
+        A step fused into the same pass: ``then(where, piece, within)`` maps the
         piece ``out[where]`` of the output, in `dtype`, to the piece
         returned, of dtype ``then.dtype`` (a subtraction from the image, say),
         while it is in cache. ``where`` indexes the output: a slice of its
         planes (first axis), or that and a slice of its rows (second axis).
+        ``within`` (a keyword) is ``(low, high)`` where every value lies
+        between them but for rounding to `dtype` (orders 0 and 1 of finite
+        coefficients), else None.
     ahead : bool or None
         Whether the axes after the first are contracted before the first
         (else after it). It sets the order of the float sums, so a chunked
@@ -190,6 +193,9 @@ def resample_block(
     low, high = (values.min(), values.max()) if order <= 1 and values.size else (0, 0)
     inside = order <= 1 and _within(low, high, dtype)  # needs no clipping
     finite = order != 1 or bool(np.isfinite(low) and np.isfinite(high))  # see _mix
+    # orders 0 and 1 keep the values within the coefficients' extremes
+    exact = order <= 1 and values.size and np.isfinite(low) and np.isfinite(high)
+    within = (float(low), float(high)) if exact else None
     # unsigned and inside: every value is a weighted mean of coefficients of
     # at least 0, so the rounding's half can be added to them, once
     half = inside and bounds is None and np.dtype(dtype).kind == "u"
@@ -218,7 +224,9 @@ def resample_block(
     out = (
         np.empty(shape, dtype if then is None else then.dtype) if into is None else into
     )
-    spline = _Spline(order, finite, inside, half, narrow, bounds, np.dtype(dtype), then)
+    spline = _Spline(
+        order, finite, inside, half, narrow, bounds, np.dtype(dtype), then, within
+    )
     return _by_pieces(values, taps, out, ahead, spline)
 
 
@@ -233,6 +241,7 @@ class _Spline(NamedTuple):
     bounds: np.ndarray | None  # (2, ...) extremes to clip the values to
     dtype: np.dtype  # of the values
     then: object  # the step fused after, or None
+    within: tuple | None  # (low, high): the values' extremes, if known
 
 
 def _by_pieces(values, taps, out, ahead, spline):
@@ -262,6 +271,12 @@ def _by_pieces(values, taps, out, ahead, spline):
     voxels = _SLAB_VOXELS * (2 if narrow else 1)
     depth = slab_depth(math.prod(out.shape[1:]), voxels) if copies else 1
     bands = _bands(out.shape, voxels) if ndim > 1 else [slice(None)]
+    # the second axis's taps of each band, contracted last (not ahead)
+    across = (
+        [] if ahead or ndim == 1 else [[t[rows] for t in taps[1]] for rows in bands]
+    )
+    if narrow and across and across[0][0].shape[1] == 2:  # prepared once
+        across = [_Lerp32.of(*band, 1, values.ndim) for band in across]
     scratch = np.empty(values.shape[1:], values.dtype)
     # order 1 mixes pairs of planes; in float32 where the first axis is the last
     pairs = _Pairs(narrow and ndim == 1) if lerp else None
@@ -277,12 +292,13 @@ def _by_pieces(values, taps, out, ahead, spline):
             slab = _combine(*terms, None, scratch, pairs, finite)[None]
         for axis in () if ahead else reversed(range(2, ndim)):
             slab = _contract(slab, axis, *taps[axis], lerp, finite)
-        for rows in bands:
-            if ahead or ndim == 1:
+        for b, rows in enumerate(bands):
+            if not across:
                 piece = slab[:, rows]
+            elif isinstance(across[b], _Lerp32):
+                piece = _lerp32(slab, across[b], finite)
             else:
-                rows_taps = (t[rows] for t in taps[1])
-                piece = _contract(slab, 1, *rows_taps, lerp, finite, narrow)
+                piece = _contract(slab, 1, *across[b], lerp, finite)
             _finish(piece, (planes, rows) if ndim > 1 else planes, out, spline)
     return out
 
@@ -336,7 +352,7 @@ def _finish(piece, where, out, spline):
         cast(piece, spline.dtype, out[where], spline.inside, spline.half)
     else:
         cast_piece = cast(piece, spline.dtype, inside=spline.inside, half=spline.half)
-        out[where] = spline.then(where, cast_piece)
+        out[where] = spline.then(where, cast_piece, within=spline.within)
 
 
 def _bands(shape, voxels=None):
@@ -458,11 +474,42 @@ def _float32(values):
         return np.asarray(values, dtype=np.float32)
 
 
-def _lerp32(values, axis, index, weights, finite):
-    """Order 1's two taps along `axis` mixed in float32 (the last contraction
-    of a float32 result): :func:`_contract`'s ``a + w1 * (b - a)``, with
-    ``a``, ``b`` and ``b - a`` rounded to float32 once per coarse sample
-    ``a`` (the first tap; the second follows from it) and the weights too.
+class _Lerp32(NamedTuple):
+    """Order 1's two taps along one axis, prepared once for :func:`_lerp32`
+    (for all the slabs of a band of rows, say).
+
+    The second tap follows from the first (the next coarse sample, or the
+    one before it past the grid's end, mirrored), so ``b - a`` is taken once
+    per coarse sample ``a`` that is some output's first tap.
+    """
+
+    axis: int
+    coarse: tuple  # the coarse samples that are first taps (an index)
+    following: np.ndarray  # the second tap of each of them
+    first: np.ndarray  # each output's first tap, among `coarse`
+    second: np.ndarray  # each output's second tap
+    w0: np.ndarray  # the taps' weights in float32, along `axis`
+    w1: np.ndarray
+
+    @classmethod
+    def of(cls, index, weights, axis, ndim):
+        """The plan for taps `index` and `weights` along `axis` of `ndim`."""
+        first, second = index[:, 0], index[:, 1]
+        low, high = int(first.min()), int(first.max()) + 1
+        following = np.arange(low, high)
+        following[first - low] = second
+        shape = [1] * ndim
+        shape[axis] = len(index)
+        w0, w1 = (_float32(w).reshape(shape) for w in weights.T)
+        coarse = (slice(None),) * axis + (slice(low, high),)
+        return cls(axis, coarse, following, first - low, second, w0, w1)
+
+
+def _lerp32(values, lerp, finite):
+    """Order 1's two taps mixed in float32 along ``lerp.axis`` (a
+    :class:`_Lerp32`; the last contraction of a float32 result):
+    :func:`_contract`'s ``a + w1 * (b - a)``, with ``a``, ``b`` and ``b -
+    a`` rounded to float32 once per coarse sample ``a`` and the weights too.
 
     Two float32 passes (gathers included) write the output, instead of
     five float64 passes and a cast; the values move by at most two float32
@@ -470,26 +517,20 @@ def _lerp32(values, axis, index, weights, finite):
     coefficient is not `finite`, the values that are not finite are
     ``w0 * a + w1 * b`` instead, in float32, as :func:`_mix` does.
     """
-    first, second = index[:, 0], index[:, 1]
-    low, high = int(first.min()), int(first.max()) + 1
-    following = np.arange(low, high)
-    following[first - low] = second  # the second tap of each first
-    starts = np.take(values, np.arange(low, high), axis=axis)
+    axis = lerp.axis
+    starts = values[lerp.coarse]
     with np.errstate(invalid="ignore"):  # inf - inf, where not finite
-        steps = _float32(np.take(values, following, axis=axis) - starts)
+        steps = _float32(np.take(values, lerp.following, axis=axis) - starts)
     starts = _float32(starts)
-    shape = [1] * values.ndim
-    shape[axis] = len(index)
-    w0, w1 = (_float32(w).reshape(shape) for w in weights.T)
     with np.errstate(invalid="ignore", over="ignore"):  # where not finite
-        total = np.take(steps, first - low, axis=axis)
-        total *= w1
-        total += np.take(starts, first - low, axis=axis)
+        total = np.take(steps, lerp.first, axis=axis)
+        total *= lerp.w1
+        total += np.take(starts, lerp.first, axis=axis)
         if not (finite and np.isfinite(steps).all()):
-            a = np.take(starts, first - low, axis=axis)
-            b = _float32(np.take(values, second, axis=axis))
+            a = np.take(starts, lerp.first, axis=axis)
+            b = _float32(np.take(values, lerp.second, axis=axis))
             odd = ~np.isfinite(total)
-            total[odd] = (w0 * a + w1 * b)[odd]
+            total[odd] = (lerp.w0 * a + lerp.w1 * b)[odd]
     return total
 
 
@@ -563,7 +604,7 @@ def _contract(values, axis, index, weights, lerp=False, finite=True, narrow=Fals
     if index.shape[1] == 1 and (weights == 1).all():
         return np.take(values, index[:, 0], axis=axis)
     if lerp and narrow and index.shape[1] == 2:
-        return _lerp32(values, axis, index, weights, finite)
+        return _lerp32(values, _Lerp32.of(index, weights, axis, values.ndim), finite)
     shape = [1] * values.ndim
     shape[axis] = len(index)
     if lerp and index.shape[1] == 2:

@@ -518,6 +518,12 @@ def test_a_float32_background_rounds_alike_in_the_image_dtype_and_in_float64(
     if fast is not None:
         np.testing.assert_array_equal(fast, expected, strict=True)
     assert (fast is None) == (not background.min() > -0.5)
+    if np.isfinite(background).all():  # told the extremes, as by a resampling
+        within = (float(background.min()), float(background.max()))
+        told = _subtract_float32(image, background, within)
+        assert (told is None) == (fast is None)
+        if told is not None:
+            np.testing.assert_array_equal(told, expected, strict=True)
 
 
 def test_subtracting_integers_from_1d_images_and_at_the_64_bit_limits():

@@ -255,7 +255,7 @@ def test_pieces_of_any_size_give_the_bits_of_the_whole_block(
     class Subtract:
         dtype = np.dtype(np.int32)
 
-        def __call__(self, where, piece):
+        def __call__(self, where, piece, within=None):
             seen[where] += 1
             return image[where] - piece
 
