@@ -38,6 +38,20 @@ def _resample(coarse, shape, order, align="corners", first=None, spacing=None):
     )
 
 
+def _whole_and_in_pieces(monkeypatch, voxels, make):
+    """`make()` with every block made whole, then made a piece of `voxels`
+    (slabs, bands, expanding slabs) at a time."""
+    from dask_localstats import _interpolate
+
+    def made(small):
+        monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
+        monkeypatch.setattr(_interpolate, "_EXPANDING_VOXELS", voxels)
+        monkeypatch.setattr(_interpolate, "_SMALL", small)
+        return make()
+
+    return made(2**30), made(1)
+
+
 @given(grid=coarse_grids(), order=st.integers(0, 5))
 def test_corners_reproduce_zoom(grid, order):
     coarse, shape = grid
@@ -282,8 +296,6 @@ def test_pieces_of_any_size_give_the_bits_of_the_whole_block(
 @pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("voxels", [1, 2**20])
 def test_pieces_keep_infinities_as_whole_blocks_do(monkeypatch, voxels, ahead, dtype):
-    from dask_localstats import _interpolate
-
     coarse = np.random.default_rng(4).normal(size=(10, 5, 6))
     coarse[3, 2, 2] = np.inf
     coords = [
@@ -291,15 +303,11 @@ def test_pieces_keep_infinities_as_whole_blocks_do(monkeypatch, voxels, ahead, d
         for s, m in zip((10, 90, 70), coarse.shape, strict=True)
     ]
 
-    def resampled(small):
-        monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
-        monkeypatch.setattr(_interpolate, "_EXPANDING_VOXELS", voxels)
-        monkeypatch.setattr(_interpolate, "_SMALL", small)
-        args = (coarse, (0, 0, 0), coords, coarse.shape, 1, dtype)
-        return resample_block(*args, ahead=ahead)
-
-    whole = resampled(2**30)
-    np.testing.assert_array_equal(resampled(1), whole, strict=True)
+    args = (coarse, (0, 0, 0), coords, coarse.shape, 1, dtype)
+    whole, pieces = _whole_and_in_pieces(
+        monkeypatch, voxels, lambda: resample_block(*args, ahead=ahead)
+    )
+    np.testing.assert_array_equal(pieces, whole, strict=True)
     assert np.isinf(whole).any() and not np.isnan(whole).any()
 
 
@@ -311,8 +319,6 @@ def test_float32_results_of_order_1_alike_in_pieces_of_any_size(
 ):
     # the last contraction in float32: the same bits however the block is
     # cut, within two float32 rounding steps of the float64 interpolation
-    from dask_localstats import _interpolate
-
     counts, shape = (planes, 5, 6), (10, 90, 70)
     coarse = np.random.default_rng(5).uniform(-1000, 60000, counts)
     coarse = coarse.astype(np.float32).astype(np.float64)  # a float32 grid
@@ -320,15 +326,10 @@ def test_float32_results_of_order_1_alike_in_pieces_of_any_size(
         coordinates(s, m, 0, 1, "corners") for s, m in zip(shape, counts, strict=True)
     ]
     args = (coarse, (0, 0, 0), coords, counts, 1)
-
-    def resampled(small):
-        monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
-        monkeypatch.setattr(_interpolate, "_EXPANDING_VOXELS", voxels)
-        monkeypatch.setattr(_interpolate, "_SMALL", small)
-        return resample_block(*args, np.float32, ahead=ahead)
-
-    whole = resampled(2**30)
-    np.testing.assert_array_equal(resampled(1), whole, strict=True)
+    whole, pieces = _whole_and_in_pieces(
+        monkeypatch, voxels, lambda: resample_block(*args, np.float32, ahead=ahead)
+    )
+    np.testing.assert_array_equal(pieces, whole, strict=True)
     exact = resample_block(*args, np.float64, ahead=ahead)
     step = np.spacing(np.float32(2 * np.abs(coarse).max()))
     assert np.abs(whole - exact).max() <= 2 * step
@@ -357,8 +358,6 @@ def test_unsigned_outputs_round_alike_in_pieces_of_any_size(
     # orders 0 and 1 into an unsigned dtype add the rounding's half to the
     # coefficients once: the same bits however the block is cut, and the
     # float values rounded half up (within float rounding of a half)
-    from dask_localstats import _interpolate
-
     coarse = np.random.default_rng(9).uniform(0, 60000, (planes, 5, 6))
     shape = (10, 90, 70)
     coords = [
@@ -366,15 +365,10 @@ def test_unsigned_outputs_round_alike_in_pieces_of_any_size(
         for s, m in zip(shape, coarse.shape, strict=True)
     ]
     args = (coarse, (0, 0, 0), coords, coarse.shape, order)
-
-    def resampled(small):
-        monkeypatch.setattr(_interpolate, "_SLAB_VOXELS", voxels)
-        monkeypatch.setattr(_interpolate, "_EXPANDING_VOXELS", voxels)
-        monkeypatch.setattr(_interpolate, "_SMALL", small)
-        return resample_block(*args, np.uint16, ahead=ahead)
-
-    whole = resampled(2**30)
-    np.testing.assert_array_equal(resampled(1), whole, strict=True)
+    whole, pieces = _whole_and_in_pieces(
+        monkeypatch, voxels, lambda: resample_block(*args, np.uint16, ahead=ahead)
+    )
+    np.testing.assert_array_equal(pieces, whole, strict=True)
     floats = resample_block(*args, np.float64, ahead=ahead)
     rounded = np.trunc(floats + 0.5)
     assert np.abs(whole - rounded).max() <= 1
