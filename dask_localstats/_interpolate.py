@@ -331,7 +331,7 @@ def _expanding(values, taps, out, spline, ndim):
         ):
             stop += 1
         k, shape = stop - start, (stop - start,) + (1,) * (values.ndim - 1)
-        each = [w.reshape(shape).astype(mixed) for w in weights[start:stop].T]
+        each = [w.reshape(shape) for w in weights[start:stop].T]  # broadcast
         scratch_k = None if scratch is None else scratch[:k]
         terms = (values, index[start], each, buffer[:k], scratch_k)
         slab = _combine(*terms, pairs, spline.finite)
