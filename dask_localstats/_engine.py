@@ -970,19 +970,24 @@ def sweep_tiles(chunks, itemsize, most):
         sizes[e] = [p for c in sizes[e] for p in (c - c // 2, c // 2) if p]
 
 
+def _axis_coordinates(grid, align, axis, start, stop):
+    """Coarse coordinates of the output voxels ``start:stop`` of `axis`."""
+    return coordinates(
+        grid.shape[axis],
+        grid.counts[axis],
+        grid.first[axis],
+        grid.spacing[axis],
+        align,
+        start,
+        stop,
+    )
+
+
 def _block_coordinates(grid, align, start, stop):
     """Coarse coordinates of the output voxels ``start:stop``, per axis."""
     return [
-        coordinates(
-            grid.shape[d],
-            grid.counts[d],
-            grid.first[d],
-            grid.spacing[d],
-            align,
-            start[d],
-            stop[d],
-        )
-        for d in range(grid.ndim)
+        _axis_coordinates(grid, align, d, a, b)
+        for d, (a, b) in enumerate(zip(start, stop, strict=True))
     ]
 
 
@@ -1194,12 +1199,17 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
         parts = [None] if len(parts) == 1 else parts
     edges = edges_of(chunks)
 
+    @functools.cache
+    def needs(axis, lo, hi):
+        # the coarse range output voxels lo:hi of `axis` read: chunks in a
+        # row share theirs, computed once for all of them
+        x = _axis_coordinates(grid, align, axis, lo, hi)
+        return taps_range(x, grid.counts[axis], order)
+
     def block(key, index, then=None, into=None, deferred=False):
-        start, stop = zip(*spans(edges, index[:ndim]), strict=True)
-        coords = _block_coordinates(grid, align, start, stop)
-        region = [
-            taps_range(x, m, order) for x, m in zip(coords, grid.counts, strict=True)
-        ]
+        span = spans(edges, index[:ndim])
+        start, stop = zip(*span, strict=True)
+        region = [needs(d, lo, hi) for d, (lo, hi) in enumerate(span)]
         offset = tuple(lo for lo, _ in region)
         part = parts[index[ndim]] if fshape else None
         call = (functools.partial, _resample) if deferred else (_resample,)

@@ -161,7 +161,8 @@ def batches(items, make, tasks, batch_size, whole=1):
     Each run's graph holds at most `batch_size` tasks (``tasks(made)``),
     unless one item alone needs more; all items make one run if
     `batch_size` is None. The tasks an item needs are estimated from the
-    first :data:`_PROBE` items; a run is a multiple of `whole` items when
+    first :data:`_PROBE` items (whose graph is the one run where they are
+    all the items and it fits); a run is a multiple of `whole` items when
     that many fit (whole slabs of chunks, say), and a run found larger than
     estimated is halved. Each is made only when the one before has been
     used, so what a batch stores the next can read.
@@ -178,7 +179,12 @@ def batches(items, make, tasks, batch_size, whole=1):
         return
     size = math.inf
     if batch_size is not None:
-        size = max(1, int(batch_size * len(probe) / max(tasks(make(probe)), 1)))
+        made, following = make(probe), list(itertools.islice(items, 1))
+        if not following and tasks(made) <= batch_size:
+            yield made  # the probe holds every item: its graph is the one batch
+            return
+        items = itertools.chain(following, items)
+        size = max(1, int(batch_size * len(probe) / max(tasks(made), 1)))
         size = size // whole * whole if size >= whole else size
     items = itertools.chain(probe, items)
     while batch := list(itertools.islice(items, size if size < math.inf else None)):
