@@ -59,7 +59,7 @@ from typing import NamedTuple
 
 import dask.array as da
 import numpy as np
-from dask._task_spec import DataNode, Task, TaskRef, parse_input
+from dask._task_spec import DataNode, List, Task, TaskRef
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
@@ -423,14 +423,14 @@ def _chunk_at(array, slices):
     return index if exact else None
 
 
-def _assemble(shape, dtype, parts):
-    """A region pasted together from pieces of chunks: [dst, src, chunk]."""
-    if len(parts) == 1:
-        piece = parts[0][2][parts[0][1]]
+def _assemble(shape, dtype, places, chunks):
+    """A region pasted together from pieces of `chunks`, ``(dst, src)`` `places`."""
+    if len(chunks) == 1:
+        piece = chunks[0][places[0][1]]
         if piece.shape == tuple(shape):
             return piece
     out = np.empty(shape, dtype=dtype)
-    for dst, src, chunk in parts:
+    for (dst, src), chunk in zip(places, chunks, strict=True):
         out[dst] = chunk[src]
     return out
 
@@ -464,16 +464,16 @@ def region_task(array, region, cache=None):
     bounds = edges_of(array.chunks)
     per_axis = [_pieces(b, lo, hi) for b, (lo, hi) in zip(bounds, region, strict=False)]
     extra = (0,) * (array.ndim - len(region))
-    parts = [
-        [
-            tuple(d for _, _, d in combo),
-            tuple(s for _, s, _ in combo),
-            TaskRef((array.name, *(i for i, _, _ in combo), *extra)),
-        ]
-        for combo in itertools.product(*per_axis)
+    combos = list(itertools.product(*per_axis))
+    # where each piece goes and comes from: constants, which dask then need
+    # not search for references (as it would, parsed beside the chunks)
+    places = [
+        (tuple(d for _, _, d in combo), tuple(s for _, s, _ in combo))
+        for combo in combos
     ]
+    chunks = [TaskRef((array.name, *(i for i, _, _ in c), *extra)) for c in combos]
     shape = tuple(hi - lo for lo, hi in region) + array.shape[len(region) :]
-    return Task(None, _assemble, shape, array.dtype, parse_input(parts))
+    return Task(None, _assemble, shape, array.dtype, places, List(*chunks))
 
 
 @functools.cache
@@ -1199,12 +1199,15 @@ def resample_stage(coarse, grid, order, align, chunks, clip=False, block_bytes=N
         parts = [None] if len(parts) == 1 else parts
     edges = edges_of(chunks)
 
-    @functools.cache
+    ranges = {}  # (axis, lo, hi): the coarse range that voxels lo:hi read
+
     def needs(axis, lo, hi):
-        # the coarse range output voxels lo:hi of `axis` read: chunks in a
-        # row share theirs, computed once for all of them
-        x = _axis_coordinates(grid, align, axis, lo, hi)
-        return taps_range(x, grid.counts[axis], order)
+        # chunks in a row share theirs: computed once for all of them (a
+        # dict, not functools.cache: the layer is pickled to a cluster)
+        if (axis, lo, hi) not in ranges:
+            x = _axis_coordinates(grid, align, axis, lo, hi)
+            ranges[axis, lo, hi] = taps_range(x, grid.counts[axis], order)
+        return ranges[axis, lo, hi]
 
     def block(key, index, then=None, into=None, deferred=False):
         span = spans(edges, index[:ndim])

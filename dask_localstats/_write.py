@@ -85,7 +85,7 @@ import dask.array as da
 import dask.threaded
 import numpy as np
 import zarr
-from dask._task_spec import Task, parse_input
+from dask._task_spec import List, Task
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
@@ -469,16 +469,16 @@ def _decodes(target, index):
     return True
 
 
-def _write_pieces(target, shape, dtype, pieces, region, guard=None):
+def _write_pieces(target, shape, dtype, places, pieces, region, guard=None):
     """Compute one whole unit chunk by chunk into one array, and write it.
 
-    `pieces` are ``(where, compute)``: ``compute(into=...)`` writes the
-    chunk ``where`` of the unit (a task of the write graph). The unit's
-    array is spare memory (:class:`~dask_localstats._engine.Spares`), given
-    back once zarr has written it.
+    ``pieces[k](into=...)`` writes the chunk ``places[k]`` of the unit (a
+    task of the write graph). The unit's array is spare memory
+    (:class:`~dask_localstats._engine.Spares`), given back once zarr has
+    written it.
     """
     unit = SPARES.take(shape, dtype)
-    for where, compute in pieces:
+    for where, compute in zip(places, pieces, strict=True):
         compute(into=unit[where])
     done = _write_chunk(target, unit, region, guard)
     SPARES.give(unit, done)
@@ -521,13 +521,15 @@ def _unit_task(array, key, target, region, guard, pieces=None):
         return Task(key, _write_chunk, target, block, region, guard)
     ranges = zip(pieces.at, region, strict=True)
     inside = [range(at[r.start], at[r.stop]) for at, r in ranges]
-    parts = []  # (where in the unit, the chunk's computation)
+    places, parts = [], []  # where in the unit, the chunk's computation
     for index in itertools.product(*inside):
         bounds = zip(spans(pieces.edges, index), region, strict=True)
-        where = tuple(slice(lo - r.start, hi - r.start) for (lo, hi), r in bounds)
-        parts.append((where, pieces.make(index)))
+        places.append(
+            tuple(slice(lo - r.start, hi - r.start) for (lo, hi), r in bounds)
+        )
+        parts.append(pieces.make(index))
     shape = tuple(r.stop - r.start for r in region)
-    computed = (target, shape, array.dtype, parse_input(parts), region, guard)
+    computed = (target, shape, array.dtype, places, List(*parts), region, guard)
     return Task(key, _write_pieces, *computed)
 
 
