@@ -184,7 +184,6 @@ def test_batches_are_runs_in_order_within_the_size_unless_one_item_is_larger(
         assert all(tasks(run) <= batch_size or len(run) == 1 for run in runs)
 
 
-
 @pytest.mark.parametrize("count", [1, 5, 64])
 def test_a_probe_holding_every_item_is_made_once_and_is_the_one_batch(count):
     made = []
@@ -201,6 +200,7 @@ def test_a_probe_holding_every_item_is_made_once_and_is_the_one_batch(count):
 def test_a_probe_larger_than_a_batch_is_split():
     runs = list(batches(range(10), list, len, batch_size=4))
     assert runs == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
 
 def _node(i, *values):
     return 2 * sum(values) + i
